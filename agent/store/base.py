@@ -1,0 +1,107 @@
+"""The one small interface every checkpoint store implements.
+
+A store keeps two kinds of object under ``<workdir>/.studios/checkpoints``:
+
+* blobs, write-once and content-addressed: ``blobs/sha256/<hex>``;
+* refs, small mutable JSON documents naming a studio's checkpoints:
+  ``refs/<studio>/<name>``, updated only by compare-and-swap.
+
+The checkpoint engine works on local files; a store only moves verified files
+in and out, so the engine never knows which store it talks to (the model is
+restic's ``internal/backend``).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+CHECKPOINTS_DIR = ".studios/checkpoints"
+
+
+@dataclass(frozen=True, slots=True)
+class RefValue:
+    """What a ref points at, and when it was last written."""
+
+    digest: str
+    updated: datetime
+
+
+class Store(abc.ABC):
+    """Blob and ref storage.  Every method is safe to call concurrently."""
+
+    url: str
+
+    # -- blobs ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def has_blob(self, digest: str) -> bool:
+        """Whether a blob with this digest exists (its content is not checked)."""
+
+    @abc.abstractmethod
+    async def put_blob(self, src: Path, digest: str, size: int) -> None:
+        """Store the local file ``src`` whose bytes hash to ``digest``.
+
+        The caller computed ``digest`` and ``size`` while writing ``src``.  A blob
+        that already exists is not written again.  The store may move or delete
+        ``src``; the caller must not use it afterwards.
+        """
+
+    @abc.abstractmethod
+    async def get_blob(self, digest: str, size: int | None, dest_dir: Path) -> Path:
+        """Return a local file holding the blob, verified against digest and size.
+
+        The file may be a new file in ``dest_dir`` (which the caller removes) or
+        the store's own file when the store is local; the caller only reads it.
+        Raises ``BlobMissing`` or ``DigestMismatch``.
+        """
+
+    async def put_bytes(self, data: bytes, digest: str, dest_dir: Path) -> None:
+        """Store a small blob (a manifest) held in memory."""
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        tmp = dest_dir / f"put-{digest.split(':')[-1]}.tmp"
+        tmp.write_bytes(data)
+        try:
+            await self.put_blob(tmp, digest, len(data))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def get_bytes(self, digest: str, dest_dir: Path, max_size: int = 16 << 20) -> bytes:
+        """Read a small verified blob (a manifest) into memory."""
+        path = await self.get_blob(digest, None, dest_dir)
+        try:
+            if path.stat().st_size > max_size:
+                from agent.errors import CorruptLayer
+
+                raise CorruptLayer(f"blob {digest} is larger than {max_size} bytes")
+            return path.read_bytes()
+        finally:
+            if path.parent == dest_dir:
+                path.unlink(missing_ok=True)
+
+    # -- refs -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_ref(self, studio: str, name: str) -> RefValue | None:
+        """The ref's current value, or None when it does not exist."""
+
+    @abc.abstractmethod
+    async def set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
+        """Point the ref at ``digest`` if it currently points at ``expect``.
+
+        ``expect=None`` means the ref must not exist yet.  Raises ``RefConflict``
+        when another writer got there first; the winner's value is untouched.
+        """
+
+    @abc.abstractmethod
+    async def delete_ref(self, studio: str, name: str, expect: str) -> None:
+        """Remove the ref if it still points at ``expect`` (else ``RefConflict``)."""
+
+    @abc.abstractmethod
+    async def list_refs(self, studio: str) -> dict[str, RefValue]:
+        """All refs of a studio, by name."""
+
+    async def close(self) -> None:
+        """Release connections; the store is not used afterwards."""

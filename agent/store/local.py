@@ -1,0 +1,190 @@
+"""The embedded default store: a directory on a local (or mounted) filesystem.
+
+Blobs are written under a temporary name and renamed into place, so a reader
+never sees a partial blob; refs are replaced atomically under an exclusive
+``flock`` so compare-and-swap holds between processes on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.errors import BlobMissing, DigestMismatch, RefConflict, StoreError
+from agent.store.base import CHECKPOINTS_DIR, RefValue, Store
+from agent.store.refs import decode_ref, encode_ref, ref_path_parts
+
+_CHUNK = 1 << 20
+
+
+def hex_of(digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise DigestMismatch(f"not a sha256 digest: {digest!r}")
+    return hexpart
+
+
+def verify_file(path: Path, digest: str, size: int | None) -> None:
+    """Raise DigestMismatch unless the file's bytes hash to ``digest``."""
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    if size is not None and n != size:
+        raise DigestMismatch(f"blob {digest} has {n} bytes, expected {size}")
+    if "sha256:" + h.hexdigest() != digest:
+        raise DigestMismatch(f"blob {digest} is corrupt: its bytes hash to sha256:{h.hexdigest()}")
+
+
+class LocalStore(Store):
+    def __init__(self, workdir: Path) -> None:
+        self.root = Path(workdir) / CHECKPOINTS_DIR
+        self.url = str(self.root)
+        self._blobs = self.root / "blobs" / "sha256"
+        self._refs = self.root / "refs"
+        self._tmp = self.root / "tmp"
+
+    def _blob_path(self, digest: str) -> Path:
+        return self._blobs / hex_of(digest)
+
+    def _ensure_layout(self) -> None:
+        for d in (self._blobs, self._refs, self._tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        layout = self.root / "oci-layout"
+        if not layout.exists():
+            layout.write_text('{"imageLayoutVersion": "1.0.0"}')
+
+    # -- blobs ----------------------------------------------------------------
+
+    async def has_blob(self, digest: str) -> bool:
+        return self._blob_path(digest).is_file()
+
+    async def put_blob(self, src: Path, digest: str, size: int) -> None:
+        await asyncio.to_thread(self._put_blob, src, digest, size)
+
+    def _put_blob(self, src: Path, digest: str, size: int) -> None:
+        final = self._blob_path(digest)
+        if final.is_file():
+            src.unlink(missing_ok=True)
+            return
+        self._ensure_layout()
+        tmp = self._tmp / f"{final.name}.{uuid.uuid4().hex}"
+        try:
+            try:
+                os.rename(src, tmp)
+            except OSError:  # another filesystem: copy, then fsync
+                shutil.copyfile(src, tmp)
+                src.unlink(missing_ok=True)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            if tmp.stat().st_size != size:
+                raise DigestMismatch(f"blob {digest}: {tmp.stat().st_size} bytes, expected {size}")
+            os.rename(tmp, final)
+            _fsync_dir(self._blobs)
+        except OSError as e:
+            raise StoreError(f"cannot write blob {digest} to {self.root}: {e.strerror or e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def get_blob(self, digest: str, size: int | None, dest_dir: Path) -> Path:
+        path = self._blob_path(digest)
+        if not path.is_file():
+            raise BlobMissing(f"blob {digest} is missing from {self.root}")
+        await asyncio.to_thread(verify_file, path, digest, size)
+        return path
+
+    # -- refs -----------------------------------------------------------------
+
+    def _ref_file(self, studio: str, name: str) -> Path:
+        s, n = ref_path_parts(studio, name)
+        return self._refs / s / n
+
+    def _lock(self) -> int:
+        self._ensure_layout()
+        fd = os.open(self._refs / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    async def get_ref(self, studio: str, name: str) -> RefValue | None:
+        return await asyncio.to_thread(self._get_ref, studio, name)
+
+    def _get_ref(self, studio: str, name: str) -> RefValue | None:
+        try:
+            return decode_ref(self._ref_file(studio, name).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    async def set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
+        await asyncio.to_thread(self._set_ref, studio, name, digest, expect)
+
+    def _set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
+        path = self._ref_file(studio, name)
+        fd = self._lock()
+        try:
+            current = self._get_ref(studio, name)
+            _check_expect(studio, name, current, expect)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+            tmp.write_bytes(encode_ref(RefValue(digest, datetime.now(UTC))))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            os.close(fd)
+
+    async def delete_ref(self, studio: str, name: str, expect: str) -> None:
+        await asyncio.to_thread(self._delete_ref, studio, name, expect)
+
+    def _delete_ref(self, studio: str, name: str, expect: str) -> None:
+        fd = self._lock()
+        try:
+            _check_expect(studio, name, self._get_ref(studio, name), expect)
+            self._ref_file(studio, name).unlink()
+        finally:
+            os.close(fd)
+
+    async def list_refs(self, studio: str) -> dict[str, RefValue]:
+        return await asyncio.to_thread(self._list_refs, studio)
+
+    def _list_refs(self, studio: str) -> dict[str, RefValue]:
+        d = self._ref_file(studio, "x").parent
+        out: dict[str, RefValue] = {}
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return out
+        for fname in names:
+            if fname.startswith("."):
+                continue
+            try:
+                out[fname] = decode_ref((d / fname).read_bytes())
+            except (FileNotFoundError, ValueError, json.JSONDecodeError):
+                continue
+        return out
+
+
+def _check_expect(studio: str, name: str, current: RefValue | None, expect: str | None) -> None:
+    have = current.digest if current else None
+    if have != expect:
+        raise RefConflict(
+            f"checkpoint {studio}/{name} was changed by another writer "
+            f"(it points at {have or 'nothing'}, expected {expect or 'nothing'})"
+        )
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
