@@ -7,10 +7,10 @@ field is a new flag and a new variable with nothing else to wire.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 import json
+import os
 import shlex
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -112,9 +112,7 @@ class Settings(BaseSettings):
     api_port: int = Field(7070, ge=0, le=65535, description="Port of the local HTTP API.")
     api_token: str = Field("", description="Bearer token for the local API.")
     api_token_file: Path | None = Field(None, description="File holding the API token.")
-    control_plane_url: str = Field(
-        "", description="Control plane base URL; empty runs standalone."
-    )
+    control_plane_url: str = Field("", description="Control plane base URL; empty runs standalone.")
     control_plane_token: str = Field("", description="Bearer token for the control plane.")
     heartbeat_interval: float = Field(
         30.0, gt=0, description="Seconds between heartbeats (the control plane may change it)."

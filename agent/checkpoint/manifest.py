@@ -106,7 +106,10 @@ class Manifest:
     def decode(cls, data: bytes) -> Manifest:
         try:
             doc = json.loads(data)
-            if doc.get("mediaType") != MANIFEST_MEDIA_TYPE or doc.get("artifactType") != ARTIFACT_TYPE:
+            if (
+                doc.get("mediaType") != MANIFEST_MEDIA_TYPE
+                or doc.get("artifactType") != ARTIFACT_TYPE
+            ):
                 raise CorruptLayer("not a checkpoint manifest")
             ann = doc["annotations"]
             created = datetime.fromisoformat(ann[A_CREATED].replace("Z", "+00:00"))

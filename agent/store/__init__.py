@@ -24,7 +24,9 @@ def open_store(settings: Settings) -> Store:
 
         return S3Store.from_url(workdir, settings)
     if "://" in workdir:
-        raise ConfigError(f"unsupported workdir {workdir!r}: use a local path or s3://bucket/prefix")
+        raise ConfigError(
+            f"unsupported workdir {workdir!r}: use a local path or s3://bucket/prefix"
+        )
     from agent.store.local import LocalStore
 
     return LocalStore(Path(workdir))

@@ -105,3 +105,4 @@ class Store(abc.ABC):
 
     async def close(self) -> None:
         """Release connections; the store is not used afterwards."""
+        return None

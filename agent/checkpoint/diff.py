@@ -1,0 +1,84 @@
+"""What changed between the parent state and a new scan."""
+
+from __future__ import annotations
+
+import stat as st
+from dataclasses import dataclass, field
+
+from agent.checkpoint.scan import MODE, SIZE, Stat
+
+
+@dataclass(slots=True)
+class Changes:
+    """Paths to write (new or modified, parents first) and top-most deletions."""
+
+    upserts: list[str] = field(default_factory=list)
+    added: set[str] = field(default_factory=set)
+    deletions: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts or self.deletions)
+
+    def __len__(self) -> int:
+        return len(self.upserts) + len(self.deletions)
+
+
+def diff(parent: dict[str, Stat], current: dict[str, Stat]) -> Changes:
+    """Compare records; any differing field (ctime and inode included) is a change."""
+    changes = Changes()
+    upserts = changes.upserts
+    added = changes.added
+    get = parent.get
+    for path, rec in current.items():
+        old = get(path)
+        if old is None:
+            upserts.append(path)
+            added.add(path)
+        elif old != rec:
+            upserts.append(path)
+    if len(parent) + len(added) != len(current):  # something was deleted
+        changes.deletions = _top_deletions(parent, current)
+    return changes
+
+
+def _top_deletions(parent: dict[str, Stat], current: dict[str, Stat]) -> list[str]:
+    """Deleted paths whose parent directory still exists as a directory.
+
+    Below a deleted directory one whiteout suffices; below a directory replaced
+    by a file the new file's entry already hides everything.
+    """
+    out = []
+    for path in parent:
+        if path in current:
+            continue
+        head, _, _ = path.rpartition("/")
+        if head:
+            rec = current.get(head)
+            if rec is None or not st.S_ISDIR(rec[MODE]):
+                continue
+        out.append(path)
+    out.sort()
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class DiffLine:
+    path: str
+    kind: str  # "added" | "modified" | "deleted"
+    size: int
+
+
+def report(parent: dict[str, Stat], current: dict[str, Stat]) -> list[DiffLine]:
+    """Each change with the bytes it will add, largest first (what makes a checkpoint big)."""
+    changes = diff(parent, current)
+    lines = [
+        DiffLine(p, "added" if p in changes.added else "modified", _content_size(current[p]))
+        for p in changes.upserts
+    ]
+    lines.extend(DiffLine(p, "deleted", 0) for p in changes.deletions)
+    lines.sort(key=lambda d: (-d.size, d.path))
+    return lines
+
+
+def _content_size(rec: Stat) -> int:
+    return rec[SIZE] if st.S_ISREG(rec[MODE]) else 0

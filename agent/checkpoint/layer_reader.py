@@ -1,0 +1,208 @@
+"""Read a zstd-compressed tar layer as a stream of members, strictly.
+
+Content is never held whole: the caller copies each member's bytes to a file
+descriptor or skips them.  Anything malformed (bad zstd, bad checksum, an
+archive that ends early, oversized PAX headers, unknown entry types) raises
+``CorruptLayer``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import zstandard
+
+from agent.checkpoint import tarformat as tf
+from agent.errors import CorruptLayer
+
+READ_SIZE = 1 << 20
+_KNOWN_TYPES = {
+    tf.REGTYPE,
+    tf.AREGTYPE,
+    tf.CONTTYPE,
+    tf.LNKTYPE,
+    tf.SYMTYPE,
+    tf.CHRTYPE,
+    tf.BLKTYPE,
+    tf.DIRTYPE,
+    tf.FIFOTYPE,
+}
+
+
+class LayerReader:
+    """Decompresses in a thread of its own (zstd releases the GIL), so restoring
+    files and decompressing the next megabytes overlap, as in ``zstd -d | tar -x``."""
+
+    def __init__(self, f: BinaryIO, name: str = "layer") -> None:
+        self._z = zstandard.ZstdDecompressor().stream_reader(f, read_size=READ_SIZE)
+        self._name = name
+        self._buf = b""
+        self._pos = 0
+        self.consumed = 0  # uncompressed bytes handed out
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=8)
+        self._stop = threading.Event()
+        self._eof = False
+        self._thread = threading.Thread(target=self._produce, name="layer-decompress", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> LayerReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._chunks.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def _produce(self) -> None:
+        while not self._stop.is_set():
+            item: bytes | BaseException
+            try:
+                item = self._z.read(READ_SIZE)
+            except zstandard.ZstdError as e:
+                item = CorruptLayer(f"{self._name}: corrupt zstd data ({e})")
+            except BaseException as e:  # handed to the reader, raised there
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._chunks.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, bytes) or not item:
+                return
+
+    # -- byte level -----------------------------------------------------------
+
+    def _more(self, want: int) -> bytes:
+        if self._eof:
+            return b""
+        item = self._chunks.get()
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        if not item:
+            self._eof = True
+        return item
+
+    def _fill(self, n: int) -> None:
+        avail = len(self._buf) - self._pos
+        if avail >= n:
+            return
+        parts = [self._buf[self._pos :]]
+        while avail < n:
+            data = self._more(n - avail)
+            if not data:
+                raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
+            parts.append(data)
+            avail += len(data)
+        self._buf = b"".join(parts)
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        self._fill(n)
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        self.consumed += n
+        return out
+
+    def copy_to(self, fd: int, n: int) -> None:
+        """Write the next ``n`` bytes to ``fd``."""
+        self.consumed += n
+        while n:
+            avail = len(self._buf) - self._pos
+            if not avail:
+                self._buf = self._more(min(n, 8 * READ_SIZE))
+                self._pos = 0
+                if not self._buf:
+                    raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
+                continue
+            k = min(avail, n)
+            view = memoryview(self._buf)[self._pos : self._pos + k]
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            self._pos += k
+            n -= k
+
+    def skip(self, n: int) -> None:
+        self.consumed += n
+        while n:
+            avail = len(self._buf) - self._pos
+            if not avail:
+                self._buf = self._more(min(n, 8 * READ_SIZE))
+                self._pos = 0
+                if not self._buf:
+                    raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
+                continue
+            k = min(avail, n)
+            self._pos += k
+            n -= k
+
+    # -- member level -----------------------------------------------------------
+
+    def members(self) -> Iterator[tf.Member]:
+        """Members in archive order.  Each member's content must be consumed
+        (``copy_to`` or ``skip`` of exactly ``size`` bytes) before the next;
+        padding is handled here."""
+        pax_global: dict[bytes, bytes] = {}
+        pax: dict[bytes, bytes] = {}
+        long_name: str | None = None
+        long_link: str | None = None
+        while True:
+            block = self.read(tf.BLOCK)
+            m = tf.parse_header(block)
+            if m is None:
+                self._drain()
+                return
+            if m.type in (tf.XHDTYPE, tf.XGLTYPE, tf.GNU_LONGNAME, tf.GNU_LONGLINK):
+                if m.size > tf.MAX_PAX_SIZE:
+                    raise CorruptLayer(f"{self._name}: extended header of {m.size} bytes")
+                data = self.read(m.size)
+                self.skip(len(tf.padding(m.size)))
+                if m.type == tf.XHDTYPE:
+                    pax.update(tf.parse_pax(data))
+                elif m.type == tf.XGLTYPE:
+                    pax_global.update(tf.parse_pax(data))
+                elif m.type == tf.GNU_LONGNAME:
+                    long_name = os.fsdecode(data.split(b"\0", 1)[0])
+                else:
+                    long_link = os.fsdecode(data.split(b"\0", 1)[0])
+                continue
+            if m.type not in _KNOWN_TYPES:
+                raise CorruptLayer(f"{self._name}: unsupported tar entry type {m.type!r}")
+            if long_name is not None:
+                m.name = long_name
+            if long_link is not None:
+                m.linkname = long_link
+            if pax_global:
+                tf.apply_pax(m, pax_global)
+            if pax:
+                tf.apply_pax(m, pax)
+            pax = {}
+            long_name = long_link = None
+            start = self.consumed
+            yield m
+            used = self.consumed - start
+            if used < m.size:
+                self.skip(m.size - used)
+            elif used > m.size:
+                raise CorruptLayer(f"{self._name}: read past the end of {m.name!r}")
+            self.skip(len(tf.padding(m.size)))
+
+    def _drain(self) -> None:
+        """Read to the end so a damaged frame tail is still noticed."""
+        self._buf = b""
+        self._pos = 0
+        while self._more(READ_SIZE):
+            pass

@@ -1,0 +1,287 @@
+"""Write a set of changes as one zstd-compressed PAX tar layer.
+
+One pass, no per-member objects: headers come from ``tarformat.encode_header``
+into a buffer that is handed to the (multi-threaded) zstd compressor in large
+slices, while the compressed bytes are hashed on their way to the file, so the
+layer's digest is known the moment it is written.  Memory stays bounded: small
+files are read whole, large ones in chunks, never a whole layer.
+
+A file that changes while it is read is still written consistently (exactly
+the size its header declares) and its record is "poisoned" so the next
+checkpoint sees it as modified and writes it again.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat as st
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from agent.checkpoint import tarformat as tf
+from agent.checkpoint.diff import Changes
+from agent.checkpoint.paths import symlink_escapes
+from agent.checkpoint.scan import (
+    GID,
+    INO,
+    MODE,
+    MTIME,
+    NLINK,
+    SIZE,
+    TARGET,
+    UID,
+    Stat,
+    stat_record,
+)
+from agent.errors import AgentError
+
+FLUSH_AT = 1 << 20
+CHUNK = 4 << 20
+WHOLE_FILE_MAX = 4 << 20
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+# (entries done, entries total, content bytes done, content bytes total)
+WriteProgress = Callable[[int, int, int, int], None]
+
+
+class Cancelled(AgentError):
+    """The layer was abandoned before it was complete."""
+
+
+@dataclass(slots=True)
+class LayerResult:
+    digest: str
+    size: int
+    uncompressed: int
+    entries: int
+    files: int
+    # New parent-state records for written paths (poisoned when the file changed
+    # while read); paths in ``reverted`` were not written and keep their old record.
+    records: dict[str, Stat] = field(default_factory=dict)
+    reverted: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _HashingWriter:
+    """The compressed stream's sink: counts and hashes bytes on their way to the file."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        self._f.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def poisoned(rec: Stat) -> Stat:
+    """A record no scan can equal, so the path is written again next time."""
+    return (rec[0], rec[1], rec[2], rec[3], rec[4], -1, rec[6], rec[7], rec[8])
+
+
+def read_xattrs(path: str) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.ENOENT, errno.EPERM):
+            return {}
+        raise
+    out = {}
+    for name in names:
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
+                raise
+    return out
+
+
+def write_layer(
+    root: Path,
+    changes: Changes,
+    current: dict[str, Stat],
+    out: BinaryIO,
+    *,
+    level: int = 3,
+    threads: int = 0,
+    progress: WriteProgress | None = None,
+    cancel: threading.Event | None = None,
+) -> LayerResult:
+    """Write ``changes`` (paths relative to ``root``) to ``out`` as a tar+zstd layer."""
+    root_s = str(root)
+    sink = _HashingWriter(out)
+    cctx = zstandard.ZstdCompressor(
+        level=level, threads=threads or (os.cpu_count() or 1), write_checksum=True
+    )
+    result = LayerResult(digest="", size=0, uncompressed=0, entries=0, files=0)
+    records = result.records
+    total_entries = len(changes)
+    total_bytes = sum(current[p][SIZE] for p in changes.upserts if st.S_ISREG(current[p][MODE]))
+    done_bytes = 0
+    links: dict[int, tuple[str, bool]] = {}  # inode -> (first path written, was it dirty)
+    uncompressed = 0
+
+    with cctx.stream_writer(sink, closefd=False, write_size=FLUSH_AT) as zw:  # type: ignore[arg-type]
+        buf = bytearray()
+
+        def flush() -> None:
+            nonlocal buf, uncompressed
+            if buf:
+                uncompressed += len(buf)
+                zw.write(bytes(buf))
+                buf = bytearray()
+
+        for path in changes.deletions:
+            head, _, base = path.rpartition("/")
+            wh = f"{head}/{tf.WHITEOUT_PREFIX}{base}" if head else tf.WHITEOUT_PREFIX + base
+            buf += tf.encode_header(wh, tf.REGTYPE, 0o644, 0, 0, 0, 0)
+        result.entries += len(changes.deletions)
+
+        for i, path in enumerate(changes.upserts):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("checkpoint cancelled")
+            rec = current[path]
+            mode = rec[MODE]
+            abs_path = os.path.join(root_s, path)
+            try:
+                xattrs = read_xattrs(abs_path)
+            except FileNotFoundError:
+                result.reverted.append(path)
+                continue
+            except OSError as e:
+                result.skipped.append((path, f"cannot read xattrs: {e.strerror}"))
+                result.reverted.append(path)
+                continue
+
+            if st.S_ISREG(mode):
+                first = links.get(rec[INO]) if rec[NLINK] > 1 else None
+                if first is not None:
+                    buf += tf.encode_header(
+                        path, tf.LNKTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], first[0], xattrs
+                    )
+                    records[path] = poisoned(rec) if first[1] else rec
+                    result.entries += 1
+                    continue
+                try:
+                    fd = os.open(abs_path, _OPEN_FLAGS)
+                except FileNotFoundError:
+                    result.reverted.append(path)
+                    continue
+                except OSError as e:
+                    result.skipped.append((path, f"unreadable: {e.strerror}"))
+                    result.reverted.append(path)
+                    continue
+                try:
+                    before = os.fstat(fd)
+                    if not st.S_ISREG(before.st_mode):  # replaced since the scan
+                        result.reverted.append(path)
+                        records.pop(path, None)
+                        continue
+                    size = before.st_size
+                    buf += tf.encode_header(
+                        path,
+                        tf.REGTYPE,
+                        before.st_mode,
+                        before.st_uid,
+                        before.st_gid,
+                        size,
+                        before.st_mtime_ns,
+                        "",
+                        xattrs,
+                    )
+                    dirty = False
+                    if size <= WHOLE_FILE_MAX:
+                        data = os.read(fd, size) if size else b""
+                        while len(data) < size:
+                            more = os.read(fd, size - len(data))
+                            if not more:
+                                break
+                            data += more
+                        if len(data) < size:  # truncated while we read it
+                            dirty = True
+                            data += bytes(size - len(data))
+                        buf += data
+                        buf += tf.padding(size)
+                    else:
+                        flush()
+                        left = size
+                        while left:
+                            chunk = os.read(fd, min(CHUNK, left))
+                            if not chunk:
+                                dirty = True
+                                chunk = bytes(min(CHUNK, left))
+                            zw.write(chunk)
+                            uncompressed += len(chunk)
+                            left -= len(chunk)
+                        buf += tf.padding(size)
+                    after = os.fstat(fd)
+                    if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != (
+                        before.st_mtime_ns,
+                        before.st_ctime_ns,
+                        before.st_size,
+                    ):
+                        dirty = True
+                    new_rec = stat_record(before)
+                    records[path] = poisoned(new_rec) if dirty else new_rec
+                    if before.st_nlink > 1:
+                        links[before.st_ino] = (path, dirty)
+                    done_bytes += size
+                    result.files += 1
+                except OSError as e:
+                    # An I/O error mid-file: the header is already out, so the
+                    # layer can't be trusted; fail this checkpoint, lose nothing.
+                    raise AgentError(f"cannot read {abs_path}: {e.strerror}") from e
+                finally:
+                    os.close(fd)
+            elif st.S_ISDIR(mode):
+                buf += tf.encode_header(
+                    path + "/", tf.DIRTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
+                )
+                records[path] = rec
+            elif st.S_ISLNK(mode):
+                target = rec[TARGET]
+                if symlink_escapes(path, target):
+                    result.skipped.append((path, f"symlink target climbs above the root: {target}"))
+                    records[path] = rec
+                    continue
+                buf += tf.encode_header(
+                    path, tf.SYMTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], target, xattrs
+                )
+                records[path] = rec
+            elif st.S_ISFIFO(mode):
+                buf += tf.encode_header(
+                    path, tf.FIFOTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
+                )
+                records[path] = rec
+            else:
+                kind = "socket" if st.S_ISSOCK(mode) else "device node"
+                result.skipped.append((path, f"{kind} not checkpointed"))
+                records[path] = rec  # reported once, not at every checkpoint
+                continue
+            result.entries += 1
+            if len(buf) >= FLUSH_AT:
+                flush()
+            if progress is not None and (i & 255) == 0:
+                progress(result.entries, total_entries, done_bytes, total_bytes)
+
+        buf += tf.end_of_archive()
+        flush()
+    result.digest = "sha256:" + sink.sha.hexdigest()
+    result.size = sink.size
+    result.uncompressed = uncompressed
+    if progress is not None:
+        progress(result.entries, total_entries, done_bytes, total_bytes)
+    return result

@@ -1,0 +1,513 @@
+"""Apply a chain of layers to a root in one merged pass.
+
+Layers are read newest first and each path is written once, by the newest
+layer that has it; older entries at that path, or below a newer non-directory,
+whiteout or opaque directory, are skipped without touching the disk.  Directory
+metadata is applied last, deepest first, so creating children can't disturb it.
+
+Nothing is ever written through a symlink: every parent of an entry must be a
+real directory inside the root (entries below a symlink planted by the same or
+an older layer are refused), names with ``..`` or a leading ``/`` are refused,
+and so are device nodes and relative symlinks that climb above the root.  Each
+file is written under a temporary name and renamed into place, so a failed
+restore never leaves a partly written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import shutil
+import stat as st
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.checkpoint import tarformat as tf
+from agent.checkpoint.layer_reader import LayerReader
+from agent.checkpoint.paths import clean_member_name, parents, symlink_escapes
+from agent.errors import CorruptLayer, UnsafeLayer
+
+_DIR, _NONDIR, _WHITEOUT = 1, 2, 3
+_REG_TYPES = (tf.REGTYPE, tf.AREGTYPE, tf.CONTTYPE)
+_TMP_PREFIX = ".studio-restore-"
+
+# (entries done, entries total, uncompressed bytes done, uncompressed bytes total)
+ApplyProgress = Callable[[int, int, int, int], None]
+
+
+@dataclass(slots=True)
+class RestoreStats:
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0
+
+
+@dataclass(slots=True)
+class _DeferredLink:
+    path: str
+    target: str
+    layer: int
+    member: tf.Member
+
+
+@dataclass(slots=True)
+class _Merge:
+    root: str
+    decided: dict[str, tuple[int, int]] = field(default_factory=dict)
+    opaque: dict[str, int] = field(default_factory=dict)
+    used_dirs: dict[str, int] = field(default_factory=dict)
+    dir_meta: dict[str, tf.Member] = field(default_factory=dict)
+    deferred: list[_DeferredLink] = field(default_factory=list)
+    stats: RestoreStats = field(default_factory=RestoreStats)
+    seq: int = 0
+    is_root: bool = field(default_factory=lambda: os.geteuid() == 0)
+    pid: int = field(default_factory=os.getpid)
+
+
+def apply_layers(
+    root: Path,
+    layers: Sequence[Path] | int,
+    fetch: Callable[[int], Path] | None = None,
+    *,
+    totals: tuple[int, int] = (0, 0),
+    progress: ApplyProgress | None = None,
+) -> RestoreStats:
+    """Apply a chain of layers (local verified files, oldest first) to ``root``.
+
+    ``layers`` is the list of files, or their count with ``fetch(index)``
+    returning each file when it is ready (it may block while it downloads);
+    they are asked for newest first.  ``totals`` is (entries, uncompressed
+    bytes) of the whole chain when known, for progress reports.
+    """
+    if isinstance(layers, int):
+        if fetch is None:
+            raise ValueError("fetch is required with a layer count")
+        count, get = layers, fetch
+    else:
+        files = list(layers)
+        count, get = len(files), files.__getitem__
+    merge = _Merge(root=str(root))
+    newest = count - 1
+    base_bytes = 0
+    for index in range(newest, -1, -1):
+        path = get(index)
+        pending: dict[str, list[_DeferredLink]] = {}
+        with open(path, "rb") as f, LayerReader(f, name=f"layer {index + 1} of {count}") as reader:
+            for m in reader.members():
+                _apply_member(merge, reader, m, index, index < newest, pending)
+                merge.stats.entries += 1
+                if progress is not None and (merge.stats.entries & 255) == 0:
+                    progress(
+                        merge.stats.entries, totals[0], base_bytes + reader.consumed, totals[1]
+                    )
+            base_bytes += reader.consumed
+        if pending:
+            _relink_overridden(merge, path, index, pending)
+    for link in merge.deferred:
+        _finish_deferred_link(merge, link)
+    _apply_dir_metadata(merge)
+    merge.stats.bytes = base_bytes
+    if progress is not None:
+        progress(
+            merge.stats.entries,
+            totals[0] or merge.stats.entries,
+            base_bytes,
+            totals[1] or base_bytes,
+        )
+    return merge.stats
+
+
+# -- the merge rules ----------------------------------------------------------------
+
+
+def _hidden(merge: _Merge, path: str, layer: int, check_parents: bool) -> bool:
+    """Whether a newer layer already decided this path or hides it."""
+    d = merge.decided.get(path)
+    if d is not None and d[0] > layer:
+        return True
+    if not check_parents:
+        return False
+    for a in parents(path):
+        d = merge.decided.get(a)
+        if d is not None and d[0] > layer and d[1] != _DIR:
+            return True
+        o = merge.opaque.get(a)
+        if o is not None and o > layer:
+            return True
+    return False
+
+
+def _apply_member(
+    merge: _Merge,
+    reader: LayerReader,
+    m: tf.Member,
+    layer: int,
+    older: bool,
+    pending: dict[str, list[_DeferredLink]],
+) -> None:
+    path = clean_member_name(m.name)
+    head, _, base = path.rpartition("/")
+    if base.startswith(tf.WHITEOUT_PREFIX):
+        _apply_whiteout(merge, head, base, layer, older, m.name)
+        return
+    if m.type in (tf.CHRTYPE, tf.BLKTYPE):
+        raise UnsafeLayer(f"refused device node {path!r}: device nodes are never restored")
+    if _hidden(merge, path, layer, older):
+        merge.stats.skipped += 1
+        return
+    if m.type != tf.DIRTYPE:
+        used = merge.used_dirs.get(path)
+        if used is not None and used > layer:
+            if m.type == tf.SYMTYPE:
+                raise UnsafeLayer(
+                    f"refused symlink {path!r}: a newer layer writes below it, which would "
+                    "write through the link"
+                )
+            raise CorruptLayer(f"{path!r} is not a directory but a newer layer writes below it")
+    _ensure_parents(merge, path, layer)
+    full = f"{merge.root}/{path}"
+    if m.type == tf.DIRTYPE:
+        _make_dir(merge, full, path)
+        merge.dir_meta[path] = m
+        merge.decided[path] = (layer, _DIR)
+    elif m.type in _REG_TYPES:
+        _write_file(merge, reader, m, full, path)
+        merge.decided[path] = (layer, _NONDIR)
+        merge.stats.files += 1
+    elif m.type == tf.LNKTYPE:
+        target = clean_member_name(m.linkname)
+        d = merge.decided.get(target)
+        if d == (layer, _NONDIR):
+            _check_link_target(merge, target, path)
+            _hardlink(merge, os.path.join(merge.root, target), full, path)
+        elif d is not None and d[0] > layer:
+            # The target's content in this layer was overridden by a newer one:
+            # read it again from this layer after the pass.
+            pending.setdefault(target, []).append(_DeferredLink(path, target, layer, m))
+        else:
+            merge.deferred.append(_DeferredLink(path, target, layer, m))
+        merge.decided[path] = (layer, _NONDIR)
+    elif m.type == tf.SYMTYPE:
+        if symlink_escapes(path, m.linkname):
+            raise UnsafeLayer(
+                f"refused symlink {path!r} -> {m.linkname!r}: it climbs above the root"
+            )
+        _replace_with(merge, full, path, lambda tmp: os.symlink(m.linkname, tmp))
+        _set_meta_path(merge, full, m)
+        merge.decided[path] = (layer, _NONDIR)
+    elif m.type == tf.FIFOTYPE:
+        _replace_with(merge, full, path, lambda tmp: os.mkfifo(tmp, 0o600), meta=m)
+        merge.decided[path] = (layer, _NONDIR)
+
+
+def _apply_whiteout(merge: _Merge, head: str, base: str, layer: int, older: bool, raw: str) -> None:
+    if base == tf.OPAQUE_WHITEOUT:
+        if not head:
+            raise UnsafeLayer("refused opaque whiteout of the root directory")
+        if _hidden(merge, head, layer, older):
+            return
+        _check_existing_parents(merge, head, raw)
+        _prune_undecided(merge, head, layer)
+        merge.opaque[head] = layer
+        return
+    name = base[len(tf.WHITEOUT_PREFIX) :]
+    if name in ("", ".", "..") or name.startswith(tf.WHITEOUT_PREFIX):
+        raise UnsafeLayer(f"refused whiteout {raw!r}: it does not name an entry of its directory")
+    target = f"{head}/{name}" if head else name
+    if _hidden(merge, target, layer, older):
+        return
+    d = merge.decided.get(target)
+    if d is not None:
+        if d[1] == _DIR:  # recreated by a newer layer: what was below must go
+            _prune_undecided(merge, target, layer)
+        return
+    _check_existing_parents(merge, target, raw)
+    _remove(merge, os.path.join(merge.root, target), target)
+    merge.decided[target] = (layer, _WHITEOUT)
+
+
+def _prune_undecided(merge: _Merge, rel_dir: str, layer: int) -> None:
+    """Delete what lies below ``rel_dir`` unless this or a newer layer wrote it."""
+    full = os.path.join(merge.root, rel_dir)
+    try:
+        names = os.listdir(full)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in names:
+        rel = f"{rel_dir}/{name}"
+        d = merge.decided.get(rel)
+        if d is None or d[0] < layer:
+            _remove(merge, os.path.join(full, name), rel)
+        elif d[1] == _DIR:
+            _prune_undecided(merge, rel, layer)
+
+
+# -- filesystem operations, never following a symlink ------------------------------------
+
+
+def _ensure_parents(merge: _Merge, path: str, layer: int) -> None:
+    used = merge.used_dirs
+    head = path.rpartition("/")[0]
+    if not head:
+        return
+    prev = used.get(head)
+    if prev is not None:  # its own parents were checked when it was
+        if layer > prev:
+            for a in parents(path):
+                if used.get(a, -1) < layer:
+                    used[a] = layer
+        return
+    for a in parents(path):
+        prev = used.get(a)
+        if prev is not None:
+            if layer > prev:
+                used[a] = layer
+            continue
+        full = os.path.join(merge.root, a)
+        try:
+            s = os.lstat(full)
+        except FileNotFoundError:
+            os.mkdir(full, 0o755)
+        else:
+            if st.S_ISLNK(s.st_mode):
+                raise UnsafeLayer(
+                    f"refused {path!r}: its parent {a!r} is a symlink, and restore never "
+                    "writes through a symlink"
+                )
+            if not st.S_ISDIR(s.st_mode):
+                if a in merge.decided:
+                    raise CorruptLayer(f"refused {path!r}: its parent {a!r} is not a directory")
+                # Content of the image that an older layer replaces by a directory.
+                os.unlink(full)
+                os.mkdir(full, 0o755)
+        used[a] = layer
+
+
+def _check_existing_parents(merge: _Merge, path: str, what: str) -> None:
+    """For deletions: parents must be real directories (missing ones mean nothing to do)."""
+    for a in parents(path):
+        if a in merge.used_dirs:
+            continue
+        try:
+            s = os.lstat(os.path.join(merge.root, a))
+        except FileNotFoundError:
+            return
+        if st.S_ISLNK(s.st_mode):
+            raise UnsafeLayer(f"refused {what!r}: its parent {a!r} is a symlink")
+        if not st.S_ISDIR(s.st_mode):
+            return
+
+
+def _forget_dirs_below(merge: _Merge, rel: str) -> None:
+    if rel in merge.used_dirs:
+        prefix = rel + "/"
+        for k in [k for k in merge.used_dirs if k == rel or k.startswith(prefix)]:
+            del merge.used_dirs[k]
+
+
+def _remove(merge: _Merge, full: str, rel: str) -> None:
+    try:
+        s = os.lstat(full)
+    except FileNotFoundError:
+        return
+    if st.S_ISDIR(s.st_mode):
+        shutil.rmtree(full)
+        _forget_dirs_below(merge, rel)
+    else:
+        os.unlink(full)
+
+
+def _make_dir(merge: _Merge, full: str, rel: str) -> None:
+    try:
+        s = os.lstat(full)
+    except FileNotFoundError:
+        os.mkdir(full, 0o700)
+        return
+    if st.S_ISDIR(s.st_mode):
+        return
+    os.unlink(full)
+    os.mkdir(full, 0o700)
+
+
+def _tmp_name(merge: _Merge, full: str) -> str:
+    merge.seq += 1
+    return f"{full.rpartition('/')[0]}/{_TMP_PREFIX}{merge.pid}-{merge.seq}"
+
+
+def _replace_with(
+    merge: _Merge,
+    full: str,
+    rel: str,
+    create: Callable[[str], None],
+    meta: tf.Member | None = None,
+) -> None:
+    """Create a new entry under a temporary name, then rename it over ``full``."""
+    while True:
+        tmp = _tmp_name(merge, full)
+        try:
+            create(tmp)
+            break
+        except FileExistsError:
+            continue
+    try:
+        if meta is not None:
+            _set_meta_path(merge, tmp, meta)
+        _rename_over(merge, tmp, full, rel)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def _rename_over(merge: _Merge, tmp: str, full: str, rel: str) -> None:
+    try:
+        os.rename(tmp, full)
+    except OSError as e:
+        if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        _remove(merge, full, rel)
+        os.rename(tmp, full)
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _write_file(merge: _Merge, reader: LayerReader, m: tf.Member, full: str, rel: str) -> None:
+    while True:
+        tmp = _tmp_name(merge, full)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            continue
+    try:
+        try:
+            if m.size:
+                reader.copy_to(fd, m.size)
+            _set_meta_fd(merge, fd, m)
+        finally:
+            os.close(fd)
+        _rename_over(merge, tmp, full, rel)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def _set_meta_fd(merge: _Merge, fd: int, m: tf.Member) -> None:
+    try:
+        os.fchown(fd, m.uid, m.gid)
+    except PermissionError:
+        if merge.is_root:
+            raise
+    os.fchmod(fd, m.mode & 0o7777)
+    for k, v in m.xattrs.items():
+        os.setxattr(fd, k, v)
+    os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+
+
+def _set_meta_path(merge: _Merge, full: str, m: tf.Member) -> None:
+    try:
+        os.chown(full, m.uid, m.gid, follow_symlinks=False)
+    except PermissionError:
+        if merge.is_root:
+            raise
+    is_link = m.type == tf.SYMTYPE
+    if not is_link:
+        os.chmod(full, m.mode & 0o7777)
+    for k, v in m.xattrs.items():
+        os.setxattr(full, k, v, follow_symlinks=False)
+    os.utime(full, ns=(m.mtime_ns, m.mtime_ns), follow_symlinks=False)
+
+
+def _check_link_target(merge: _Merge, target: str, path: str) -> None:
+    for a in parents(target):
+        if a in merge.used_dirs:
+            continue
+        s = _lstat_or_none(os.path.join(merge.root, a))
+        if s is None or not st.S_ISDIR(s.st_mode):
+            raise UnsafeLayer(
+                f"refused hardlink {path!r} -> {target!r}: the target is not inside the root"
+            )
+    s = _lstat_or_none(os.path.join(merge.root, target))
+    if s is None:
+        raise CorruptLayer(f"hardlink {path!r} -> {target!r}: the target does not exist")
+    if st.S_ISDIR(s.st_mode):
+        raise UnsafeLayer(f"refused hardlink {path!r} -> {target!r}: the target is a directory")
+
+
+def _lstat_or_none(full: str) -> os.stat_result | None:
+    try:
+        return os.lstat(full)
+    except FileNotFoundError:
+        return None
+
+
+def _hardlink(merge: _Merge, src: str, full: str, rel: str) -> None:
+    _replace_with(merge, full, rel, lambda tmp: os.link(src, tmp, follow_symlinks=False))
+
+
+def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
+    """A hardlink to a file of an older layer or of the image: link if it is still that file."""
+    d = merge.decided.get(link.target)
+    if d is not None and d[0] > link.layer:
+        raise CorruptLayer(
+            f"hardlink {link.path!r} -> {link.target!r} refers to content a newer layer replaced"
+        )
+    _check_link_target(merge, link.target, link.path)
+    _ensure_parents(merge, link.path, link.layer)
+    _hardlink(
+        merge, os.path.join(merge.root, link.target), os.path.join(merge.root, link.path), link.path
+    )
+
+
+def _relink_overridden(
+    merge: _Merge, layer_path: Path, layer: int, pending: dict[str, list[_DeferredLink]]
+) -> None:
+    """Second read of one layer for hardlinks whose target a newer layer replaced."""
+    with open(layer_path, "rb") as f, LayerReader(f, name=f"layer {layer + 1}") as reader:
+        for m in reader.members():
+            if m.type not in _REG_TYPES:
+                continue
+            try:
+                name = clean_member_name(m.name)
+            except UnsafeLayer:
+                continue
+            links = pending.pop(name, None)
+            if not links:
+                continue
+            first = links[0]
+            full_first = os.path.join(merge.root, first.path)
+            _write_file(merge, reader, m, full_first, first.path)
+            for other in links[1:]:
+                _hardlink(merge, full_first, os.path.join(merge.root, other.path), other.path)
+    if pending:
+        missing = ", ".join(sorted(pending))
+        raise CorruptLayer(f"layer {layer + 1}: hardlink targets not found: {missing}")
+
+
+def _apply_dir_metadata(merge: _Merge) -> None:
+    for rel in sorted(merge.dir_meta, key=lambda p: p.count("/"), reverse=True):
+        m = merge.dir_meta[rel]
+        full = os.path.join(merge.root, rel)
+        s = _lstat_or_none(full)
+        if s is None or not st.S_ISDIR(s.st_mode):
+            continue  # removed again by a whiteout of the same layer
+        try:
+            existing = os.listxattr(full, follow_symlinks=False)
+        except OSError:
+            existing = []
+        for k in existing:
+            if k not in m.xattrs:
+                with contextlib.suppress(OSError):
+                    os.removexattr(full, k, follow_symlinks=False)
+        _set_meta_path(merge, full, m)
+
+
+def is_restore_temp(name: str) -> bool:
+    """Leftovers of a killed restore, which a scan should not mistake for user files."""
+    return posixpath.basename(name).startswith(_TMP_PREFIX)

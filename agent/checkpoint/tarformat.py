@@ -1,0 +1,295 @@
+"""The tar wire format of layers: PAX (POSIX.1-2001) headers, encoded and parsed.
+
+Written by hand rather than with ``tarfile`` because per-member overhead is what
+makes a Python tar pipeline slow: a header here is one ``struct.pack`` and, only
+when needed (long names, nanosecond mtimes, xattrs, large ids), one PAX record
+block.  The parser is strict: a bad checksum, a malformed record or an unknown
+entry type raises ``CorruptLayer``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from agent.errors import CorruptLayer
+
+BLOCK = 512
+REGTYPE = b"0"
+AREGTYPE = b"\0"
+LNKTYPE = b"1"
+SYMTYPE = b"2"
+CHRTYPE = b"3"
+BLKTYPE = b"4"
+DIRTYPE = b"5"
+FIFOTYPE = b"6"
+CONTTYPE = b"7"
+XHDTYPE = b"x"
+XGLTYPE = b"g"
+GNU_LONGNAME = b"L"
+GNU_LONGLINK = b"K"
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
+
+MAX_PAX_SIZE = 1 << 20
+
+_HEADER = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
+_ZERO_BLOCK = bytes(BLOCK)
+_MAX_OCTAL_7 = 0o7777777
+_MAX_OCTAL_11 = 0o77777777777
+# The checksum of the constant parts of a header we write: magic "ustar\0",
+# version "00", empty names, device numbers and prefix, the checksum field as spaces.
+_CONST_SUM = sum(b"ustar\x00") + sum(b"00") + 8 * 32
+
+
+@dataclass(slots=True)
+class Member:
+    """One tar entry, as the restore needs it."""
+
+    name: str
+    type: bytes
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    linkname: str = ""
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n).encode()) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def _fits(value: bytes, width: int) -> bool:
+    return len(value) <= width and value.isascii()
+
+
+def _ustar(
+    name: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    typeflag: bytes,
+    linkname: bytes,
+) -> bytes:
+    mode_b = b"%07o\0" % (mode & 0o7777)
+    uid_b = b"%07o\0" % uid
+    gid_b = b"%07o\0" % gid
+    size_b = b"%011o\0" % size
+    mtime_b = b"%011o\0" % mtime
+    chk = (
+        _CONST_SUM
+        + sum(name)
+        + sum(mode_b)
+        + sum(uid_b)
+        + sum(gid_b)
+        + sum(size_b)
+        + sum(mtime_b)
+        + typeflag[0]
+        + sum(linkname)
+    )
+    return _HEADER.pack(
+        name,
+        mode_b,
+        uid_b,
+        gid_b,
+        size_b,
+        mtime_b,
+        b"%06o\0 " % chk,
+        typeflag,
+        linkname,
+        b"ustar\0",
+        b"00",
+        b"",
+        b"",
+        b"",
+        b"",
+        b"",
+        b"",
+    )
+
+
+def encode_header(
+    name: str,
+    typeflag: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime_ns: int,
+    linkname: str = "",
+    xattrs: dict[str, bytes] | None = None,
+) -> bytes:
+    """The header block(s) for one entry: a PAX header first when ustar can't say it all."""
+    bname = os.fsencode(name)
+    blink = os.fsencode(linkname)
+    mtime_ns = max(mtime_ns, 0)
+    secs, frac = divmod(mtime_ns, 1_000_000_000)
+    records: list[bytes] = []
+    if not _fits(bname, 100):
+        records.append(_pax_record(b"path", bname))
+        bname = bname[:99].decode("ascii", "replace").encode("ascii", "replace")
+    if blink and not _fits(blink, 100):
+        records.append(_pax_record(b"linkpath", blink))
+        blink = b""
+    if frac:
+        records.append(_pax_record(b"mtime", b"%d.%09d" % (secs, frac)))
+    if secs > _MAX_OCTAL_11:
+        secs = _MAX_OCTAL_11
+    if size > _MAX_OCTAL_11:
+        records.append(_pax_record(b"size", b"%d" % size))
+        size = 0
+    if uid > _MAX_OCTAL_7:
+        records.append(_pax_record(b"uid", b"%d" % uid))
+        uid = 0
+    if gid > _MAX_OCTAL_7:
+        records.append(_pax_record(b"gid", b"%d" % gid))
+        gid = 0
+    if xattrs:
+        for key, value in sorted(xattrs.items()):
+            records.append(_pax_record(b"SCHILY.xattr." + os.fsencode(key), value))
+    header = _ustar(bname, mode, uid, gid, size, secs, typeflag, blink)
+    if not records:
+        return header
+    pax = b"".join(records)
+    pax_name = (b"PaxHeaders/" + os.fsencode(os.path.basename(name)))[:99]
+    if not pax_name.isascii():
+        pax_name = b"PaxHeaders/entry"
+    return (
+        _ustar(pax_name, 0o644, 0, 0, len(pax), secs, XHDTYPE, b"")
+        + pax
+        + padding(len(pax))
+        + header
+    )
+
+
+def padding(size: int) -> bytes:
+    rem = size % BLOCK
+    return _ZERO_BLOCK[: BLOCK - rem] if rem else b""
+
+
+def end_of_archive() -> bytes:
+    return _ZERO_BLOCK * 2
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+def _num(field_: bytes, what: str) -> int:
+    try:  # the common case: NUL- or space-terminated octal
+        value = int(field_.rstrip(b"\0 "), 8)
+    except ValueError:
+        pass
+    else:
+        if value < 0:
+            raise CorruptLayer(f"negative {what} in tar header")
+        return value
+    if field_ and field_[0] & 0x80:  # base-256 (GNU) for large values
+        if field_[0] & 0x40:
+            raise CorruptLayer(f"negative {what} in tar header")
+        return int.from_bytes(field_[1:], "big") | ((field_[0] & 0x3F) << (8 * (len(field_) - 1)))
+    text = field_.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise CorruptLayer(f"malformed {what} in tar header: {text!r}") from None
+
+
+def _cstr(field_: bytes) -> bytes:
+    return field_.split(b"\0", 1)[0]
+
+
+def parse_header(block: bytes) -> Member | None:
+    """A member from one 512-byte header, or None for an all-zero (end) block."""
+    if block == _ZERO_BLOCK:
+        return None
+    f = _HEADER.unpack(block)
+    stored = _num(f[6], "checksum")
+    computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    if stored != computed:
+        raise CorruptLayer("tar header checksum mismatch (corrupt layer)")
+    name = _cstr(f[0])
+    if f[9][:5] == b"ustar":
+        prefix = _cstr(f[15])
+        if prefix:
+            name = prefix + b"/" + name
+    return Member(
+        name=os.fsdecode(name),
+        type=f[7],
+        mode=_num(f[1], "mode"),
+        uid=_num(f[2], "uid"),
+        gid=_num(f[3], "gid"),
+        size=_num(f[4], "size"),
+        mtime_ns=_num(f[5], "mtime") * 1_000_000_000,
+        linkname=os.fsdecode(_cstr(f[8])),
+    )
+
+
+def parse_pax(data: bytes) -> dict[bytes, bytes]:
+    """PAX records ``"<len> <key>=<value>\\n"``; values are raw bytes."""
+    out: dict[bytes, bytes] = {}
+    pos = 0
+    n = len(data)
+    while pos < n:
+        if data[pos] == 0:  # trailing NUL padding
+            break
+        sp = data.find(b" ", pos, pos + 20)
+        if sp < 0:
+            raise CorruptLayer("malformed PAX record length")
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            raise CorruptLayer("malformed PAX record length") from None
+        end = pos + length
+        if length <= 0 or end > n or data[end - 1 : end] != b"\n":
+            raise CorruptLayer("malformed PAX record")
+        key, eq, value = data[sp + 1 : end - 1].partition(b"=")
+        if not eq:
+            raise CorruptLayer("malformed PAX record (no '=')")
+        out[key] = value
+        pos = end
+    return out
+
+
+def apply_pax(member: Member, pax: dict[bytes, bytes]) -> None:
+    try:
+        for key, value in pax.items():
+            if key == b"path":
+                member.name = os.fsdecode(value)
+            elif key == b"linkpath":
+                member.linkname = os.fsdecode(value)
+            elif key == b"size":
+                member.size = int(value)
+            elif key == b"uid":
+                member.uid = int(value)
+            elif key == b"gid":
+                member.gid = int(value)
+            elif key == b"mtime":
+                member.mtime_ns = _parse_pax_time(value)
+            elif key.startswith(b"SCHILY.xattr."):
+                member.xattrs[os.fsdecode(key[13:])] = value
+    except ValueError:
+        raise CorruptLayer(f"malformed PAX value in entry {member.name!r}") from None
+    if member.size < 0 or member.uid < 0 or member.gid < 0:
+        raise CorruptLayer(f"negative size or id in entry {member.name!r}")
+
+
+def _parse_pax_time(value: bytes) -> int:
+    secs, _, frac = value.partition(b".")
+    neg = secs.startswith(b"-")
+    ns = int(secs) * 1_000_000_000
+    if frac:
+        digits = (frac + b"000000000")[:9]
+        ns += -int(digits) if neg else int(digits)
+    return ns
