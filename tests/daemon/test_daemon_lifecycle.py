@@ -1,0 +1,443 @@
+"""The daemon with a stand-in IDE: real processes, real signals, the real Session and store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]
+import pytest
+from daemon_helpers import (
+    FakeControlPlane,
+    Harness,
+    eventually,
+    fake_ide,
+    layer_names,
+    make_tree,
+    read_manifest,
+)
+
+from agent.checkpoint.manifest import CheckpointState
+from agent.errors import StoreUnavailable
+from agent.session import Session
+from agent.settings import Settings
+from agent.store.local import LocalStore
+
+HarnessFactory = Callable[..., Awaitable[Harness]]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _history(h: Harness) -> list[str]:
+    return [t.status.value for t in h.daemon.lifecycle.history]
+
+
+async def test_lifecycle_with_a_well_behaved_ide(
+    make_settings: Callable[..., Settings],
+    harness: HarnessFactory,
+    tmp_path: Path,
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STUDIO_CONTROL_PLANE_TOKEN", "do-not-leak")
+    env_file = tmp_path / "ide.env"
+    settings = make_settings(tool_path_prefix="/studio/abc/")
+    h = await harness(settings, fake_ide("--env-file", str(env_file)))
+    await h.wait_status("running")
+
+    st = await h.status()
+    assert st["status"] == "running"
+    assert st["ide"]["state"] == "ready" and st["ide"]["pid"] > 0
+    assert st["ide"]["probe_url"] == f"http://127.0.0.1:{settings.tool_port}/studio/abc/"
+    ckpt = st["session"]["checkpoint"]
+    assert ckpt["name"].startswith("s1_") and ckpt["state"] == "empty"
+    assert st["session"]["id"]
+    assert st["restore"] is None
+    assert st["resources"]["memory_used"] > 0 and st["resources"]["ide_rss"] > 0
+
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    assert env["CONNECT_TOOL_PORT"] == env["STUDIO_TOOL_PORT"] == str(settings.tool_port)
+    assert env["CONNECT_TOOL_PATH_PREFIX"] == env["STUDIO_TOOL_PATH_PREFIX"] == "/studio/abc/"
+    assert "STUDIO_CONTROL_PLANE_TOKEN" not in env  # the agent's secrets stay with the agent
+
+    ide_pid = st["ide"]["pid"]
+    code, body = await h.request("POST", "/v1/stop")
+    assert (code, body["status"]) == (202, "stopping")
+    assert await h.wait_exit() == 0
+    assert _history(h) == ["starting", "running", "stopping", "stopped"]
+    assert _gone(ide_pid)
+
+    refs = await LocalStore(workdir).list_refs("s1")
+    assert list(refs) == [ckpt["name"]]
+    manifest = await read_manifest(workdir, "s1", ckpt["name"])
+    assert manifest is not None and manifest.state is CheckpointState.FINALIZED
+
+
+async def test_a_502_before_readiness_keeps_the_session_starting(
+    make_settings: Callable[..., Settings], harness: HarnessFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    h = await harness(make_settings(), fake_ide("--bad-gateway-file", str(gate)))
+    # the IDE answers, but with 502: several probes must pass without the status moving
+    await eventually(
+        lambda: sum(" 502 " in ln.text for ln in h.daemon.output.tail(100)) >= 3,
+        what="three 502 answers",
+    )
+    st = await h.status()
+    assert st["status"] == "starting" and st["ide"]["state"] == "starting"
+    gate.unlink()
+    await h.wait_status("running")
+
+
+async def test_a_crash_looping_ide_errors_the_session_with_its_last_output(
+    make_settings: Callable[..., Settings],
+    control_plane: FakeControlPlane,
+    harness: HarnessFactory,
+) -> None:
+    settings = make_settings(ide_max_restarts=3, control_plane_url=control_plane.url)
+    h = await harness(settings, fake_ide("--mode", "crash"))
+    assert await h.wait_exit() == 1
+    d = h.daemon
+    assert _history(h) == ["starting", "stopping", "errored"]
+    assert "failed 3 times" in d.lifecycle.reason
+    assert "fatal: cannot open workspace database" in d.lifecycle.reason
+    assert d.supervisor is not None and d.supervisor.restarts == 2
+    ide = d._ide_json()
+    assert ide["state"] == "failed"
+    assert any("cannot open workspace database" in line for line in ide["last_output"])
+    await eventually(lambda: "errored" in control_plane.statuses())
+    errored = [e for e in control_plane.events() if e.get("status") == "errored"][-1]
+    assert "cannot open workspace database" in errored["reason"]
+    assert any("workspace database" in ln for ln in errored["ide"]["last_output"])
+
+
+async def test_an_ide_that_never_answers_errors_the_session(
+    make_settings: Callable[..., Settings], harness: HarnessFactory
+) -> None:
+    h = await harness(make_settings(ready_timeout=1.5), fake_ide("--mode", "never-ready"))
+    await eventually(lambda: h.daemon.supervisor and h.daemon.supervisor.pid, what="IDE pid")
+    assert h.daemon.supervisor is not None
+    pid = h.daemon.supervisor.pid
+    assert pid is not None
+    assert await h.wait_exit() == 1
+    assert _history(h) == ["starting", "stopping", "errored"]
+    assert "did not answer" in h.daemon.lifecycle.reason
+    assert _gone(pid)
+
+
+async def test_an_ide_ignoring_sigterm_is_killed_and_the_stop_stays_in_grace(
+    make_settings: Callable[..., Settings], harness: HarnessFactory, workdir: Path
+) -> None:
+    settings = make_settings(ide_stop_timeout=1.0, stop_grace=8.0)
+    h = await harness(settings, fake_ide("--ignore-sigterm"))
+    await h.wait_status("running")
+    await eventually(lambda: any("ignoring SIGTERM" in ln.text for ln in h.daemon.output.tail(50)))
+    st = await h.status()
+    pid = st["ide"]["pid"]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    h.daemon.request_stop("test")
+    assert await h.wait_exit(timeout=settings.stop_grace) == 0
+    assert loop.time() - t0 < settings.stop_grace
+    assert _gone(pid)
+    name = st["session"]["checkpoint"]["name"]
+    manifest = await read_manifest(workdir, "s1", name)
+    assert manifest is not None and manifest.state is CheckpointState.FINALIZED
+
+
+async def test_an_ide_that_exits_is_restarted(
+    make_settings: Callable[..., Settings], harness: HarnessFactory
+) -> None:
+    h = await harness(make_settings(), fake_ide())
+    await h.wait_status("running")
+    first = (await h.status())["ide"]["pid"]
+    os.kill(first, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        ide = (await h.status())["ide"]
+        return bool(ide["restarts"] == 1 and ide["state"] == "ready" and ide["pid"] != first)
+
+    await eventually(restarted, what="IDE restarted and ready")
+    st = await h.status()
+    assert st["status"] == "running"
+    assert st["ide"]["last_exit"] == "killed by SIGKILL"
+    _, metrics = await h.get("/metrics")
+    assert "studio_ide_restarts_total 1.0" in metrics
+
+
+async def test_orphans_left_by_the_ide_are_reaped(
+    make_settings: Callable[..., Settings], harness: HarnessFactory, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "orphan.pid"
+    h = await harness(make_settings(), fake_ide("--orphan-file", str(pid_file)))
+    await h.wait_status("running")
+    orphan = int(await eventually(lambda: pid_file.exists() and pid_file.read_text()))
+    # the orphan sleeps briefly and exits; unreaped it would stay a zombie of ours
+
+    def reaped() -> bool:
+        try:
+            return psutil.Process(orphan).ppid() != os.getpid()
+        except psutil.NoSuchProcess:
+            return True
+
+    await eventually(reaped, what="orphan reaped")
+    assert h.daemon._reaper is not None
+
+
+class FlakyStore(LocalStore):
+    """A local store that can be switched to fail like an unreachable S3 bucket.
+
+    Not a real outage: run as root, the tests cannot make a directory
+    unwritable, and removing the work directory only makes the store recreate
+    it.  The S3 store raises exactly this error once its retries are spent.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.failing = False
+        self.slow: asyncio.Event | None = None  # when set, blob transfers wait for it
+        self.free_gets = 0  # blob reads allowed through before ``slow`` applies
+
+    def _check(self) -> None:
+        if self.failing:
+            raise StoreUnavailable("s3 bucket unreachable (simulated)")
+
+    async def put_blob(self, src: Path, digest: str, size: int) -> None:
+        self._check()
+        if self.slow is not None:
+            await self.slow.wait()
+        await super().put_blob(src, digest, size)
+
+    async def set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
+        self._check()
+        await super().set_ref(studio, name, digest, expect)
+
+    async def get_blob(self, digest: str, size: int | None, dest_dir: Path) -> Path:
+        if self.free_gets > 0:
+            self.free_gets -= 1
+        elif self.slow is not None:
+            await self.slow.wait()
+        return await super().get_blob(digest, size, dest_dir)
+
+
+async def test_a_failed_periodic_checkpoint_is_reported_and_retried_without_touching_the_ide(
+    make_settings: Callable[..., Settings],
+    control_plane: FakeControlPlane,
+    harness: HarnessFactory,
+    root: Path,
+    workdir: Path,
+) -> None:
+    store = FlakyStore(workdir)
+    settings = make_settings(checkpoint_interval=0.3, control_plane_url=control_plane.url)
+    h = await harness(settings, fake_ide(), store=store)
+    await h.wait_status("running")
+    pid = (await h.status())["ide"]["pid"]
+
+    store.failing = True
+    (root / "home" / "user" / "work.txt").write_text("unsaved work\n")
+    await eventually(
+        lambda: h.daemon._ckpt.last_error and "unreachable" in h.daemon._ckpt.last_error,
+        what="a failed periodic checkpoint",
+    )
+    st = await h.status()
+    assert st["status"] == "running" and st["ide"]["pid"] == pid and st["ide"]["state"] == "ready"
+    assert "unreachable" in st["session"]["checkpoint"]["last_error"]
+    await eventually(
+        lambda: any(e["type"] == "checkpoint_failed" for e in control_plane.events()),
+        what="the control plane told",
+    )
+    _, metrics = await h.get("/metrics")
+    assert 'studio_checkpoint_failures_total{kind="periodic"}' in metrics
+
+    store.failing = False  # the store is back: the next tick writes the change
+
+    async def written() -> bool:
+        c = (await h.status())["session"]["checkpoint"]
+        return bool(c["state"] == "interim" and c["last_error"] is None and c["changed"])
+
+    await eventually(written, what="the retried checkpoint")
+    st = await h.status()
+    assert st["ide"]["pid"] == pid
+    manifest = await read_manifest(workdir, "s1", st["session"]["checkpoint"]["name"])
+    assert manifest is not None
+    assert "home/user/work.txt" in await layer_names(workdir, manifest.layers[-1].digest)
+
+
+async def test_nothing_is_written_when_nothing_changed(
+    make_settings: Callable[..., Settings], harness: HarnessFactory, workdir: Path
+) -> None:
+    h = await harness(make_settings(checkpoint_interval=0.2), fake_ide())
+    await h.wait_status("running")
+    blobs = workdir / ".studios" / "checkpoints" / "blobs" / "sha256"
+    before = sorted(os.listdir(blobs))
+    await eventually(
+        lambda: h.daemon.metrics.checkpoint_unchanged._value.get() >= 3,
+        what="three unchanged ticks",
+    )
+    assert sorted(os.listdir(blobs)) == before
+    assert (await h.status())["session"]["checkpoint"]["state"] == "empty"
+
+
+async def test_a_final_checkpoint_that_cannot_finish_leaves_the_interim_one_valid(
+    make_settings: Callable[..., Settings],
+    control_plane: FakeControlPlane,
+    harness: HarnessFactory,
+    root: Path,
+    workdir: Path,
+) -> None:
+    store = FlakyStore(workdir)
+    settings = make_settings(
+        stop_grace=4.0, ide_stop_timeout=1.0, control_plane_url=control_plane.url
+    )
+    h = await harness(settings, fake_ide(), store=store)
+    await h.wait_status("running")
+    (root / "home" / "user" / "a.txt").write_text("first\n")
+    code, body = await h.request("POST", "/v1/checkpoints")
+    assert code == 201, body
+    name = body["checkpoint"]["name"]
+    assert body["checkpoint"]["state"] == "interim"
+    interim = await read_manifest(workdir, "s1", name)
+
+    (root / "home" / "user" / "b.txt").write_text("second\n")
+    store.slow = asyncio.Event()  # the layer upload never completes
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    h.daemon.request_stop("test")
+    assert await h.wait_exit(timeout=settings.stop_grace + 1) == 0
+    assert loop.time() - t0 < settings.stop_grace
+    assert "did not finish" in h.daemon.lifecycle.reason
+    assert await read_manifest(workdir, "s1", name) == interim  # untouched, still interim
+    await eventually(
+        lambda: any(e["type"] == "final_checkpoint_incomplete" for e in control_plane.events())
+    )
+    notice = next(e for e in control_plane.events() if e["type"] == "final_checkpoint_incomplete")
+    assert notice["checkpoint"]["name"] == name and notice["checkpoint"]["state"] == "interim"
+    assert control_plane.statuses()[-1] == "stopped"
+
+
+async def test_the_next_session_restores_the_last_checkpoint(
+    make_settings: Callable[..., Settings],
+    control_plane: FakeControlPlane,
+    harness: HarnessFactory,
+    root: Path,
+    tmp_path: Path,
+) -> None:
+    h1 = await harness(make_settings(), fake_ide())
+    await h1.wait_status("running")
+    (root / "home" / "user" / "notes.txt").write_text("keep me\n")
+    (root / "etc" / "hostname").unlink()
+    h1.daemon.request_stop("test")
+    assert await h1.wait_exit() == 0
+    first = h1.daemon._ckpt.info
+    assert first is not None and first.state is CheckpointState.FINALIZED
+
+    fresh = tmp_path / "root2"
+    make_tree(fresh)
+    h2 = await harness(make_settings(root=fresh, control_plane_url=control_plane.url), fake_ide())
+    await h2.wait_status("running")
+    assert (fresh / "home" / "user" / "notes.txt").read_text() == "keep me\n"
+    assert not (fresh / "etc" / "hostname").exists()
+    st = await h2.status()
+    assert st["session"]["restored"]["name"] == first.name
+    assert st["session"]["checkpoint"]["name"] != first.name
+    running = next(e for e in control_plane.events() if e.get("status") == "running")
+    assert running["session"]["restored"]["name"] == first.name
+
+
+async def test_a_failed_restore_errors_the_session(
+    make_settings: Callable[..., Settings],
+    control_plane: FakeControlPlane,
+    harness: HarnessFactory,
+) -> None:
+    settings = make_settings(restore_from="no-such-checkpoint", control_plane_url=control_plane.url)
+    h = await harness(settings, fake_ide())
+    assert await h.wait_exit() == 1
+    assert _history(h) == ["starting", "errored"]
+    assert "restore failed" in h.daemon.lifecycle.reason
+    assert h.daemon.supervisor is None  # the IDE never started on a half-restored root
+    await eventually(lambda: control_plane.statuses() == ["starting", "errored"])
+
+
+async def test_restore_progress_is_shown_and_a_stop_during_restore_ends_in_grace(
+    make_settings: Callable[..., Settings],
+    harness: HarnessFactory,
+    root: Path,
+    workdir: Path,
+    tmp_path: Path,
+) -> None:
+    # a checkpoint with content to restore
+    big = root / "home" / "user" / "big.bin"
+    big.write_bytes(os.urandom(1 << 20))
+    settings = make_settings()
+    session = Session(settings, LocalStore(workdir))
+    await session.start()
+    for _ in range(2):  # two layers
+        big.write_bytes(os.urandom(1 << 20))
+        await session.checkpoint(state=CheckpointState.FINALIZED)
+
+    fresh = tmp_path / "root2"
+    make_tree(fresh)
+    store = FlakyStore(workdir)
+    store.free_gets = 2  # the manifest and the newest layer; then downloads hang
+    store.slow = asyncio.Event()
+    h = await harness(make_settings(root=fresh, stop_grace=5.0), fake_ide(), store=store)
+
+    async def progress() -> dict[str, Any] | None:
+        st = await h.status()
+        return st["restore"] if st["status"] == "starting" and st["restore"] else None
+
+    shown = await eventually(progress, what="restore progress in the status")
+    assert shown["phase"] == "download"
+    assert 0 < shown["bytes_done"] < shown["bytes_total"]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    h.daemon.request_stop("test")
+    assert await h.wait_exit(timeout=5.0) == 0
+    assert loop.time() - t0 < 5.0
+    assert _history(h) == ["starting", "stopping", "stopped"]
+    assert "during restore" in h.daemon.lifecycle.reason
+
+
+async def test_unsound_interim_checkpoints_are_reported_as_invalidated(
+    make_settings: Callable[..., Settings],
+    control_plane: FakeControlPlane,
+    harness: HarnessFactory,
+    root: Path,
+    workdir: Path,
+    tmp_path: Path,
+) -> None:
+    # a session that wrote an interim checkpoint and died; then its layer went missing
+    settings = make_settings()
+    session = Session(settings, LocalStore(workdir))
+    await session.start()
+    (root / "home" / "user" / "x.txt").write_text("x\n")
+    result = await session.checkpoint(state=CheckpointState.INTERIM)
+    assert result is not None
+    blob = workdir / ".studios" / "checkpoints" / "blobs" / "sha256"
+    manifest = await read_manifest(workdir, "s1", result.info.name)
+    assert manifest is not None
+    (blob / manifest.layers[-1].digest.split(":")[1]).unlink()
+
+    fresh = tmp_path / "root2"
+    make_tree(fresh)
+    h = await harness(make_settings(root=fresh, control_plane_url=control_plane.url), fake_ide())
+    await h.wait_status("running")
+    st = await h.status()
+    assert [i["name"] for i in st["session"]["invalidated"]] == [result.info.name]
+    assert st["session"]["invalidated"][0]["state"] == "invalid"
+    notice = await eventually(
+        lambda: next(
+            (e for e in control_plane.events() if e["type"] == "checkpoints_invalidated"), None
+        )
+    )
+    assert notice["invalidated"][0]["name"] == result.info.name
