@@ -285,6 +285,9 @@ class Session:
 
     async def _begin(self, chain: list[LayerDesc]) -> None:
         started = int(self._clock())
+        # Two sessions started within one second would share a name: take the next free one.
+        while await self.store.get_ref(self.studio, auto_name(self.studio, started)) is not None:
+            started += 1
         local = _Local(
             studio=self.studio,
             session=uuid.uuid4().hex,

@@ -61,6 +61,9 @@ class _Merge:
     opaque: dict[str, int] = field(default_factory=dict)
     used_dirs: dict[str, int] = field(default_factory=dict)
     dir_meta: dict[str, tf.Member] = field(default_factory=dict)
+    # Times of existing directories we write into, put back at the end when no
+    # layer has an entry for them (a temporary name and a rename move them).
+    dir_times: dict[str, tuple[int, int]] = field(default_factory=dict)
     deferred: list[_DeferredLink] = field(default_factory=list)
     stats: RestoreStats = field(default_factory=RestoreStats)
     seq: int = 0
@@ -284,6 +287,8 @@ def _ensure_parents(merge: _Merge, path: str, layer: int) -> None:
                 # Content of the image that an older layer replaces by a directory.
                 os.unlink(full)
                 os.mkdir(full, 0o755)
+            else:
+                merge.dir_times[a] = (s.st_atime_ns, s.st_mtime_ns)
         used[a] = layer
 
 
@@ -491,6 +496,10 @@ def _relink_overridden(
 
 
 def _apply_dir_metadata(merge: _Merge) -> None:
+    for rel, times in merge.dir_times.items():
+        if rel not in merge.dir_meta:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.utime(os.path.join(merge.root, rel), ns=times, follow_symlinks=False)
     for rel in sorted(merge.dir_meta, key=lambda p: p.count("/"), reverse=True):
         m = merge.dir_meta[rel]
         full = os.path.join(merge.root, rel)
