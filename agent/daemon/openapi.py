@@ -14,11 +14,11 @@ NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.@+ -]{0,127}"
 MAX_LOG_LINES = 10_000
 FOLLOW_VALUES = ("0", "1", "true", "false")
 
-_NULLABLE_STR: dict[str, Any] = {"type": "string", "nullable": True}
-_NULLABLE_INT: dict[str, Any] = {"type": "integer", "nullable": True}
-_NULLABLE_NUM: dict[str, Any] = {"type": "number", "nullable": True}
+_NULLABLE_STR: dict[str, Any] = {"type": ["string", "null"]}
+_NULLABLE_INT: dict[str, Any] = {"type": ["integer", "null"]}
+_NULLABLE_NUM: dict[str, Any] = {"type": ["number", "null"]}
 _TIME: dict[str, Any] = {"type": "string", "format": "date-time"}
-_NULLABLE_TIME: dict[str, Any] = {"type": "string", "format": "date-time", "nullable": True}
+_NULLABLE_TIME: dict[str, Any] = {"type": ["string", "null"], "format": "date-time"}
 
 _STATUSES = ["starting", "running", "stopping", "stopped", "errored"]
 _STATES = ["empty", "interim", "finalized", "invalid"]
@@ -28,13 +28,16 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": props,
-        "required": list(props) if required is None else required,
-        "additionalProperties": False,
-    }
+    doc: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
+    req = list(props) if required is None else required
+    if req:
+        doc["required"] = req
+    return doc
 
 
 SCHEMAS: dict[str, Any] = {
@@ -108,7 +111,7 @@ SCHEMAS: dict[str, Any] = {
     "SessionCheckpoint": _obj(
         {
             "name": _NULLABLE_STR,
-            "state": {"type": "string", "enum": _STATES, "nullable": True},
+            "state": {"type": ["string", "null"], "enum": [*_STATES, None]},
             "updated": _NULLABLE_TIME,
             "duration": _NULLABLE_NUM,
             "size": _NULLABLE_INT,
@@ -122,7 +125,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "id": _NULLABLE_STR,
             "started": _NULLABLE_TIME,
-            "restored": {**_ref("CheckpointInfo"), "nullable": True},
+            "restored": _or_null(_ref("CheckpointInfo")),
             "invalidated": {"type": "array", "items": _ref("CheckpointInfo")},
             "checkpoint": _ref("SessionCheckpoint"),
         }
@@ -143,7 +146,7 @@ SCHEMAS: dict[str, Any] = {
     "ControlPlane": _obj(
         {
             "url": {"type": "string"},
-            "reachable": {"type": "boolean", "nullable": True},
+            "reachable": {"type": ["boolean", "null"]},
             "last_error": {"type": "string"},
             "heartbeat_interval": {"type": "number"},
         }
@@ -156,9 +159,9 @@ SCHEMAS: dict[str, Any] = {
             "since": _TIME,
             "ide": _ref("Ide"),
             "session": _ref("Session"),
-            "restore": {**_ref("Progress"), "nullable": True},
-            "resources": {**_ref("Resources"), "nullable": True},
-            "control_plane": {**_ref("ControlPlane"), "nullable": True},
+            "restore": _or_null(_ref("Progress")),
+            "resources": _or_null(_ref("Resources")),
+            "control_plane": _or_null(_ref("ControlPlane")),
         }
     ),
     "Stopping": _obj({"status": {"type": "string", "enum": _STATUSES}}),
@@ -184,7 +187,7 @@ _E503 = _json("Error", "The checkpoint store is unavailable.")
 def document(version: str = "0") -> dict[str, Any]:
     """The OpenAPI 3 document of the local API."""
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "studio-agent local API",
             "version": version,

@@ -32,7 +32,7 @@ HarnessFactory = Callable[..., Awaitable[Harness]]
 
 def _gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
@@ -186,7 +186,7 @@ async def test_orphans_left_by_the_ide_are_reaped(
 
     def reaped() -> bool:
         try:
-            return psutil.Process(orphan).ppid() != os.getpid()
+            return bool(psutil.Process(orphan).ppid() != os.getpid())
         except psutil.NoSuchProcess:
             return True
 
