@@ -103,6 +103,27 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal error in the agent (see its log)")
 
 
+def _strict_query(doc: dict[str, Any]) -> Any:
+    """Refuse query parameters the document does not name: a typo should not pass silently."""
+    allowed: dict[tuple[str, str], frozenset[str]] = {}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            names = {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
+            allowed[(method.upper(), path)] = frozenset(names)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route
+        key = (request.method, route.resource.canonical if route.resource else "")
+        unknown = set(request.query) - allowed.get(key, frozenset())
+        if unknown:
+            names = ", ".join(sorted(repr(n) for n in unknown))
+            raise BadRequest(f"unknown query parameter(s): {names}")
+        return await handler(request)
+
+    return middleware
+
+
 def _auth(token: str) -> Any:
     expected = f"Bearer {token}".encode()
 
@@ -121,7 +142,7 @@ def _auth(token: str) -> Any:
 
 async def _json_body(request: web.Request, required: bool) -> dict[str, Any]:
     raw = await request.read()
-    if not raw.strip():
+    if not raw:
         if required:
             raise BadRequest("a JSON body is required")
         return {}
@@ -154,8 +175,10 @@ def _name_field(body: dict[str, Any], required: bool) -> str | None:
 
 
 def build_app(backend: Backend, token: str) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth(token)], client_max_size=_MAX_BODY)
     doc = openapi.document(__version__)
+    app = web.Application(
+        middlewares=[_errors, _auth(token), _strict_query(doc)], client_max_size=_MAX_BODY
+    )
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "status": backend.status_value})
