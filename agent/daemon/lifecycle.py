@@ -9,7 +9,6 @@ logged, not raised.  Listeners hear every transition at once, in order.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,7 +60,6 @@ class Lifecycle:
             Transition(None, Status.STARTING, self._reason, self._since)
         ]
         self._listeners: list[Listener] = []
-        self._changed = asyncio.Event()
 
     @property
     def status(self) -> Status:
@@ -101,13 +99,4 @@ class Lifecycle:
                 listener(t)
             except Exception:
                 log.exception("lifecycle.listener_failed", status=status.value)
-        self._changed.set()
-        self._changed = asyncio.Event()
         return True
-
-    async def wait_until(self, *statuses: Status) -> Status:
-        """Wait until the status is one of ``statuses``, or past them all (it never returns)."""
-        target = max(_RANK[s] for s in statuses)
-        while self._status not in statuses and _RANK[self._status] < target:
-            await self._changed.wait()
-        return self._status

@@ -396,6 +396,17 @@ class Daemon:
     async def run(self) -> int:
         try:
             return await self._run()
+        except ConfigError:
+            raise
+        except Exception as e:  # never leave without telling what became of the session
+            if isinstance(e, AgentError):
+                log.error("daemon.failed", error=str(e))
+            else:
+                log.exception("daemon.crashed")
+            self.lifecycle.move(Status.ERRORED, f"the agent failed: {e}")
+            with contextlib.suppress(Exception):
+                await self._finish()
+            return EXIT_ERRORED
         finally:
             await self._cleanup()
 
@@ -446,6 +457,9 @@ class Daemon:
         # -- restore, then the session's own checkpoint
         if not await self._start_session():
             return await self._finish()
+
+        if self._stop_requested.is_set():  # stopped while restoring: no IDE to start
+            return await self._shutdown(None)
 
         # -- the IDE
         self.supervisor = Supervisor(
@@ -663,9 +677,13 @@ class Daemon:
         self._tasks.append(task)
         return task
 
-    def _managed_pids(self) -> list[int]:
+    def _managed_pids(self) -> list[int] | None:
         sup = self.supervisor
-        return [sup.pid] if sup is not None and sup.pid is not None else []
+        if sup is None:
+            return []
+        if sup.spawning:
+            return None  # a new IDE's pid is not known yet: it must not be taken for an orphan
+        return [sup.pid] if sup.pid is not None else []
 
     def _api_token(self) -> str:
         token = self.settings.token()

@@ -6,7 +6,8 @@ died) become its children; unreaped they pile up as zombies.  A blanket
 ``waitpid(-1)`` would also collect the IDE and the agent's own helper
 processes, whose waiters would then see a bogus exit code, so only zombies
 outside the agent's session and not in ``managed`` are reaped (the IDE runs
-in a session of its own, as do orphans it leaves).
+in a session of its own, as do orphans it leaves); while ``managed`` returns
+None (a child is being spawned, its pid not yet known) nothing is reaped.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def zombie_children() -> list[tuple[int, int]]:
 class Reaper:
     def __init__(
         self,
-        managed: Callable[[], Collection[int]],
+        managed: Callable[[], Collection[int] | None],
         clock: Clock,
         interval: float = 5.0,
     ) -> None:
@@ -116,7 +117,10 @@ class Reaper:
     def reap(self) -> int:
         """Reap adopted zombies now; returns how many."""
         own_session = os.getsid(0)
-        managed = set(self._managed())
+        pids = self._managed()
+        if pids is None:  # a child is being spawned; the sweep comes back soon
+            return 0
+        managed = set(pids)
         n = 0
         for pid, session in zombie_children():
             if pid in managed or session == own_session:

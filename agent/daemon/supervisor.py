@@ -154,6 +154,7 @@ class Supervisor:
 
         self.state = IdeState.PENDING
         self.pid: int | None = None
+        self.spawning = False  # between fork and knowing the pid
         self.restarts = 0
         self.last_exit: str | None = None
         self.ready = asyncio.Event()  # set once the IDE first answered; stays set
@@ -230,6 +231,7 @@ class Supervisor:
 
     async def _run_once(self) -> str:
         self.state = IdeState.STARTING
+        self.spawning = True
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -244,6 +246,8 @@ class Supervisor:
             self.output.append("agent", msg)
             log.error("ide.spawn_failed", argv=self.argv, error=msg)
             return msg
+        finally:
+            self.spawning = False
         self._proc = proc
         self.pid = proc.pid
         log.info("ide.started", pid=proc.pid, argv=self.argv, restarts=self.restarts)
