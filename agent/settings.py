@@ -186,3 +186,20 @@ def env_name(field: str) -> str:
 def agent_install_dir() -> Path:
     """The directory the agent runs from (its venv under /opt in the images)."""
     return Path(os.path.realpath(__file__)).parent.parent
+
+
+def markdown_table() -> str:
+    """The settings table of the README (a test keeps the two equal)."""
+    rows = ["| setting | environment | flag | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if name == "state_dir":
+            shown = f"`<root>/{DEFAULT_STATE_DIR}`"
+        elif default in ("", [], None):
+            shown = ""
+        else:
+            shown = f"`{default}`"
+        flag = "--" + name.replace("_", "-")
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| {name} | `{env_name(name)}` | `{flag}` | {shown} | {desc} |")
+    return "\n".join(rows) + "\n"

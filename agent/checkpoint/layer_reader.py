@@ -8,6 +8,7 @@ archive that ends early, oversized PAX headers, unknown entry types) raises
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -58,10 +59,8 @@ class LayerReader:
     def close(self) -> None:
         self._stop.set()
         while self._thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 self._chunks.get(timeout=0.1)
-            except queue.Empty:
-                pass
         self._thread.join()
 
     def _produce(self) -> None:

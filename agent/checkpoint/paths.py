@@ -9,6 +9,17 @@ from agent.errors import UnsafeLayer
 
 def clean_member_name(name: str) -> str:
     """The root-relative form of a tar member name, refusing anything that could escape."""
+    if (
+        name
+        and name[0] not in "./"
+        and ".." not in name
+        and "//" not in name
+        and "/./" not in name
+        and "\0" not in name
+    ):
+        name = name.rstrip("/")
+        if name and not name.endswith("/."):
+            return name
     if not name or "\0" in name:
         raise UnsafeLayer(f"refused entry with an empty or NUL-bearing name: {name!r}")
     if name.startswith("/"):

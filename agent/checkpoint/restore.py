@@ -93,7 +93,16 @@ def apply_layers(
     else:
         files = list(layers)
         count, get = len(files), files.__getitem__
-    merge = _Merge(root=str(root))
+    return _apply_all(_Merge(root=str(root)), count, get, totals, progress)
+
+
+def _apply_all(
+    merge: _Merge,
+    count: int,
+    get: Callable[[int], Path],
+    totals: tuple[int, int],
+    progress: ApplyProgress | None,
+) -> RestoreStats:
     newest = count - 1
     base_bytes = 0
     for index in range(newest, -1, -1):
@@ -161,6 +170,11 @@ def _apply_member(
         raise UnsafeLayer(f"refused device node {path!r}: device nodes are never restored")
     if _hidden(merge, path, layer, older):
         merge.stats.skipped += 1
+        d = merge.decided.get(path)
+        if m.type != tf.DIRTYPE and d is not None and d[1] == _DIR:
+            # This layer made the path a non-directory, removing what was below it;
+            # a newer one made it a directory again, so only newer content stays.
+            _hide_below(merge, path, layer)
         return
     if m.type != tf.DIRTYPE:
         used = merge.used_dirs.get(path)
@@ -221,16 +235,24 @@ def _apply_whiteout(merge: _Merge, head: str, base: str, layer: int, older: bool
     if name in ("", ".", "..") or name.startswith(tf.WHITEOUT_PREFIX):
         raise UnsafeLayer(f"refused whiteout {raw!r}: it does not name an entry of its directory")
     target = f"{head}/{name}" if head else name
-    if _hidden(merge, target, layer, older):
-        return
     d = merge.decided.get(target)
     if d is not None:
         if d[1] == _DIR:  # recreated by a newer layer: what was below must go
-            _prune_undecided(merge, target, layer)
+            _hide_below(merge, target, layer)
+        return
+    if _hidden(merge, target, layer, older):
         return
     _check_existing_parents(merge, target, raw)
     _remove(merge, os.path.join(merge.root, target), target)
     merge.decided[target] = (layer, _WHITEOUT)
+
+
+def _hide_below(merge: _Merge, rel_dir: str, layer: int) -> None:
+    """Everything below ``rel_dir`` from the image or layers older than ``layer`` is gone."""
+    _check_existing_parents(merge, rel_dir, rel_dir)
+    _prune_undecided(merge, rel_dir, layer)
+    if merge.opaque.get(rel_dir, -1) < layer:
+        merge.opaque[rel_dir] = layer
 
 
 def _prune_undecided(merge: _Merge, rel_dir: str, layer: int) -> None:

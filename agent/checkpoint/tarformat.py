@@ -206,33 +206,40 @@ def _num(field_: bytes, what: str) -> int:
         raise CorruptLayer(f"malformed {what} in tar header: {text!r}") from None
 
 
-def _cstr(field_: bytes) -> bytes:
-    return field_.split(b"\0", 1)[0]
-
-
 def parse_header(block: bytes) -> Member | None:
     """A member from one 512-byte header, or None for an all-zero (end) block."""
-    if block == _ZERO_BLOCK:
+    if not block[0] and block == _ZERO_BLOCK:
         return None
     f = _HEADER.unpack(block)
-    stored = _num(f[6], "checksum")
-    computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    computed = sum(block) - sum(f[6]) + 256
+    try:  # the common case: every number NUL- or space-terminated octal
+        mode = int(f[1].rstrip(b"\0 ") or b"0", 8)
+        uid = int(f[2].rstrip(b"\0 ") or b"0", 8)
+        gid = int(f[3].rstrip(b"\0 ") or b"0", 8)
+        size = int(f[4].rstrip(b"\0 ") or b"0", 8)
+        mtime = int(f[5].rstrip(b"\0 ") or b"0", 8)
+        stored = int(f[6].rstrip(b"\0 ") or b"0", 8)
+    except ValueError:
+        mode, uid, gid = _num(f[1], "mode"), _num(f[2], "uid"), _num(f[3], "gid")
+        size, mtime, stored = _num(f[4], "size"), _num(f[5], "mtime"), _num(f[6], "checksum")
     if stored != computed:
         raise CorruptLayer("tar header checksum mismatch (corrupt layer)")
-    name = _cstr(f[0])
+    if min(mode, uid, gid, size, mtime) < 0:
+        raise CorruptLayer("negative number in tar header")
+    name = f[0].partition(b"\0")[0]
     if f[9][:5] == b"ustar":
-        prefix = _cstr(f[15])
+        prefix = f[15].partition(b"\0")[0]
         if prefix:
             name = prefix + b"/" + name
     return Member(
-        name=os.fsdecode(name),
+        name=name.decode("utf-8", "surrogateescape"),
         type=f[7],
-        mode=_num(f[1], "mode"),
-        uid=_num(f[2], "uid"),
-        gid=_num(f[3], "gid"),
-        size=_num(f[4], "size"),
-        mtime_ns=_num(f[5], "mtime") * 1_000_000_000,
-        linkname=os.fsdecode(_cstr(f[8])),
+        mode=mode,
+        uid=uid,
+        gid=gid,
+        size=size,
+        mtime_ns=mtime * 1_000_000_000,
+        linkname=f[8].partition(b"\0")[0].decode("utf-8", "surrogateescape"),
     )
 
 
