@@ -203,3 +203,7 @@ def markdown_table() -> str:
         desc = (field.description or "").replace("|", "\\|")
         rows.append(f"| {name} | `{env_name(name)}` | `{flag}` | {shown} | {desc} |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m agent.settings: the README's settings table
+    print(markdown_table(), end="")

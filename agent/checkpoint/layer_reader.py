@@ -167,8 +167,8 @@ class LayerReader:
             if m.type in (tf.XHDTYPE, tf.XGLTYPE, tf.GNU_LONGNAME, tf.GNU_LONGLINK):
                 if m.size > tf.MAX_PAX_SIZE:
                     raise CorruptLayer(f"{self._name}: extended header of {m.size} bytes")
-                data = self.read(m.size)
-                self.skip(len(tf.padding(m.size)))
+                padded = m.size + len(tf.padding(m.size))
+                data = self.read(padded)[: m.size]
                 if m.type == tf.XHDTYPE:
                     pax.update(tf.parse_pax(data))
                 elif m.type == tf.XGLTYPE:

@@ -132,6 +132,18 @@ def write_layer(
     total_bytes = sum(current[p][SIZE] for p in changes.upserts if st.S_ISREG(current[p][MODE]))
     done_bytes = 0
     links: dict[int, tuple[str, bool]] = {}  # inode -> (first path written, was it dirty)
+    upserted = set(changes.upserts)
+    by_inode: dict[int, list[str]] | None = None
+
+    def siblings(ino: int, path: str) -> list[str]:
+        nonlocal by_inode
+        if by_inode is None:
+            by_inode = {}
+            for p, r in current.items():
+                if r[NLINK] > 1 and st.S_ISREG(r[MODE]):
+                    by_inode.setdefault(r[INO], []).append(p)
+        return [p for p in by_inode.get(ino, ()) if p != path and p not in upserted]
+
     uncompressed = 0
 
     with cctx.stream_writer(sink, closefd=False, write_size=FLUSH_AT) as zw:  # type: ignore[arg-type]
@@ -236,10 +248,20 @@ def write_layer(
                         dirty = True
                     new_rec = stat_record(before)
                     records[path] = poisoned(new_rec) if dirty else new_rec
-                    if before.st_nlink > 1:
-                        links[before.st_ino] = (path, dirty)
                     done_bytes += size
                     result.files += 1
+                    if before.st_nlink > 1:
+                        links[before.st_ino] = (path, dirty)
+                        # Names of this inode the diff did not list (a new link to an
+                        # unchanged file) join it here: hardlinks never cross layers.
+                        for other in siblings(before.st_ino, path):
+                            orec = current[other]
+                            buf += tf.encode_header(
+                                other, tf.LNKTYPE, orec[MODE], orec[UID], orec[GID], 0,
+                                orec[MTIME], path, xattrs,
+                            )  # fmt: skip
+                            records[other] = poisoned(orec) if dirty else orec
+                            result.entries += 1
                 except OSError as e:
                     # An I/O error mid-file: the header is already out, so the
                     # layer can't be trusted; fail this checkpoint, lose nothing.

@@ -108,9 +108,10 @@ def _apply_all(
     for index in range(newest, -1, -1):
         path = get(index)
         pending: dict[str, list[_DeferredLink]] = {}
+        skipped_files: set[str] = set()
         with open(path, "rb") as f, LayerReader(f, name=f"layer {index + 1} of {count}") as reader:
             for m in reader.members():
-                _apply_member(merge, reader, m, index, index < newest, pending)
+                _apply_member(merge, reader, m, index, index < newest, pending, skipped_files)
                 merge.stats.entries += 1
                 if progress is not None and (merge.stats.entries & 255) == 0:
                     progress(
@@ -160,6 +161,7 @@ def _apply_member(
     layer: int,
     older: bool,
     pending: dict[str, list[_DeferredLink]],
+    skipped_files: set[str],
 ) -> None:
     path = clean_member_name(m.name)
     head, _, base = path.rpartition("/")
@@ -170,6 +172,8 @@ def _apply_member(
         raise UnsafeLayer(f"refused device node {path!r}: device nodes are never restored")
     if _hidden(merge, path, layer, older):
         merge.stats.skipped += 1
+        if m.type in _REG_TYPES:
+            skipped_files.add(path)  # a hardlink of this layer may still need it
         d = merge.decided.get(path)
         if m.type != tf.DIRTYPE and d is not None and d[1] == _DIR:
             # This layer made the path a non-directory, removing what was below it;
@@ -201,9 +205,9 @@ def _apply_member(
         if d == (layer, _NONDIR):
             _check_link_target(merge, target, path)
             _hardlink(merge, os.path.join(merge.root, target), full, path)
-        elif d is not None and d[0] > layer:
-            # The target's content in this layer was overridden by a newer one:
-            # read it again from this layer after the pass.
+        elif target in skipped_files or (d is not None and d[0] > layer):
+            # The target's content in this layer was overridden or hidden by a
+            # newer one: read it again from this layer after the pass.
             pending.setdefault(target, []).append(_DeferredLink(path, target, layer, m))
         else:
             merge.deferred.append(_DeferredLink(path, target, layer, m))
@@ -227,8 +231,8 @@ def _apply_whiteout(merge: _Merge, head: str, base: str, layer: int, older: bool
             raise UnsafeLayer("refused opaque whiteout of the root directory")
         if _hidden(merge, head, layer, older):
             return
-        _check_existing_parents(merge, head, raw)
-        _prune_undecided(merge, head, layer)
+        if _check_existing_parents(merge, head, raw):
+            _prune_undecided(merge, head, layer)
         merge.opaque[head] = layer
         return
     name = base[len(tf.WHITEOUT_PREFIX) :]
@@ -242,15 +246,15 @@ def _apply_whiteout(merge: _Merge, head: str, base: str, layer: int, older: bool
         return
     if _hidden(merge, target, layer, older):
         return
-    _check_existing_parents(merge, target, raw)
-    _remove(merge, os.path.join(merge.root, target), target)
+    if _check_existing_parents(merge, target, raw):
+        _remove(merge, os.path.join(merge.root, target), target)
     merge.decided[target] = (layer, _WHITEOUT)
 
 
 def _hide_below(merge: _Merge, rel_dir: str, layer: int) -> None:
     """Everything below ``rel_dir`` from the image or layers older than ``layer`` is gone."""
-    _check_existing_parents(merge, rel_dir, rel_dir)
-    _prune_undecided(merge, rel_dir, layer)
+    if _check_existing_parents(merge, rel_dir, rel_dir):
+        _prune_undecided(merge, rel_dir, layer)
     if merge.opaque.get(rel_dir, -1) < layer:
         merge.opaque[rel_dir] = layer
 
@@ -314,19 +318,21 @@ def _ensure_parents(merge: _Merge, path: str, layer: int) -> None:
         used[a] = layer
 
 
-def _check_existing_parents(merge: _Merge, path: str, what: str) -> None:
-    """For deletions: parents must be real directories (missing ones mean nothing to do)."""
+def _check_existing_parents(merge: _Merge, path: str, what: str) -> bool:
+    """For deletions: whether the parents are real directories (nothing to delete if
+    one is missing or not a directory); a symlink among them is refused."""
     for a in parents(path):
         if a in merge.used_dirs:
             continue
         try:
             s = os.lstat(os.path.join(merge.root, a))
         except FileNotFoundError:
-            return
+            return False
         if st.S_ISLNK(s.st_mode):
             raise UnsafeLayer(f"refused {what!r}: its parent {a!r} is a symlink")
         if not st.S_ISDIR(s.st_mode):
-            return
+            return False
+    return True
 
 
 def _forget_dirs_below(merge: _Merge, rel: str) -> None:

@@ -42,6 +42,7 @@ _MAX_OCTAL_11 = 0o77777777777
 # The checksum of the constant parts of a header we write: magic "ustar\0",
 # version "00", empty names, device numbers and prefix, the checksum field as spaces.
 _CONST_SUM = sum(b"ustar\x00") + sum(b"00") + 8 * 32
+_PAX_HEADERS: dict[int, bytes] = {}
 
 
 @dataclass(slots=True)
@@ -130,10 +131,36 @@ def encode_header(
     xattrs: dict[str, bytes] | None = None,
 ) -> bytes:
     """The header block(s) for one entry: a PAX header first when ustar can't say it all."""
-    bname = os.fsencode(name)
-    blink = os.fsencode(linkname)
+    bname = name.encode("utf-8", "surrogateescape")
+    blink = linkname.encode("utf-8", "surrogateescape")
     mtime_ns = max(mtime_ns, 0)
     secs, frac = divmod(mtime_ns, 1_000_000_000)
+    if (
+        frac
+        and not xattrs
+        and len(bname) <= 100
+        and len(blink) <= 100
+        and size <= _MAX_OCTAL_11
+        and uid <= _MAX_OCTAL_7
+        and gid <= _MAX_OCTAL_7
+        and secs <= _MAX_OCTAL_11
+        and bname.isascii()
+        and blink.isascii()
+    ):
+        # The common case, a nanosecond mtime and nothing else: the PAX header
+        # block depends only on the record's length, so it comes from a cache.
+        value = b"%d.%09d" % (secs, frac)
+        record = b"%d mtime=%s\n" % (len(value) + 10, value)  # 10: length digits, " mtime=\n"
+        pax_header = _PAX_HEADERS.get(len(record))
+        if pax_header is None:
+            pax_header = _ustar(b"PaxHeader", 0o644, 0, 0, len(record), 0, XHDTYPE, b"")
+            _PAX_HEADERS[len(record)] = pax_header
+        return (
+            pax_header
+            + record
+            + _ZERO_BLOCK[len(record) :]
+            + _ustar(bname, mode, uid, gid, size, secs, typeflag, blink)
+        )
     records: list[bytes] = []
     if not _fits(bname, 100):
         records.append(_pax_record(b"path", bname))
