@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from agent import __version__
 from agent.checkpoint.names import normalize_name
@@ -103,7 +104,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal error in the agent (see its log)")
 
 
-def _strict_query(doc: dict[str, Any]) -> Any:
+def _strict_query(doc: dict[str, Any]) -> Middleware:
     """Refuse query parameters the document does not name: a typo should not pass silently."""
     allowed: dict[tuple[str, str], frozenset[str]] = {}
     for path, ops in doc["paths"].items():
@@ -124,7 +125,7 @@ def _strict_query(doc: dict[str, Any]) -> Any:
     return middleware
 
 
-def _auth(token: str) -> Any:
+def _auth(token: str) -> Middleware:
     expected = f"Bearer {token}".encode()
 
     @web.middleware

@@ -93,7 +93,8 @@ class Lifecycle:
         t = Transition(self._status, status, reason, self._clock.now())
         self._status, self._reason, self._since = status, reason, t.at
         self._history.append(t)
-        log.info("lifecycle.status", status=status.value, previous=t.previous, reason=reason)
+        report = log.error if status is Status.ERRORED else log.info
+        report("lifecycle.status", status=status.value, previous=t.previous, reason=reason)
         for listener in self._listeners:
             try:
                 listener(t)

@@ -22,7 +22,10 @@ def main() -> None:
     p.add_argument("--bad-gateway-file", default="", help="answer 502 while this file exists")
     p.add_argument("--orphan-file", default="", help="leave an orphan that writes its pid here")
     p.add_argument("--env-file", default="", help="write the tool variables here")
+    p.add_argument("--never-ready-file", default="", help="never listen while this file exists")
     args = p.parse_args()
+    if args.never_ready_file and os.path.exists(args.never_ready_file):
+        args.mode = "never-ready"
 
     print(f"fake-ide {args.mode} pid={os.getpid()}", flush=True)
     if args.env_file:

@@ -175,6 +175,21 @@ async def test_an_ide_that_exits_is_restarted(
     assert "studio_ide_restarts_total 1.0" in metrics
 
 
+async def test_an_ide_that_stops_answering_after_restarts_errors_a_running_session(
+    make_settings: Callable[..., Settings], harness: HarnessFactory, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    settings = make_settings(ready_timeout=1.0, ide_max_restarts=2)
+    h = await harness(settings, fake_ide("--never-ready-file", str(broken)))
+    await h.wait_status("running")
+    broken.touch()  # from now on the IDE starts but never listens
+    os.kill((await h.status())["ide"]["pid"], signal.SIGKILL)
+    assert await h.wait_exit() == 1
+    assert _history(h) == ["starting", "running", "stopping", "errored"]
+    reason = h.daemon.lifecycle.reason
+    assert "failed 2 times" in reason and "did not answer within 1s" in reason
+
+
 async def test_orphans_left_by_the_ide_are_reaped(
     make_settings: Callable[..., Settings], harness: HarnessFactory, tmp_path: Path
 ) -> None:
