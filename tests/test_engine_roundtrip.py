@@ -9,15 +9,20 @@ import asyncio
 import os
 import shutil
 import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fsutil import copy_tree, diff_snapshots, settings_for, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.session import Session
+from agent.settings import load_settings
+from agent.store.base import Store
 from agent.store.local import LocalStore
-from fsutil import copy_tree, diff_snapshots, settings_for, snapshot
+from agent.store.s3 import S3Store
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown and xattrs need root")
 
@@ -145,25 +150,54 @@ def _make_base(base: Path) -> None:
     os.chown(base / "root/.profile", 1000, 1000)
 
 
-@settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+StoreFactory = Callable[[Path], Store]
+
+_SLOW = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=_SLOW)
 @given(ops=st.lists(OPS, min_size=1, max_size=10), data=st.data())
 def test_every_checkpoint_restores_exactly(ops: list[str], data: st.DataObject) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(_scenario(Path(tmp), ops, data))
+        asyncio.run(_scenario(Path(tmp), lambda t: LocalStore(t / "work"), ops, data))
 
 
-async def _scenario(tmp: Path, ops: list[str], data: st.DataObject) -> None:
+@settings(max_examples=20, deadline=None, suppress_health_check=_SLOW)
+@given(ops=st.lists(OPS, min_size=1, max_size=6), data=st.data())
+def test_every_checkpoint_restores_exactly_through_s3(
+    s3_workdir: str, ops: list[str], data: st.DataObject
+) -> None:
+    """The same property with the S3 store (a real S3 server on loopback)."""
+    settings_ = load_settings(s3_part_size=5 << 20)
+
+    def make_store(_tmp: Path) -> Store:
+        return S3Store.from_url(f"{s3_workdir}/{uuid.uuid4().hex[:8]}", settings_)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(_scenario(Path(tmp), make_store, ops, data))
+
+
+async def _scenario(
+    tmp: Path, make_store: StoreFactory, ops: list[str], data: st.DataObject
+) -> None:
     base = tmp / "base"
     base.mkdir()
     _make_base(base)
     live = tmp / "live"
     copy_tree(base, live)
     workdir = tmp / "work"
-    session = Session(settings_for(live, workdir, tmp / "state"), LocalStore(workdir))
+    store = make_store(tmp)
+    try:
+        await _steps_then_restores(tmp, base, live, workdir, store, ops, data)
+    finally:
+        await store.close()
+
+
+async def _steps_then_restores(
+    tmp: Path, base: Path, live: Path, workdir: Path, store: Store, ops: list[str],
+    data: st.DataObject,
+) -> None:  # fmt: skip
+    session = Session(settings_for(live, workdir, tmp / "state"), store)
     await session.baseline()
     expected = []
     for i, op in enumerate(ops):
@@ -174,9 +208,7 @@ async def _scenario(tmp: Path, ops: list[str], data: st.DataObject) -> None:
     for name, snap in expected:
         target = tmp / f"restore-{name}"
         copy_tree(base, target)
-        restorer = Session(
-            settings_for(target, workdir, tmp / f"state-{name}"), LocalStore(workdir)
-        )
+        restorer = Session(settings_for(target, workdir, tmp / f"state-{name}"), store)
         await restorer.start(name, required=True)
         problems = diff_snapshots(snap, snapshot(target))
         assert not problems, f"{name} after {ops}: " + "\n".join(problems[:10])
