@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 
 STUDIO = "nb"
 PREFIX = f"/studio/{STUDIO}/"
-NOTEBOOK = {
+NOTEBOOK: dict[str, Any] = {
     "cells": [
         {
             "cell_type": "code",

@@ -27,8 +27,8 @@ def _env(root: Path, workdir: Path, **extra: str) -> dict[str, str]:
         STUDIO_API_TOKEN=TOKEN,
         CONNECT_TOOL_PORT=str(free_port()),
         STUDIO_STOP_GRACE="20",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
@@ -88,3 +88,64 @@ async def test_the_log_level_setting_filters_lines(root: Path, workdir: Path) ->
     assert proc.returncode == 1  # the restore failed: errored
     lines = _lines(out)
     assert lines and {x["level"] for x in lines} <= {"warning", "error"}
+
+
+_STUCK_STORE_DRIVER = """
+import asyncio, sys, time
+from agent.daemon import main
+from agent.settings import load_settings
+from agent.store.local import LocalStore
+
+class StuckStore(LocalStore):
+    # a store whose upload hangs in a worker thread, as a wedged network call would
+    async def put_blob(self, src, digest, size):
+        if self.stuck:
+            await asyncio.to_thread(time.sleep, 3600)
+        await super().put_blob(src, digest, size)
+
+settings = load_settings()
+store = StuckStore(settings.workdir)
+store.stuck = False
+main.open_store = lambda _settings: store
+main.Daemon.request_stop_original = main.Daemon.request_stop
+def request_stop(self, reason):
+    store.stuck = True  # from the stop on, uploads hang
+    main.Daemon.request_stop_original(self, reason)
+main.Daemon.request_stop = request_stop
+sys.exit(main.run(settings, sys.argv[1:]))
+"""
+
+
+async def test_a_wedged_final_checkpoint_thread_does_not_hold_the_exit(
+    root: Path, workdir: Path
+) -> None:
+    env = _env(root, workdir, STUDIO_STOP_GRACE="4", STUDIO_IDE_STOP_TIMEOUT="1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _STUCK_STORE_DRIVER, *fake_ide(), env=env, stdout=subprocess.PIPE
+    )
+    api = f"http://127.0.0.1:{env['STUDIO_API_PORT']}"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+
+        async def running() -> bool:
+            assert proc.returncode is None
+            try:
+                async with c.get(api + "/v1/status") as r:
+                    return bool((await r.json())["status"] == "running")
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(running, timeout=60)
+        (root / "home" / "user" / "late.txt").write_text("changed before the stop\n")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert loop.time() - t0 < 4.0
+    assert proc.returncode == 0
+    exit_line = _lines(out)[-1]
+    assert exit_line["event"] == "daemon.exit" and "did not finish" in exit_line["reason"]

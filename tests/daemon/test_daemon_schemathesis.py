@@ -49,7 +49,7 @@ def _fuzz(doc: dict[str, Any], base_url: str) -> list[str]:
                     database=None,
                     suppress_health_check=list(HealthCheck),
                 )
-                def run(case: schemathesis.Case) -> None:
+                def run(case: schemathesis.Case[Any]) -> None:
                     case.call_and_validate(base_url=base_url, timeout=30)
 
                 run()
@@ -58,7 +58,7 @@ def _fuzz(doc: dict[str, Any], base_url: str) -> list[str]:
 
     @given(case=stop.as_strategy())
     @settings(max_examples=1, deadline=None, database=None)
-    def run_stop(case: schemathesis.Case) -> None:
+    def run_stop(case: schemathesis.Case[Any]) -> None:
         case.call_and_validate(base_url=base_url, timeout=30)
 
     run_stop()
