@@ -468,6 +468,7 @@ class Session:
             parent = await asyncio.to_thread(self._parent_entries, local)
             current = await asyncio.to_thread(self._scan, parent)
             changes = diffmod.diff(parent, current.entries)
+            t_scan = time.monotonic()
             skipped = [Skipped(p, r) for p, r in current.skipped]
             if not changes and skip_unchanged:
                 return None
@@ -479,6 +480,7 @@ class Session:
                 for s in layer.skipped:
                     log.warning("checkpoint.skipped", path=s[0], reason=s[1])
                 chain.append(LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed))
+            t_layer = time.monotonic()
             info = await self._publish(local, target, chain, state)
             new_entries = current.entries
             if layer is not None:
@@ -495,6 +497,8 @@ class Session:
                 size=info.size,
                 layers=info.layers,
                 seconds=round(duration, 3),
+                scan_seconds=round(t_scan - t0, 3),
+                layer_seconds=round(t_layer - t_scan, 3),
             )
             return CheckpointResult(
                 info=info,

@@ -190,7 +190,10 @@ def agent_install_dir() -> Path:
 
 def markdown_table() -> str:
     """The settings table of the README (a test keeps the two equal)."""
-    rows = ["| setting | environment | flag | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| setting | environment | flag | default | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True)
         if name == "state_dir":

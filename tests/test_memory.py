@@ -41,8 +41,11 @@ def test_checkpoint_of_one_gigabyte_stays_under_150_mb(tmp_path: Path) -> None:
             f.write(text)
     pkgs = root / "site-packages"
     pkgs.mkdir()
-    for i in range(3000):  # many small files, as a pip install makes
-        (pkgs / f"mod{i}.py").write_bytes(text[: 200 + i * 7])
+    for i in range(30_000):  # many small files, as a pip install makes
+        d = pkgs / f"pkg{i // 500}"
+        if i % 500 == 0:
+            d.mkdir()
+        (d / f"mod{i}.py").write_bytes(text[: 200 + (i % 3000) * 7])
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total > 1_000_000_000
 

@@ -21,6 +21,7 @@ from agent.checkpoint import tarformat as tf
 from agent.errors import CorruptLayer
 
 READ_SIZE = 1 << 20
+_EXTENDED = {tf.XHDTYPE, tf.XGLTYPE, tf.GNU_LONGNAME, tf.GNU_LONGLINK}
 _KNOWN_TYPES = {
     tf.REGTYPE,
     tf.AREGTYPE,
@@ -158,46 +159,58 @@ class LayerReader:
         pax: dict[bytes, bytes] = {}
         long_name: str | None = None
         long_link: str | None = None
+        block_size = tf.BLOCK
         while True:
-            block = self.read(tf.BLOCK)
-            m = tf.parse_header(block)
-            if m is None:
-                self._drain()
-                return
-            if m.type in (tf.XHDTYPE, tf.XGLTYPE, tf.GNU_LONGNAME, tf.GNU_LONGLINK):
-                if m.size > tf.MAX_PAX_SIZE:
-                    raise CorruptLayer(f"{self._name}: extended header of {m.size} bytes")
-                padded = m.size + len(tf.padding(m.size))
-                data = self.read(padded)[: m.size]
-                if m.type == tf.XHDTYPE:
-                    pax.update(tf.parse_pax(data))
-                elif m.type == tf.XGLTYPE:
+            if len(self._buf) - self._pos < block_size:
+                self._fill(block_size)
+            pos = self._pos
+            block = self._buf[pos : pos + block_size]
+            self._pos = pos + block_size
+            self.consumed += block_size
+            kind = block[156:157]
+            if kind in _EXTENDED:
+                size = tf.extended_size(block)
+                if size > tf.MAX_PAX_SIZE:
+                    raise CorruptLayer(f"{self._name}: extended header of {size} bytes")
+                data = self.read(size + (-size % block_size))[:size]
+                if kind == tf.XHDTYPE:
+                    pax = tf.parse_pax(data)
+                elif kind == tf.XGLTYPE:
                     pax_global.update(tf.parse_pax(data))
-                elif m.type == tf.GNU_LONGNAME:
+                elif kind == tf.GNU_LONGNAME:
                     long_name = os.fsdecode(data.split(b"\0", 1)[0])
                 else:
                     long_link = os.fsdecode(data.split(b"\0", 1)[0])
                 continue
-            if m.type not in _KNOWN_TYPES:
-                raise CorruptLayer(f"{self._name}: unsupported tar entry type {m.type!r}")
+            m = tf.parse_header(block)
+            if m is None:
+                self._drain()
+                return
+            if kind not in _KNOWN_TYPES:
+                raise CorruptLayer(f"{self._name}: unsupported tar entry type {kind!r}")
             if long_name is not None:
                 m.name = long_name
+                long_name = None
             if long_link is not None:
                 m.linkname = long_link
+                long_link = None
             if pax_global:
                 tf.apply_pax(m, pax_global)
             if pax:
                 tf.apply_pax(m, pax)
-            pax = {}
-            long_name = long_link = None
+                pax = {}
             start = self.consumed
             yield m
-            used = self.consumed - start
-            if used < m.size:
-                self.skip(m.size - used)
-            elif used > m.size:
+            left = m.size - (self.consumed - start)
+            if left < 0:
                 raise CorruptLayer(f"{self._name}: read past the end of {m.name!r}")
-            self.skip(len(tf.padding(m.size)))
+            left += -m.size % block_size
+            if left:
+                if len(self._buf) - self._pos >= left:
+                    self._pos += left
+                    self.consumed += left
+                else:
+                    self.skip(left)
 
     def _drain(self) -> None:
         """Read to the end so a damaged frame tail is still noticed."""
