@@ -29,6 +29,7 @@ from agent.checkpoint import tarformat as tf
 from agent.checkpoint.diff import Changes
 from agent.checkpoint.paths import symlink_escapes
 from agent.checkpoint.scan import (
+    CTIME,
     GID,
     INO,
     MODE,
@@ -93,6 +94,31 @@ class _HashingWriter:
 def poisoned(rec: Stat) -> Stat:
     """A record no scan can equal, so the path is written again next time."""
     return (rec[0], rec[1], rec[2], rec[3], rec[4], -1, rec[6], rec[7], rec[8])
+
+
+def _read_small(fd: int, rec: Stat) -> tuple[bytes, bool] | None:
+    """A small file's content, exactly ``rec``'s size, and whether it changed since
+    the scan (then the bytes are still consistent, and it is written again next
+    time); None when it is no longer a regular file."""
+    size = rec[SIZE]
+    data = os.read(fd, size) if size else b""
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            break
+        data += more
+    after = os.fstat(fd)
+    if not st.S_ISREG(after.st_mode):
+        return None
+    dirty = (after.st_mtime_ns, after.st_ctime_ns, after.st_size, after.st_ino) != (
+        rec[MTIME],
+        rec[CTIME],
+        size,
+        rec[INO],
+    )
+    if len(data) < size:
+        data += bytes(size - len(data))
+    return data, dirty
 
 
 def read_xattrs(path: str) -> dict[str, bytes]:
@@ -204,77 +230,76 @@ def write_layer(
                     result.reverted.append(path)
                     continue
                 try:
-                    before = os.fstat(fd)
-                    if not st.S_ISREG(before.st_mode):  # replaced since the scan
-                        result.reverted.append(path)
-                        records.pop(path, None)
-                        continue
-                    size = before.st_size
-                    buf += tf.encode_header(
-                        path,
-                        tf.REGTYPE,
-                        before.st_mode,
-                        before.st_uid,
-                        before.st_gid,
-                        size,
-                        before.st_mtime_ns,
-                        "",
-                        xattrs,
-                    )
-                    dirty = False
-                    if size <= WHOLE_FILE_MAX:
-                        data = os.read(fd, size) if size else b""
-                        while len(data) < size:
-                            more = os.read(fd, size - len(data))
-                            if not more:
-                                break
-                            data += more
-                        if len(data) < size:  # truncated while we read it
-                            dirty = True
-                            data += bytes(size - len(data))
+                    if rec[SIZE] <= WHOLE_FILE_MAX:
+                        got = _read_small(fd, rec)
+                        if got is None:  # no longer a regular file: next time
+                            result.reverted.append(path)
+                            continue
+                        data, dirty = got
+                        size = rec[SIZE]
+                        buf += tf.encode_header(
+                            path, tf.REGTYPE, mode, rec[UID], rec[GID], size, rec[MTIME], "",
+                            xattrs,
+                        )  # fmt: skip
                         buf += data
                         buf += tf.padding(size)
+                        new_rec = rec
                     else:
+                        before = os.fstat(fd)
+                        if not st.S_ISREG(before.st_mode):  # replaced since the scan
+                            result.reverted.append(path)
+                            continue
+                        size = before.st_size
+                        buf += tf.encode_header(
+                            path, tf.REGTYPE, before.st_mode, before.st_uid, before.st_gid, size,
+                            before.st_mtime_ns, "", xattrs,
+                        )  # fmt: skip
                         flush()
+                        dirty = False
                         left = size
-                        while left:
-                            chunk = os.read(fd, min(CHUNK, left))
-                            if not chunk:
-                                dirty = True
-                                chunk = bytes(min(CHUNK, left))
-                            zw.write(chunk)
-                            uncompressed += len(chunk)
-                            left -= len(chunk)
+                        try:
+                            while left:
+                                chunk = os.read(fd, min(CHUNK, left))
+                                if not chunk:  # truncated while we read it
+                                    dirty = True
+                                    chunk = bytes(min(CHUNK, left))
+                                zw.write(chunk)
+                                uncompressed += len(chunk)
+                                left -= len(chunk)
+                        except OSError as e:
+                            # The header is out, so the layer can't be trusted:
+                            # fail this checkpoint; the previous one stands.
+                            raise AgentError(f"cannot read {abs_path}: {e.strerror}") from e
                         buf += tf.padding(size)
-                    after = os.fstat(fd)
-                    if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != (
-                        before.st_mtime_ns,
-                        before.st_ctime_ns,
-                        before.st_size,
-                    ):
-                        dirty = True
-                    new_rec = stat_record(before)
-                    records[path] = poisoned(new_rec) if dirty else new_rec
-                    done_bytes += size
-                    result.files += 1
-                    if before.st_nlink > 1:
-                        links[before.st_ino] = (path, dirty)
-                        # Names of this inode the diff did not list (a new link to an
-                        # unchanged file) join it here: hardlinks never cross layers.
-                        for other in siblings(before.st_ino, path):
-                            orec = current[other]
-                            buf += tf.encode_header(
-                                other, tf.LNKTYPE, orec[MODE], orec[UID], orec[GID], 0,
-                                orec[MTIME], path, xattrs,
-                            )  # fmt: skip
-                            records[other] = poisoned(orec) if dirty else orec
-                            result.entries += 1
+                        after = os.fstat(fd)
+                        if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != (
+                            before.st_mtime_ns,
+                            before.st_ctime_ns,
+                            before.st_size,
+                        ):
+                            dirty = True
+                        new_rec = stat_record(before)
                 except OSError as e:
-                    # An I/O error mid-file: the header is already out, so the
-                    # layer can't be trusted; fail this checkpoint, lose nothing.
-                    raise AgentError(f"cannot read {abs_path}: {e.strerror}") from e
+                    result.skipped.append((path, f"unreadable: {e.strerror}"))
+                    result.reverted.append(path)
+                    continue
                 finally:
                     os.close(fd)
+                records[path] = poisoned(new_rec) if dirty else new_rec
+                done_bytes += size
+                result.files += 1
+                if new_rec[NLINK] > 1:
+                    links[new_rec[INO]] = (path, dirty)
+                    # Names of this inode the diff did not list (a new link to an
+                    # unchanged file) join it here: hardlinks never cross layers.
+                    for other in siblings(new_rec[INO], path):
+                        orec = current[other]
+                        buf += tf.encode_header(
+                            other, tf.LNKTYPE, orec[MODE], orec[UID], orec[GID], 0,
+                            orec[MTIME], path, xattrs,
+                        )  # fmt: skip
+                        records[other] = poisoned(orec) if dirty else orec
+                        result.entries += 1
             elif st.S_ISDIR(mode):
                 buf += tf.encode_header(
                     path + "/", tf.DIRTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
