@@ -84,7 +84,7 @@ class LayerReader:
 
     # -- byte level -----------------------------------------------------------
 
-    def _more(self, want: int) -> bytes:
+    def _more(self) -> bytes:
         if self._eof:
             return b""
         item = self._chunks.get()
@@ -101,7 +101,7 @@ class LayerReader:
             return
         parts = [self._buf[self._pos :]]
         while avail < n:
-            data = self._more(n - avail)
+            data = self._more()
             if not data:
                 raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
             parts.append(data)
@@ -118,34 +118,27 @@ class LayerReader:
 
     def copy_to(self, fd: int, n: int) -> None:
         """Write the next ``n`` bytes to ``fd``."""
-        self.consumed += n
-        while n:
-            avail = len(self._buf) - self._pos
-            if not avail:
-                self._buf = self._more(min(n, 8 * READ_SIZE))
-                self._pos = 0
-                if not self._buf:
-                    raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
-                continue
-            k = min(avail, n)
-            view = memoryview(self._buf)[self._pos : self._pos + k]
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            self._pos += k
-            n -= k
+        self._advance(n, fd)
 
     def skip(self, n: int) -> None:
+        self._advance(n, None)
+
+    def _advance(self, n: int, fd: int | None) -> None:
+        """Consume ``n`` bytes, writing them to ``fd`` unless it is None."""
         self.consumed += n
         while n:
             avail = len(self._buf) - self._pos
             if not avail:
-                self._buf = self._more(min(n, 8 * READ_SIZE))
+                self._buf = self._more()
                 self._pos = 0
                 if not self._buf:
                     raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
                 continue
             k = min(avail, n)
+            if fd is not None:
+                view = memoryview(self._buf)[self._pos : self._pos + k]
+                while view:
+                    view = view[os.write(fd, view) :]
             self._pos += k
             n -= k
 
@@ -216,5 +209,5 @@ class LayerReader:
         """Read to the end so a damaged frame tail is still noticed."""
         self._buf = b""
         self._pos = 0
-        while self._more(READ_SIZE):
+        while self._more():
             pass
