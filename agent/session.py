@@ -92,8 +92,8 @@ class CheckpointInfo:
             "digest": self.digest,
             "state": self.state.value,
             "session": self.session,
-            "created": self.created.isoformat(),
-            "updated": self.updated.isoformat(),
+            "created": _iso(self.created),
+            "updated": _iso(self.updated),
             "size": self.size,
             "layers": self.layers,
         }
@@ -647,6 +647,10 @@ class Session:
     def cancel(self) -> None:
         """Abandon a checkpoint in progress (its ref is never written)."""
         self._cancel.set()
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _info(studio: str, name: str, ref: RefValue, manifest: Manifest) -> CheckpointInfo:

@@ -56,24 +56,9 @@ _MAX_SKIPPED_REPORTED = 100
 SessionFactory = Callable[[Settings, Store], Session]
 
 
-def info_json(info: CheckpointInfo) -> dict[str, Any]:
-    """A checkpoint as the API and control plane show it (the OpenAPI CheckpointInfo)."""
-    return {
-        "studio": info.studio,
-        "name": info.name,
-        "digest": info.digest,
-        "state": CheckpointState(info.state).value,
-        "session": info.session,
-        "created": _iso(info.created),
-        "updated": _iso(info.updated),
-        "size": info.size,
-        "layers": info.layers,
-    }
-
-
 def result_json(result: CheckpointResult) -> dict[str, Any]:
     return {
-        "checkpoint": info_json(result.info),
+        "checkpoint": result.info.to_json(),
         "changed": result.changed,
         "layer_size": result.layer_size,
         "duration": round(result.duration, 6),
@@ -81,16 +66,6 @@ def result_json(result: CheckpointResult) -> dict[str, Any]:
             {"path": s.path, "reason": s.reason} for s in result.skipped[:_MAX_SKIPPED_REPORTED]
         ],
         "skipped_total": len(result.skipped),
-    }
-
-
-def progress_json(p: Progress) -> dict[str, Any]:
-    return {
-        "phase": p.phase,
-        "bytes_done": p.bytes_done,
-        "bytes_total": p.bytes_total,
-        "files_done": p.files_done,
-        "files_total": p.files_total,
     }
 
 
@@ -250,7 +225,7 @@ class Daemon:
         session = self.session
         if session is None:
             raise Busy("the session has not started yet")
-        return [info_json(i) for i in await session.list_checkpoints()]
+        return [i.to_json() for i in await session.list_checkpoints()]
 
     async def rename_checkpoint(self, old: str, new: str) -> dict[str, Any]:
         session = self.session
@@ -260,7 +235,7 @@ class Daemon:
         if self._ckpt.info is not None and self._ckpt.info.name == old:
             self._ckpt.info = info
         log.info("checkpoint.renamed", old=old, new=info.name)
-        return info_json(info)
+        return info.to_json()
 
     # -- status pieces ------------------------------------------------------------------
 
@@ -282,8 +257,8 @@ class Daemon:
         return {
             "id": session.session_id if session is not None and self._started else None,
             "started": _iso(self._session_started_at) if self._session_started_at else None,
-            "restored": info_json(outcome.restored) if outcome and outcome.restored else None,
-            "invalidated": [info_json(i) for i in outcome.invalidated] if outcome else [],
+            "restored": outcome.restored.to_json() if outcome and outcome.restored else None,
+            "invalidated": [i.to_json() for i in outcome.invalidated] if outcome else [],
             "checkpoint": self._ckpt.to_json(),
         }
 
@@ -291,7 +266,7 @@ class Daemon:
         p = self._progress
         if p is None or self._started:
             return None
-        return progress_json(p)
+        return p.to_json()
 
     def _on_progress(self, p: Progress) -> None:
         self._progress = p  # one reference store: safe from any thread
@@ -521,7 +496,7 @@ class Daemon:
             self._notify(
                 "checkpoints_invalidated",
                 f"unsound interim checkpoints marked invalid: {names}",
-                invalidated=[info_json(i) for i in self.outcome.invalidated],
+                invalidated=[i.to_json() for i in self.outcome.invalidated],
             )
         try:
             self._ckpt.info = await session.mark(CheckpointState.EMPTY)
@@ -628,7 +603,7 @@ class Daemon:
             self._notify(
                 "final_checkpoint_incomplete",
                 msg,
-                checkpoint=info_json(kept) if kept else None,
+                checkpoint=kept.to_json() if kept else None,
             )
             return f"; {msg}"
         if result is None:
