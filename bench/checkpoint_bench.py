@@ -27,6 +27,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The CLI, reporting its own peak RSS (VmHWM) on exit: a child's ru_maxrss would
+# also count the parent's pages (moto's objects, with --s3) shared before exec.
+AGENT = [
+    sys.executable,
+    "-c",
+    "import atexit, sys\n"
+    "from agent.cli import main\n"
+    "def hwm():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            print('VmHWM', int(line.split()[1]), file=sys.stderr)\n"
+    "atexit.register(hwm)\n"
+    "sys.exit(main(sys.argv[1:]))\n",
+]
+
 
 def sh(cmd: str | list[str], env: dict[str, str] | None = None) -> None:
     subprocess.run(
@@ -56,20 +71,20 @@ class Bench:
             cmd, shell=isinstance(cmd, str), env=env or self.env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, err = proc.communicate()
         self.times.setdefault(key, []).append(time.perf_counter() - t0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise SystemExit(f"{key} failed: {err}")
-        if isinstance(cmd, list) and cmd[0] == sys.executable:
-            self.peak_rss_mb = max(self.peak_rss_mb, usage.ru_maxrss / 1024)
+        if proc.returncode != 0:
+            raise SystemExit(f"{key} failed: {err.decode()}")
+        for line in err.decode().splitlines():
+            if line.startswith("VmHWM"):
+                self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
 
     def best(self, key: str) -> float:
         return min(self.times[key])
 
     def agent(self, root: Path, workdir: str, state: Path, *args: str) -> list[str]:
         return [
-            sys.executable, "-m", "agent", "--root", str(root), "--workdir", workdir,
+            *AGENT, "--root", str(root), "--workdir", workdir,
             "--state-dir", str(state), "--studio", "bench", *args,
         ]  # fmt: skip
 

@@ -10,26 +10,42 @@ from pathlib import Path
 
 LIMIT_MB = 150
 
+# The CLI in a fresh process that reports its own peak RSS (VmHWM) on exit.
+# Measured inside, since a child's ru_maxrss also counts the parent's pages it
+# shared between fork and exec.
+_MEASURED = (
+    "import atexit, sys\n"
+    "from agent.cli import main\n"
+    "def hwm():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            print('VmHWM', int(line.split()[1]), file=sys.stderr)\n"
+    "atexit.register(hwm)\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
 
-def _agent(root: Path, tmp: Path, *args: str) -> list[str]:
+
+def _args(root: Path, tmp: Path, *args: str) -> list[str]:
     return [
-        sys.executable, "-m", "agent", "--root", str(root), "--workdir", str(tmp / "work"),
-        "--studio", "mem", "--state-dir", str(tmp / "state"), *args,
+        "--root", str(root), "--workdir", str(tmp / "work"), "--studio", "mem",
+        "--state-dir", str(tmp / "state"), *args,
     ]  # fmt: skip
 
 
-def _peak_rss_mb(cmd: list[str]) -> float:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
-    return usage.ru_maxrss / 1024
+def peak_rss_mb(args: list[str]) -> float:
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURED, *args], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    kb = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("VmHWM")]
+    assert kb, proc.stderr
+    return kb[-1] / 1024
 
 
 def test_checkpoint_of_one_gigabyte_stays_under_150_mb(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    subprocess.run(_agent(root, tmp_path, "baseline"), check=True, capture_output=True)
+    assert peak_rss_mb(_args(root, tmp_path, "baseline")) < LIMIT_MB
     chunk = os.urandom(1 << 20)
     text = b"sample,value,label\n" * 55_000
     for i in range(3):  # large incompressible files, read in chunks
@@ -49,6 +65,13 @@ def test_checkpoint_of_one_gigabyte_stays_under_150_mb(tmp_path: Path) -> None:
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total > 1_000_000_000
 
-    peak = _peak_rss_mb(_agent(root, tmp_path, "checkpoint"))
-    print(f"peak RSS {peak:.0f} MB")
+    peak = peak_rss_mb(_args(root, tmp_path, "checkpoint"))
     assert peak < LIMIT_MB, f"checkpoint of {total / 1e9:.2f} GB peaked at {peak:.0f} MB RSS"
+    # And the restore of it, into an empty root.
+    target = tmp_path / "target"
+    target.mkdir()
+    restore_args = _args(target, tmp_path, "restore")
+    restore_args[restore_args.index("--state-dir") + 1] = str(tmp_path / "state2")
+    peak = peak_rss_mb(restore_args)
+    assert peak < LIMIT_MB, f"restore of {total / 1e9:.2f} GB peaked at {peak:.0f} MB RSS"
+    assert (target / "model-2.bin").stat().st_size == 256 << 20
