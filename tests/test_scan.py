@@ -63,6 +63,7 @@ def test_volatile_state_and_excluded_paths_are_skipped(tmp_path: Path) -> None:
     for d in ("proc/1", "sys/fs", "dev/pts", "run/lock", "tmp/x", "var/cache/pip", "home/u/.cache"):
         (root / d).mkdir(parents=True)
     (root / "home/u/work.py").write_text("print(1)\n")
+    (root / "home/u/.studio-restore-77-3").write_text("left by a killed restore")
     (root / "home/u/big.ckpt").write_text("x")
     ex = Excluder(root, [root / "var/lib/studio-agent"], ["var/cache", "home/*/.cache", "*.ckpt"])
     entries = scan(root, ex).entries

@@ -6,6 +6,10 @@ import posixpath
 
 from agent.errors import UnsafeLayer
 
+# Files a restore writes before renaming them into place; one left behind by a
+# killed restore is garbage, never a user's file, so scans pass it over.
+RESTORE_TEMP_PREFIX = ".studio-restore-"
+
 
 def clean_member_name(name: str) -> str:
     """The root-relative form of a tar member name, refusing anything that could escape."""

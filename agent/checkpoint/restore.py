@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import posixpath
 import shutil
 import stat as st
 from collections.abc import Callable, Sequence
@@ -27,12 +26,12 @@ from pathlib import Path
 
 from agent.checkpoint import tarformat as tf
 from agent.checkpoint.layer_reader import LayerReader
+from agent.checkpoint.paths import RESTORE_TEMP_PREFIX as _TMP_PREFIX
 from agent.checkpoint.paths import clean_member_name, parents, symlink_escapes
 from agent.errors import CorruptLayer, UnsafeLayer
 
 _DIR, _NONDIR, _WHITEOUT = 1, 2, 3
 _REG_TYPES = (tf.REGTYPE, tf.AREGTYPE, tf.CONTTYPE)
-_TMP_PREFIX = ".studio-restore-"
 
 # (entries done, entries total, uncompressed bytes done, uncompressed bytes total)
 ApplyProgress = Callable[[int, int, int, int], None]
@@ -543,8 +542,3 @@ def _apply_dir_metadata(merge: _Merge) -> None:
                 with contextlib.suppress(OSError):
                     os.removexattr(full, k, follow_symlinks=False)
         _set_meta_path(merge, full, m)
-
-
-def is_restore_temp(name: str) -> bool:
-    """Leftovers of a killed restore, which a scan should not mistake for user files."""
-    return posixpath.basename(name).startswith(_TMP_PREFIX)

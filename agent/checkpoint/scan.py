@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
+
 # mode, uid, gid, size, mtime_ns, ctime_ns, ino, nlink, symlink target ("" otherwise)
 Stat = tuple[int, int, int, int, int, int, int, int, str]
 MODE: Final = 0
@@ -140,7 +142,7 @@ def scan(root: Path, excluder: Excluder) -> Scan:
         subdirs: list[str] = []
         for de in names:
             rel = f"{rel_dir}/{de.name}" if rel_dir else de.name
-            if excluded(rel):
+            if excluded(rel) or de.name.startswith(RESTORE_TEMP_PREFIX):
                 continue
             try:
                 s = de.stat(follow_symlinks=False)
