@@ -153,6 +153,12 @@ def main() -> int:
     try:
         for i in range(args.repeat):
             print(f"round {i + 1}/{args.repeat}", file=sys.stderr)
+            # Delete the last round's trees first and let the disk settle, so that
+            # no step pays for another's deletions.
+            for old in scratch.iterdir():
+                if old.name not in ("root", "restic-cache") and old.is_dir():
+                    shutil.rmtree(old)
+            sh("sync")
             work = str(fresh(scratch / "work"))
             b.checkpoint_whole_tree("checkpoint", root, work, env)
             b.timed("tar_zstd", f"tar -C '{root}' -c data | zstd -3 -T0 -q -f -o '{out}'")
