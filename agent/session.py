@@ -316,6 +316,7 @@ class Session:
     ) -> StartOutcome:
         """Restore a checkpoint (named, or the latest valid one), then begin a session."""
         async with self._lock:
+            t0 = time.monotonic()
             invalidated: list[CheckpointInfo] = []
             restored: CheckpointInfo | None = None
             stats: RestoreStats | None = None
@@ -334,6 +335,7 @@ class Session:
                     chain = list(manifest.layers)
                 elif required:
                     raise NotFound(f"studio {self.studio} has no valid checkpoint to restore")
+            t_restore = time.monotonic()
             await self._begin(chain)
             if restored is not None:
                 log.info(
@@ -341,6 +343,8 @@ class Session:
                     checkpoint=f"{restored.studio}/{restored.name}",
                     layers=restored.layers,
                     files=stats.files if stats else 0,
+                    restore_seconds=round(t_restore - t0, 3),
+                    baseline_seconds=round(time.monotonic() - t_restore, 3),
                 )
             return StartOutcome(restored=restored, invalidated=invalidated, stats=stats)
 
