@@ -94,6 +94,7 @@ class Seen:
     operation: str
     path: str
     fault: Action | None
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
 
 
 @dataclass
@@ -163,7 +164,8 @@ class FaultProxy:
                     return
                 req = _parse_request(head)
                 fault = self._pick(req)
-                self.seen.append(Seen(req.operation, req.path, fault.action if fault else None))
+                action = fault.action if fault else None
+                self.seen.append(Seen(req.operation, req.path, action, req.headers))
                 if req.headers.get("expect", "").lower() == "100-continue":
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 if fault is not None and fault.action == "reset":

@@ -7,6 +7,13 @@ Refs are replaced with S3 conditional writes (``If-None-Match: *`` to create,
 ``If-Match: <etag>`` to update or delete), so two writers of one studio cannot
 overwrite each other: the loser gets ``RefConflict``.
 
+Blobs stream between their file and the connection a chunk at a time; neither
+a blob nor a part of one is ever held in memory, so a layer of any size moves
+in a few MiB.  Every blob upload names the SHA-256 of its bytes in a signed
+``x-amz-checksum-sha256`` header (for a single PutObject that is the blob's
+own digest), which S3 verifies; the payload is sent as ``UNSIGNED-PAYLOAD``
+rather than hashed once more by botocore for the signature.
+
 Credentials, region and endpoint come from the standard AWS configuration
 chain (``AWS_ENDPOINT_URL_S3`` points it at an S3-compatible store, which must
 honour conditional PutObject and DeleteObject for refs to be safe).  The policy
@@ -21,15 +28,18 @@ mid-upload).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import io
 import os
+import threading
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar, cast
 
 import aioboto3
 from aiobotocore.config import AioConfig
@@ -53,7 +63,7 @@ from agent.errors import (
 )
 from agent.log import get_logger
 from agent.store.base import CHECKPOINTS_DIR, RefValue, Store
-from agent.store.local import hex_of, verify_file
+from agent.store.local import hex_of
 from agent.store.refs import decode_ref, encode_ref, ref_path_parts
 from agent.store.retry import (
     TRANSIENT_ERRORS,
@@ -67,6 +77,7 @@ from agent.store.retry import (
 )
 
 if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
     from aiobotocore.response import StreamingBody
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
@@ -77,7 +88,9 @@ T = TypeVar("T")
 log = get_logger("store.s3")
 
 MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
-_IO_CHUNK = 4 << 20  # bytes handed to a worker thread at a time when downloading
+# Bytes read from disk per step when hashing, and gathered from the network per
+# disk write when downloading: what one transfer holds in memory at most.
+_IO_CHUNK = 1 << 20
 
 # The IAM action each operation needs, for PermissionDenied messages.
 _ACTIONS = {
@@ -102,13 +115,6 @@ _CREDENTIAL_CODES = frozenset(
         "TokenRefreshRequired",
         "RequestTimeTooSkewed",
     }
-)
-_PART_CHECKSUMS = (
-    "ChecksumCRC32",
-    "ChecksumCRC32C",
-    "ChecksumCRC64NVME",
-    "ChecksumSHA1",
-    "ChecksumSHA256",
 )
 
 
@@ -160,7 +166,7 @@ class S3Store(Store):
         # are retried whole by ``retrying`` (a body that breaks off is beyond
         # botocore), on a client that tries once, so the bound stays max_attempts.
         self._config = self._client_config(max_attempts, connect_timeout, read_timeout)
-        self._raw_config = self._client_config(1, connect_timeout, read_timeout)
+        self._raw_config = self._client_config(1, connect_timeout, read_timeout, transfers=True)
         self._session = aioboto3.Session()
         self._clients: tuple[S3Client, S3Client] | None = None
         self._stack: contextlib.AsyncExitStack | None = None
@@ -169,14 +175,31 @@ class S3Store(Store):
         self._layout_written = False
 
     def _client_config(
-        self, attempts: int, connect_timeout: float, read_timeout: float
+        self,
+        attempts: int,
+        connect_timeout: float,
+        read_timeout: float,
+        *,
+        transfers: bool = False,
     ) -> AioConfig:
+        """Client settings; ``transfers`` for the client that moves blobs.
+
+        Blob bodies are hashed once, by us: every upload names its SHA-256 in a
+        signed checksum header, so botocore neither signs the payload (it would
+        read and hash every part again, in the event loop: always over plain
+        HTTP, and over HTTPS too once the checksum is not its own) nor adds a
+        CRC32; and downloads are verified against the digest, so botocore
+        neither asks for stored checksums nor checks them as well.
+        """
         return AioConfig(
             retries={"mode": "standard", "total_max_attempts": attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_pool_connections=2 * self.concurrency + 8,
             user_agent_extra="studio-agent",
+            s3={"payload_signing_enabled": False} if transfers else None,
+            request_checksum_calculation="when_required" if transfers else None,
+            response_checksum_validation="when_required" if transfers else None,
         )
 
     @classmethod
@@ -339,19 +362,24 @@ class S3Store(Store):
         src.unlink(missing_ok=True)
 
     async def _put_single(self, src: Path, digest: str, size: int, key: str) -> None:
-        data = await asyncio.to_thread(_read_verified, src, digest, size)
+        """Verify the file, then stream it as one PutObject checked by S3 against the digest."""
+        checksum = base64.b64encode(bytes.fromhex(hex_of(digest))).decode()
+        with _open_source(src, digest) as source:
+            await asyncio.to_thread(_verify_source, source, size, digest)
 
-        async def put(c: S3Client) -> None:
-            async with self._transfers:
-                await c.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=data,
-                    ContentLength=size,
-                    ContentType="application/octet-stream",
-                )
+            async def put(c: S3Client) -> None:
+                async with self._transfers:
+                    await c.put_object(
+                        Bucket=self.bucket,
+                        Key=key,
+                        Body=_body(source, 0, size),
+                        ContentLength=size,
+                        ContentType="application/octet-stream",
+                        ChecksumAlgorithm="SHA256",
+                        ChecksumSHA256=checksum,
+                    )
 
-        await self._call("PutObject", key, put, transfer=True)
+            await self._call("PutObject", key, put, transfer=True)
 
     async def _put_multipart(self, src: Path, digest: str, size: int, key: str) -> None:
         part_size = max(self.part_size, -(-size // MAX_PARTS))
@@ -361,7 +389,10 @@ class S3Store(Store):
                 "CreateMultipartUpload",
                 key,
                 lambda c: c.create_multipart_upload(
-                    Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
+                    Bucket=self.bucket,
+                    Key=key,
+                    ContentType="application/octet-stream",
+                    ChecksumAlgorithm="SHA256",
                 ),
             )
         except StoreUnavailable:
@@ -372,8 +403,10 @@ class S3Store(Store):
         retried = created["ResponseMetadata"].get("RetryAttempts", 0) > 0
         parts: list[CompletedPartTypeDef] = [{} for _ in range(count)]
         try:
-            jobs = self._part_jobs(src, digest, size, key, upload_id, part_size, count, parts)
-            await self._bounded(jobs)
+            # The source outlives every part upload reading it, cancelled ones too.
+            with _open_source(src, digest) as source:
+                jobs = self._part_jobs(source, digest, size, key, upload_id, part_size, parts)
+                await self._bounded(jobs)
             await self._complete(key, upload_id, parts, size)
         except _UploadGone as e:
             # Another writer of this blob swept our upload once its own was complete.
@@ -390,49 +423,50 @@ class S3Store(Store):
 
     async def _part_jobs(
         self,
-        src: Path,
+        source: _File,
         digest: str,
         size: int,
         key: str,
         upload_id: str,
         part_size: int,
-        count: int,
         parts: list[CompletedPartTypeDef],
     ) -> AsyncGenerator[Callable[[], Awaitable[None]], None]:
-        """Read parts in order, hashing as they go, and yield one upload job each.
+        """Hash parts in order and yield one upload job each; the jobs stream from disk.
 
-        Reading is sequential so the digest is known when the last part is read;
-        a file that does not hash to ``digest`` is never completed.
+        Hashing is sequential so the digest is known when the last part is
+        hashed; a file that does not hash to ``digest`` is never completed.  The
+        same pass yields each part's own SHA-256 for its checksum header.
         """
-        hasher = hashlib.sha256()
-        try:
-            fd = os.open(src, os.O_RDONLY)
-        except OSError as e:
-            raise StoreError(f"cannot read blob {digest} from {src}: {e.strerror or e}") from e
-        try:
-            for number in range(1, count + 1):
-                offset = (number - 1) * part_size
-                length = min(part_size, size - offset)
-                data = await asyncio.to_thread(_read_part, fd, offset, length, hasher, src)
+        whole = hashlib.sha256()
+        count = len(parts)
+        for number in range(1, count + 1):
+            offset = (number - 1) * part_size
+            length = min(part_size, size - offset)
+            checksum = await asyncio.to_thread(_hash_part, source, offset, length, whole)
 
-                async def upload(number: int = number, data: bytes = data) -> None:
-                    await self._upload_part(key, upload_id, number, count, data, parts)
+            async def upload(
+                number: int = number,
+                offset: int = offset,
+                length: int = length,
+                sha: str = checksum,
+            ) -> None:
+                await self._upload_part(source, key, upload_id, number, offset, length, sha, parts)
 
-                yield upload
-        finally:
-            os.close(fd)
-        if "sha256:" + hasher.hexdigest() != digest:
+            yield upload
+        if "sha256:" + whole.hexdigest() != digest:
             raise DigestMismatch(
-                f"blob {digest}: {src} hashes to sha256:{hasher.hexdigest()}; not uploaded"
+                f"blob {digest}: {source.path} hashes to sha256:{whole.hexdigest()}; not uploaded"
             )
 
     async def _upload_part(
         self,
+        source: _File,
         key: str,
         upload_id: str,
         number: int,
-        count: int,
-        data: bytes,
+        offset: int,
+        length: int,
+        checksum: str,
         parts: list[CompletedPartTypeDef],
     ) -> None:
         async def put(c: S3Client) -> None:
@@ -443,22 +477,23 @@ class S3Store(Store):
                         Key=key,
                         UploadId=upload_id,
                         PartNumber=number,
-                        Body=data,
-                        ContentLength=len(data),
+                        Body=_body(source, offset, length),
+                        ContentLength=length,
+                        ChecksumAlgorithm="SHA256",
+                        ChecksumSHA256=checksum,
                     )
                 except ClientError as e:
                     if error_code(e) == "NoSuchUpload":
                         raise _UploadGone(f"{self._where(key)}: upload {upload_id} is gone") from e
                     raise
-            part: CompletedPartTypeDef = {"PartNumber": number, "ETag": resp["ETag"]}
-            for name in _PART_CHECKSUMS:
-                if name in resp:
-                    part[name] = resp[name]  # type: ignore[literal-required]
-            parts[number - 1] = part
+            parts[number - 1] = {
+                "PartNumber": number,
+                "ETag": resp["ETag"],
+                "ChecksumSHA256": checksum,
+            }
 
-        await self._call(
-            "UploadPart", key, put, transfer=True, detail=f" (part {number} of {count})"
-        )
+        detail = f" (part {number} of {len(parts)})"
+        await self._call("UploadPart", key, put, transfer=True, detail=detail)
 
     async def _complete(
         self, key: str, upload_id: str, parts: list[CompletedPartTypeDef], size: int
@@ -590,8 +625,8 @@ class S3Store(Store):
                             f"expected {size}"
                         )
                     hasher = hashlib.sha256()
-                    with open(tmp, "wb") as f:
-                        got = await _copy_body(body, length, f.fileno(), 0, hasher)
+                    with _File(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as file:
+                        got = await _copy_body(body, length, file, 0, hasher)
                 finally:
                     body.close()
             if got != length:
@@ -605,36 +640,57 @@ class S3Store(Store):
         await self._call("GetObject", key, get, transfer=True)
 
     async def _download_ranges(self, key: str, digest: str, size: int, tmp: Path) -> None:
-        """Fetch a big blob as parallel ranged GETs into a preallocated file."""
-        with open(tmp, "wb") as f:
-            f.truncate(size)
-        fd = os.open(tmp, os.O_WRONLY)
-        count = -(-size // self.part_size)
+        """Fetch a big blob as parallel ranged GETs into a preallocated file.
 
-        async def jobs() -> AsyncGenerator[Callable[[], Awaitable[None]], None]:
-            for i in range(count):
-                start = i * self.part_size
-                end = min(size, start + self.part_size)
+        Each range is hashed (read back from the page cache) as soon as it and
+        every range before it are written, beside the transfers still running,
+        so the blob is verified when its last range lands, not in a pass after.
+        """
+        ranges = [
+            (start, min(size, start + self.part_size)) for start in range(0, size, self.part_size)
+        ]
+        written = [asyncio.Event() for _ in ranges]
 
-                async def fetch(start: int = start, end: int = end) -> None:
+        async def verify(file: _File) -> None:
+            hasher = hashlib.sha256()
+            for (start, end), done in zip(ranges, written, strict=True):
+                await done.wait()
+                await asyncio.to_thread(_hash_range, file, start, end - start, hasher)
+            if "sha256:" + hasher.hexdigest() != digest:
+                raise DigestMismatch(
+                    f"blob {digest} at {self._where(key)} is corrupt: its bytes hash to "
+                    f"sha256:{hasher.hexdigest()}"
+                )
+
+        async def jobs(file: _File) -> AsyncGenerator[Callable[[], Awaitable[None]], None]:
+            for (start, end), done in zip(ranges, written, strict=True):
+
+                async def fetch(
+                    start: int = start, end: int = end, done: asyncio.Event = done
+                ) -> None:
                     await self._call(
                         "GetObject",
                         key,
-                        lambda c: self._get_range(c, key, digest, size, start, end, fd),
+                        lambda c: self._get_range(c, key, digest, size, start, end, file),
                         transfer=True,
                         detail=f" (bytes {start}-{end - 1})",
                     )
+                    done.set()
 
                 yield fetch
 
-        try:
-            await self._bounded(jobs())
-        finally:
-            os.close(fd)
-        await asyncio.to_thread(verify_file, tmp, digest, size)
+        with _File(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC) as file:
+            file.truncate(size)
+            checking = asyncio.ensure_future(verify(file))
+            try:
+                await self._bounded(jobs(file))
+                await checking
+            finally:
+                checking.cancel()
+                await asyncio.gather(checking, return_exceptions=True)
 
     async def _get_range(
-        self, c: S3Client, key: str, digest: str, size: int, start: int, end: int, fd: int
+        self, c: S3Client, key: str, digest: str, size: int, start: int, end: int, file: _File
     ) -> None:
         async with self._transfers:
             try:
@@ -655,7 +711,7 @@ class S3Store(Store):
                         f"blob {digest} at {self._where(key)} has {total or '?'} bytes, "
                         f"expected {size}"
                     )
-                got = await _copy_body(body, end - start, fd, start, None)
+                got = await _copy_body(body, end - start, file, start, None)
             finally:
                 body.close()
         if got != end - start:
@@ -815,56 +871,181 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-def _read_verified(src: Path, digest: str, size: int) -> bytes:
+class _File:
+    """A file read and written by offset from worker threads, and closed safely.
+
+    A worker thread cannot be cancelled: the disk read or write of a transfer
+    that was cancelled or failed (or aiohttp's read of a request body, in its
+    executor) may still be running when its caller gives up and closes the
+    file.  Every access and ``close`` share a lock, so no access can reach the
+    descriptor's number after it was closed (and perhaps reused for another
+    file).  The accesses are short (a MiB at most), so the lock costs nothing.
+    """
+
+    def __init__(self, path: Path, flags: int) -> None:
+        self._fd = os.open(path, flags, 0o644)
+        self.path = path
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def read_into(self, buf: memoryview, offset: int) -> int:
+        with self._lock:
+            self._check()
+            return os.preadv(self._fd, [buf], offset)
+
+    def write_at(self, chunks: list[bytes], offset: int) -> None:
+        with self._lock:
+            self._check()
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = os.pwrite(self._fd, view, offset)
+                    view, offset = view[n:], offset + n
+
+    def truncate(self, size: int) -> None:
+        with self._lock:
+            self._check()
+            os.ftruncate(self._fd, size)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self.path} is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+
+    def __enter__(self) -> _File:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_source(src: Path, digest: str) -> _File:
     try:
-        data = src.read_bytes()
+        return _File(src, os.O_RDONLY)
     except OSError as e:
         raise StoreError(f"cannot read blob {digest} from {src}: {e.strerror or e}") from e
-    if len(data) != size:
-        raise DigestMismatch(f"blob {digest}: {src} has {len(data)} bytes, expected {size}")
-    actual = "sha256:" + hashlib.sha256(data).hexdigest()
-    if actual != digest:
-        raise DigestMismatch(f"blob {digest}: {src} hashes to {actual}; not uploaded")
-    return data
 
 
-def _read_part(fd: int, offset: int, length: int, hasher: hashlib._Hash, src: Path) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise DigestMismatch(f"{src} shrank while it was uploaded")
-    hasher.update(data)
-    return data
+class _Part(io.RawIOBase):
+    """Bytes ``[offset, offset + length)`` of a source, as a seekable stream.
+
+    The request body of an upload: aiohttp reads it from disk (in its executor)
+    a chunk at a time as it sends, where a part held as bytes would sit in
+    memory whole, and twice over (botocore wraps bytes in a BytesIO, which
+    aiohttp copies).
+    """
+
+    def __init__(self, source: _File, offset: int, length: int) -> None:
+        super().__init__()
+        self._source = source
+        self._offset = offset
+        self._length = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
+        if base + pos < 0:
+            raise ValueError(f"negative seek position {base + pos}")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buf: WriteableBuffer) -> int:
+        view = memoryview(buf).cast("B")
+        n = min(len(view), self._length - self._pos)
+        if n <= 0:
+            return 0
+        got = self._source.read_into(view[:n], self._offset + self._pos)
+        if got == 0:
+            end = self._offset + self._length
+            raise DigestMismatch(f"{self._source.path} ends before byte {end} (did it change?)")
+        self._pos += got
+        return got
+
+
+def _body(source: _File, offset: int, length: int) -> IO[bytes] | bytes:
+    """An upload body for part of ``source`` (an empty one as bytes: nothing to stream)."""
+    if length == 0:
+        return b""
+    # A RawIOBase is the binary file object botocore takes; the stubs only know IO.
+    return cast("IO[bytes]", _Part(source, offset, length))
+
+
+def _hash_range(file: _File, offset: int, length: int, *hashers: hashlib._Hash) -> None:
+    """Feed ``length`` bytes of ``file`` from ``offset`` to every hasher, a chunk at a time."""
+    buf = memoryview(bytearray(min(_IO_CHUNK, length) or 1))
+    done = 0
+    while done < length:
+        n = file.read_into(buf[: min(len(buf), length - done)], offset + done)
+        if n == 0:
+            raise DigestMismatch(f"{file.path} ends before byte {offset + length} (did it change?)")
+        for h in hashers:
+            h.update(buf[:n])
+        done += n
+
+
+def _hash_part(source: _File, offset: int, length: int, whole: hashlib._Hash) -> str:
+    """The base64 SHA-256 of one part, feeding ``whole`` with the same bytes on the way."""
+    part = hashlib.sha256()
+    _hash_range(source, offset, length, part, whole)
+    return base64.b64encode(part.digest()).decode()
+
+
+def _verify_source(source: _File, size: int, digest: str) -> None:
+    """Refuse to upload a file that is not ``size`` bytes hashing to ``digest``."""
+    whole = hashlib.sha256()
+    _hash_range(source, 0, size, whole)
+    if source.read_into(memoryview(bytearray(1)), size):
+        raise DigestMismatch(f"blob {digest}: {source.path} has more than {size} bytes")
+    if "sha256:" + whole.hexdigest() != digest:
+        raise DigestMismatch(
+            f"blob {digest}: {source.path} hashes to sha256:{whole.hexdigest()}; not uploaded"
+        )
 
 
 async def _copy_body(
-    body: StreamingBody, length: int, fd: int, offset: int, hasher: hashlib._Hash | None
+    body: StreamingBody, length: int, file: _File, offset: int, hasher: hashlib._Hash | None
 ) -> int:
-    """Stream a response body into ``fd`` at ``offset``; return the bytes written.
+    """Stream a response body into ``file`` at ``offset``; return the bytes written.
 
-    Chunks are gathered and handed to a worker thread a few MiB at a time, so
-    hashing and disk writes run beside the network reads.
+    Chunks are handed to a worker thread about ``_IO_CHUNK`` at a time, as
+    aiohttp returned them (not joined into one more copy), so hashing and disk
+    writes run beside the network reads and a transfer holds at most that much.
     """
     got = 0
-    buf = bytearray()
+    held = 0
+    chunks: list[bytes] = []
     while True:
-        chunk = await body.read(1 << 20)
+        chunk = await body.read(_IO_CHUNK)
         if chunk:
-            buf += chunk
-        if len(buf) >= _IO_CHUNK or (not chunk and buf):
-            data = bytes(buf)
-            buf.clear()
-            await asyncio.to_thread(_write_at, fd, offset + got, data, hasher)
-            got += len(data)
+            chunks.append(chunk)
+            held += len(chunk)
+            if got + held > length:
+                raise TruncatedBody(f"more than the {length} bytes announced")
+        if held >= _IO_CHUNK or (not chunk and chunks):
+            await asyncio.to_thread(_write_at, file, offset + got, chunks, hasher)
+            got += held
+            held = 0
+            chunks = []
         if not chunk:
             return got
-        if got + len(buf) > length:
-            raise TruncatedBody(f"more than the {length} bytes announced")
 
 
-def _write_at(fd: int, offset: int, data: bytes, hasher: hashlib._Hash | None) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _write_at(file: _File, offset: int, chunks: list[bytes], hasher: hashlib._Hash | None) -> None:
+    file.write_at(chunks, offset)
     if hasher is not None:
-        hasher.update(data)
+        for chunk in chunks:
+            hasher.update(chunk)
