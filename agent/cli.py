@@ -119,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as e:
         print(f"studio-agent: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as e:  # the machine's, not ours: a full disk, a read-only mount...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"studio-agent: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("studio-agent: interrupted", file=sys.stderr)
         return 130

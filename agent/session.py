@@ -515,7 +515,6 @@ class Session:
     async def _write_layer(
         self, changes: diffmod.Changes, current: dict[str, Stat], progress: ProgressFn | None
     ) -> LayerResult:
-        self.spool.mkdir(parents=True, exist_ok=True)
         tmp = self.spool / f"layer-{uuid.uuid4().hex}.tmp"
 
         def on_write(done: int, total: int, b_done: int, b_total: int) -> None:
@@ -523,6 +522,7 @@ class Session:
                 progress(Progress("write", b_done, b_total, done, total))
 
         def run() -> LayerResult:
+            self.spool.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 return write_layer(
                     self.root,
@@ -536,7 +536,12 @@ class Session:
                 )
 
         try:
-            result = await asyncio.to_thread(run)
+            try:
+                result = await asyncio.to_thread(run)
+            except OSError as e:  # the spool's disk is full or read-only
+                raise AgentError(
+                    f"cannot write the layer to {self.spool}: {e.strerror or e}"
+                ) from e
             if progress is not None:
                 progress(Progress("upload", 0, result.size, 0, 1))
             await self.store.put_blob(tmp, result.digest, result.size)

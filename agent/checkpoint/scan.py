@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
+from agent.errors import ConfigError
 
 # mode, uid, gid, size, mtime_ns, ctime_ns, ino, nlink, symlink target ("" otherwise)
 Stat = tuple[int, int, int, int, int, int, int, int, str]
@@ -123,7 +124,7 @@ def scan(root: Path, excluder: Excluder) -> Scan:
     try:
         root_dev = os.lstat(root_s).st_dev
     except OSError as e:
-        raise FileNotFoundError(f"cannot read root {root_s}: {e.strerror}") from e
+        raise ConfigError(f"cannot read the root {root_s}: {e.strerror}") from e
     excluded = excluder.excluded
     S_ISDIR, S_ISLNK = st.S_ISDIR, st.S_ISLNK
     stack: list[str] = [""]

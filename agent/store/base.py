@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from agent.errors import StoreError
+
 CHECKPOINTS_DIR = ".studios/checkpoints"
 
 
@@ -60,9 +62,13 @@ class Store(abc.ABC):
 
     async def put_bytes(self, data: bytes, digest: str, dest_dir: Path) -> None:
         """Store a small blob (a manifest) held in memory."""
-        dest_dir.mkdir(parents=True, exist_ok=True)
         tmp = dest_dir / f"put-{digest.split(':')[-1]}.tmp"
-        tmp.write_bytes(data)
+        try:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot stage blob {digest} in {dest_dir}: {e.strerror or e}") from e
         try:
             await self.put_blob(tmp, digest, len(data))
         finally:

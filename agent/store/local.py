@@ -14,14 +14,17 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
-from agent.errors import BlobMissing, DigestMismatch, RefConflict, StoreError
+from agent.errors import BlobMissing, DigestMismatch, PermissionDenied, RefConflict, StoreError
 from agent.store.base import CHECKPOINTS_DIR, RefValue, Store
 from agent.store.refs import decode_ref, encode_ref, ref_path_parts
 
 _CHUNK = 1 << 20
+T = TypeVar("T")
 
 
 def hex_of(digest: str) -> str:
@@ -53,6 +56,17 @@ class LocalStore(Store):
         self._refs = self.root / "refs"
         self._tmp = self.root / "tmp"
 
+    async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking file work off the event loop; an OS error becomes a store error
+        that says what failed and where (a full disk, a read-only mount...)."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            if isinstance(e, PermissionError):
+                raise PermissionDenied(f"cannot {what} in {self.root}: {reason}") from e
+            raise StoreError(f"cannot {what} in {self.root}: {reason}") from e
+
     def _blob_path(self, digest: str) -> Path:
         return self._blobs / hex_of(digest)
 
@@ -66,10 +80,10 @@ class LocalStore(Store):
     # -- blobs ----------------------------------------------------------------
 
     async def has_blob(self, digest: str) -> bool:
-        return self._blob_path(digest).is_file()
+        return await self._run("look up a blob", self._blob_path(digest).is_file)
 
     async def put_blob(self, src: Path, digest: str, size: int) -> None:
-        await asyncio.to_thread(self._put_blob, src, digest, size)
+        await self._run(f"write blob {digest}", self._put_blob, src, digest, size)
 
     def _put_blob(self, src: Path, digest: str, size: int) -> None:
         final = self._blob_path(digest)
@@ -90,8 +104,6 @@ class LocalStore(Store):
                 raise DigestMismatch(f"blob {digest}: {tmp.stat().st_size} bytes, expected {size}")
             os.rename(tmp, final)
             _fsync_dir(self._blobs)
-        except OSError as e:
-            raise StoreError(f"cannot write blob {digest} to {self.root}: {e.strerror or e}") from e
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -99,7 +111,7 @@ class LocalStore(Store):
         path = self._blob_path(digest)
         if not path.is_file():
             raise BlobMissing(f"blob {digest} is missing from {self.root}")
-        await asyncio.to_thread(verify_file, path, digest, size)
+        await self._run(f"read blob {digest}", verify_file, path, digest, size)
         return path
 
     # -- refs -----------------------------------------------------------------
@@ -115,7 +127,7 @@ class LocalStore(Store):
         return fd
 
     async def get_ref(self, studio: str, name: str) -> RefValue | None:
-        return await asyncio.to_thread(self._get_ref, studio, name)
+        return await self._run(f"read ref {studio}/{name}", self._get_ref, studio, name)
 
     def _get_ref(self, studio: str, name: str) -> RefValue | None:
         try:
@@ -124,7 +136,7 @@ class LocalStore(Store):
             return None
 
     async def set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
-        await asyncio.to_thread(self._set_ref, studio, name, digest, expect)
+        await self._run(f"write ref {studio}/{name}", self._set_ref, studio, name, digest, expect)
 
     def _set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
         path = self._ref_file(studio, name)
@@ -143,7 +155,7 @@ class LocalStore(Store):
             os.close(fd)
 
     async def delete_ref(self, studio: str, name: str, expect: str) -> None:
-        await asyncio.to_thread(self._delete_ref, studio, name, expect)
+        await self._run(f"delete ref {studio}/{name}", self._delete_ref, studio, name, expect)
 
     def _delete_ref(self, studio: str, name: str, expect: str) -> None:
         fd = self._lock()
@@ -154,7 +166,7 @@ class LocalStore(Store):
             os.close(fd)
 
     async def list_refs(self, studio: str) -> dict[str, RefValue]:
-        return await asyncio.to_thread(self._list_refs, studio)
+        return await self._run(f"list the refs of {studio}", self._list_refs, studio)
 
     def _list_refs(self, studio: str) -> dict[str, RefValue]:
         d = self._ref_file(studio, "x").parent
