@@ -25,22 +25,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from peak_rss import peak_kb
+
 REPO = Path(__file__).resolve().parent.parent
 
-# The CLI, reporting its own peak RSS (VmHWM) on exit: a child's ru_maxrss would
-# also count the parent's pages (moto's objects, with --s3) shared before exec.
-AGENT = [
-    sys.executable,
-    "-c",
-    "import atexit, sys\n"
-    "from agent.cli import main\n"
-    "def hwm():\n"
-    "    for line in open('/proc/self/status'):\n"
-    "        if line.startswith('VmHWM:'):\n"
-    "            print('VmHWM', int(line.split()[1]), file=sys.stderr)\n"
-    "atexit.register(hwm)\n"
-    "sys.exit(main(sys.argv[1:]))\n",
-]
+# The CLI, reporting its own peak RSS (see peak_rss.py).
+AGENT = [sys.executable, str(REPO / "bench" / "peak_rss.py")]
 
 
 def sh(cmd: str | list[str], env: dict[str, str] | None = None) -> None:
@@ -75,9 +65,9 @@ class Bench:
         self.times.setdefault(key, []).append(time.perf_counter() - t0)
         if proc.returncode != 0:
             raise SystemExit(f"{key} failed: {err.decode()}")
-        for line in err.decode().splitlines():
-            if line.startswith("VmHWM"):
-                self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
+        kb = peak_kb(err.decode())
+        if kb is not None:
+            self.peak_rss_mb = max(self.peak_rss_mb, kb / 1024)
 
     def best(self, key: str) -> float:
         return min(self.times[key])

@@ -10,19 +10,8 @@ from pathlib import Path
 
 LIMIT_MB = 150
 
-# The CLI in a fresh process that reports its own peak RSS (VmHWM) on exit.
-# Measured inside, since a child's ru_maxrss also counts the parent's pages it
-# shared between fork and exec.
-_MEASURED = (
-    "import atexit, sys\n"
-    "from agent.cli import main\n"
-    "def hwm():\n"
-    "    for line in open('/proc/self/status'):\n"
-    "        if line.startswith('VmHWM:'):\n"
-    "            print('VmHWM', int(line.split()[1]), file=sys.stderr)\n"
-    "atexit.register(hwm)\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
+# The CLI reporting its own peak RSS (VmHWM), as the benchmark measures it.
+PEAK_RSS = Path(__file__).resolve().parent.parent / "bench" / "peak_rss.py"
 
 
 def _args(root: Path, tmp: Path, *args: str) -> list[str]:
@@ -34,10 +23,10 @@ def _args(root: Path, tmp: Path, *args: str) -> list[str]:
 
 def peak_rss_mb(args: list[str]) -> float:
     proc = subprocess.run(
-        [sys.executable, "-c", _MEASURED, *args], capture_output=True, text=True, check=False
+        [sys.executable, str(PEAK_RSS), *args], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    kb = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("VmHWM")]
+    kb = [int(ln.split()[1]) for ln in proc.stderr.splitlines() if ln.startswith("VmHWM ")]
     assert kb, proc.stderr
     return kb[-1] / 1024
 
