@@ -31,7 +31,7 @@ from agent.checkpoint import diff as diffmod
 from agent.checkpoint.layer_writer import LayerResult, write_layer
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import auto_name, normalize_name
-from agent.checkpoint.restore import RestoreStats, apply_layers
+from agent.checkpoint.restore import LayerFile, RestoreStats, apply_layers
 from agent.checkpoint.scan import Excluder, Scan, Stat, scan
 from agent.checkpoint.state import load_state, save_state
 from agent.errors import (
@@ -326,7 +326,8 @@ class Session:
                 restored, manifest = await self._resolve(studio, name)
                 if manifest.state is CheckpointState.INVALID:
                     raise AgentError(f"checkpoint {studio}/{name} is marked invalid")
-                stats = await self._restore(manifest, progress, verify_first=True)
+                unfinished = manifest.state is not CheckpointState.FINALIZED
+                stats = await self._restore(manifest, progress, verify_first=unfinished)
                 chain = list(manifest.layers)
             else:
                 found = await self._restore_latest(progress, invalidated)
@@ -401,9 +402,10 @@ class Session:
     ) -> RestoreStats:
         """Fetch the chain (bounded, newest first) and apply it as layers arrive.
 
-        With ``verify_first`` every blob is fetched and verified before the
-        first byte is applied, so an unsound chain is refused without touching
-        the root.
+        With ``verify_first`` (for a checkpoint its session never finalized)
+        every blob is fetched and verified before the first byte is applied, so
+        an unsound chain is refused without touching the root; otherwise each
+        layer is hashed while it is applied and a mismatch fails the restore.
         """
         layers = list(manifest.layers)
         if not layers:
@@ -415,22 +417,25 @@ class Session:
         loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(max(1, self.settings.s3_concurrency))
 
-        async def fetch(layer: LayerDesc) -> Path:
+        async def fetch(layer: LayerDesc) -> LayerFile:
             async with sem:
                 dest = workdir / layer.digest.split(":")[-1]
                 dest.mkdir(exist_ok=True)
-                path = await self.store.get_blob(layer.digest, layer.size, dest)
+                path = await self.store.get_blob(
+                    layer.digest, layer.size, dest, verify=verify_first
+                )
             fetched[0] += layer.size
             if progress is not None:
                 progress(Progress("download", fetched[0], total_compressed, 0, 0))
-            return path
+            # Unless verified already, each layer is hashed while it is applied.
+            return LayerFile(path, None if verify_first else layer.digest, layer.size)
 
         tasks = [asyncio.ensure_future(fetch(layer)) for layer in reversed(layers)]
         try:
             if verify_first:
                 await asyncio.gather(*tasks)
 
-            def get(index: int) -> Path:
+            def get(index: int) -> LayerFile:
                 task = tasks[len(layers) - 1 - index]
                 cf = asyncio.run_coroutine_threadsafe(_await(task), loop)
                 return cf.result()
@@ -691,5 +696,5 @@ def _next_parent(
     return entries
 
 
-async def _await(task: asyncio.Future[Path]) -> Path:
+async def _await(task: asyncio.Future[LayerFile]) -> LayerFile:
     return await task

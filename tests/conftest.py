@@ -107,6 +107,15 @@ def s3_workdir(s3_endpoint: S3Endpoint, s3_env: Callable[[str], None]) -> Iterat
 
 
 @pytest.fixture
+def s3(request: pytest.FixtureRequest, any_store: Store) -> S3Endpoint | None:
+    """The S3 server behind ``any_store``, or None for the local store."""
+    if isinstance(any_store, S3Store):
+        endpoint: S3Endpoint = request.getfixturevalue("s3_endpoint")
+        return endpoint
+    return None
+
+
+@pytest.fixture
 def store_settings() -> Settings:
     """Settings with the smallest part size S3 allows, so multipart paths run on small files."""
     return load_settings(s3_part_size=5 << 20, s3_concurrency=3, s3_max_attempts=3)

@@ -11,11 +11,18 @@ import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zstandard
 
 from agent.checkpoint.manifest import LayerDesc, Manifest
 from agent.settings import Settings
+from agent.store.base import Store
+from agent.store.local import LocalStore
+from agent.store.s3 import S3Store
+
+if TYPE_CHECKING:
+    from s3_server import S3Endpoint
 
 Snapshot = dict[str, tuple[object, ...]]
 
@@ -147,3 +154,14 @@ def put_checkpoint(workdir: Path, studio: str, name: str, layers: list[LayerDesc
     (refs / name).write_text(
         json.dumps({"digest": digest, "updated": datetime.now(UTC).isoformat()})
     )
+
+
+def replace_blob(store: Store, digest: str, data: bytes, s3: S3Endpoint | None) -> None:
+    """Overwrite a stored blob behind the store's back, as bit rot or a bad copy would."""
+    hexd = digest.split(":")[1]
+    if isinstance(store, LocalStore):
+        (store.root / "blobs" / "sha256" / hexd).write_bytes(data)
+    else:
+        assert isinstance(store, S3Store) and s3 is not None
+        key = store.url.removeprefix(f"s3://{store.bucket}/") + f"/blobs/sha256/{hexd}"
+        s3.admin.put_object(Bucket=store.bucket, Key=key, Body=data)

@@ -10,10 +10,20 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from fsutil import Entry, put_checkpoint, put_layer_blob, settings_for, tar_bytes, zstd
+from fsutil import (
+    Entry,
+    put_checkpoint,
+    put_layer_blob,
+    replace_blob,
+    settings_for,
+    tar_bytes,
+    zstd,
+)
+from s3_server import S3Endpoint
 
 from agent.errors import AgentError, BlobMissing, CorruptLayer, DigestMismatch, UnsafeLayer
 from agent.session import Session
+from agent.store.base import Store
 from agent.store.local import LocalStore
 
 
@@ -149,7 +159,9 @@ async def test_corrupt_zstd_refused(env: dict[str, Path]) -> None:
     no_temp_files(env["root"])
 
 
-async def test_digest_mismatch_refused_before_anything_is_written(env: dict[str, Path]) -> None:
+async def test_digest_mismatch_refused(env: dict[str, Path]) -> None:
+    """A finalized checkpoint's layers are hashed while they are applied: a blob
+    that is not what its name says fails the restore."""
     blob = zstd(tar_bytes([Entry("etc/new", data=b"x")]))
     wrong = "sha256:" + "0" * 64
     desc = put_layer_blob(env["work"], blob, digest=wrong)
@@ -157,9 +169,38 @@ async def test_digest_mismatch_refused_before_anything_is_written(env: dict[str,
     session = Session(
         settings_for(env["root"], env["work"], env["tmp"] / "st"), LocalStore(env["work"])
     )
-    with pytest.raises(DigestMismatch):
+    with pytest.raises(DigestMismatch, match="corrupt"):
         await session.start("cp", required=True)
-    assert not (env["root"] / "etc/new").exists()
+    outside_untouched(env)
+    no_temp_files(env["root"])
+    assert not (env["tmp"] / "st/session.json").exists()  # no session began on it
+
+
+async def test_corrupt_layer_in_either_store_is_refused(
+    tmp_path: Path, any_store: Store, s3: S3Endpoint | None
+) -> None:
+    """Bit rot in a stored layer, read through either store: the restore reports
+    the digest mismatch (not just a zstd error) and begins no session."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    settings = settings_for(root, tmp_path / "work", tmp_path / "st")
+    writer = Session(settings, any_store)
+    await writer.baseline()
+    (root / "etc/big").write_bytes(os.urandom(300_000))
+    await writer.checkpoint("cp")
+    layer = writer.chain[-1]
+    stored = await any_store.get_blob(layer.digest, layer.size, tmp_path / "g")
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    replace_blob(any_store, layer.digest, bytes(data), s3)
+
+    target = tmp_path / "target"
+    target.mkdir()
+    reader = Session(settings_for(target, tmp_path / "work", tmp_path / "st2"), any_store)
+    with pytest.raises(DigestMismatch, match="corrupt"):
+        await reader.start("cp", required=True)
+    assert [p.name for p in target.rglob("*") if p.name.startswith(".studio-restore-")] == []
+    assert not (tmp_path / "st2/session.json").exists()
 
 
 async def test_missing_blob_refused(env: dict[str, Path]) -> None:

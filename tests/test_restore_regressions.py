@@ -3,6 +3,7 @@ the merged newest-first pass must hide what the older layers removed."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -85,3 +86,44 @@ def symlink_to_dir(live: Path) -> None:
 )
 async def test_type_changes_across_layers(tmp_path: Path, steps: list[Step]) -> None:
     await _every_checkpoint_restores(tmp_path, steps)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files other groups")
+async def test_owner_kept_below_setgid_directories_and_under_any_umask(tmp_path: Path) -> None:
+    """Restore leaves out fchown and fchmod when they would change nothing; files
+    created below a setgid directory (whose group they inherit) or under a strict
+    umask still end with the recorded owner and mode."""
+    base = tmp_path / "base"
+    (base / "srv").mkdir(parents=True)
+    os.chown(base / "srv", 0, 1234)
+    os.chmod(base / "srv", 0o2775)
+    live = tmp_path / "live"
+    copy_tree(base, live)
+    work = tmp_path / "work"
+    session = Session(settings_for(live, work, tmp_path / "st"), LocalStore(work))
+    await session.baseline()
+    (live / "srv/root-owned").write_text("a")
+    (live / "srv/inherited").write_text("b")  # takes group 1234 from the directory
+    (live / "srv/sub").mkdir()  # a setgid directory too, by inheritance
+    (live / "srv/sub/root-owned").write_text("c")
+    (live / "srv/root-dir").mkdir()
+    (live / "plain").write_text("d")
+    (live / "plain").chmod(0o644)
+    for p in ("srv/root-owned", "srv/sub/root-owned", "srv/root-dir"):
+        os.chown(live / p, 0, 0)
+    await session.checkpoint("c")
+    want = snapshot(live)
+    assert os.stat(live / "srv/inherited").st_gid == 1234
+
+    target = tmp_path / "target"
+    copy_tree(base, target)
+    old = os.umask(0o077)
+    try:
+        restorer = Session(settings_for(target, work, tmp_path / "st2"), LocalStore(work))
+        await restorer.start("c", required=True)
+    finally:
+        os.umask(old)
+    assert diff_snapshots(want, snapshot(target)) == []
+    assert os.stat(target / "srv/sub/root-owned").st_gid == 0
+    assert os.stat(target / "srv/root-dir").st_gid == 0
+    assert os.stat(target / "plain").st_mode & 0o7777 == 0o644

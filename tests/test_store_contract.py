@@ -10,13 +10,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fsutil import replace_blob
 from s3_server import S3Endpoint
 
 from agent.errors import BlobMissing, DigestMismatch, InvalidName, RefConflict
 from agent.settings import Settings, load_settings
 from agent.store import open_store
 from agent.store.base import Store
-from agent.store.local import LocalStore
 from agent.store.s3 import S3Store
 
 MiB = 1 << 20
@@ -40,25 +40,6 @@ async def put(store: Store, tmp_path: Path, data: bytes) -> str:
     digest = digest_of(data)
     await store.put_blob(write_src(tmp_path / "src", data), digest, len(data))
     return digest
-
-
-def replace_blob(store: Store, digest: str, data: bytes, s3: S3Endpoint | None) -> None:
-    """Overwrite a stored blob behind the store's back, as bit rot or a bad copy would."""
-    hexd = digest.split(":")[1]
-    if isinstance(store, LocalStore):
-        (store.root / "blobs" / "sha256" / hexd).write_bytes(data)
-    else:
-        assert isinstance(store, S3Store) and s3 is not None
-        key = store.url.removeprefix(f"s3://{store.bucket}/") + f"/blobs/sha256/{hexd}"
-        s3.admin.put_object(Bucket=store.bucket, Key=key, Body=data)
-
-
-@pytest.fixture
-def s3(request: pytest.FixtureRequest, any_store: Store) -> S3Endpoint | None:
-    if isinstance(any_store, S3Store):
-        endpoint: S3Endpoint = request.getfixturevalue("s3_endpoint")
-        return endpoint
-    return None
 
 
 # -- blobs ----------------------------------------------------------------------
@@ -127,6 +108,22 @@ async def test_short_or_empty_blob_is_refused(
         with pytest.raises(DigestMismatch):
             await any_store.get_blob(digest, known_size, tmp_path / "dest")
     assert_nothing_left(any_store, tmp_path / "dest")
+
+
+async def test_unverified_get_checks_the_size(
+    any_store: Store, s3: S3Endpoint | None, tmp_path: Path
+) -> None:
+    """``verify=False`` is for a caller that hashes as it reads: the bytes come
+    back as stored, and a blob of the wrong size is still refused."""
+    size = 11 * MiB
+    data = os.urandom(size)
+    digest = await put(any_store, tmp_path, data)
+    path = await any_store.get_blob(digest, size, tmp_path / "dest", verify=False)
+    assert path.read_bytes() == data
+    replace_blob(any_store, digest, data[:-1], s3)
+    with pytest.raises(DigestMismatch):
+        await any_store.get_blob(digest, size, tmp_path / "dest2", verify=False)
+    assert_nothing_left(any_store, tmp_path / "dest2")
 
 
 def assert_nothing_left(store: Store, dest: Path) -> None:

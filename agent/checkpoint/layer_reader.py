@@ -9,16 +9,17 @@ archive that ends early, oversized PAX headers, unknown entry types) raises
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import queue
 import threading
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import zstandard
 
 from agent.checkpoint import tarformat as tf
-from agent.errors import CorruptLayer
+from agent.errors import CorruptLayer, DigestMismatch
 
 READ_SIZE = 1 << 20
 _EXTENDED = {tf.XHDTYPE, tf.XGLTYPE, tf.GNU_LONGNAME, tf.GNU_LONGLINK}
@@ -35,12 +36,47 @@ _KNOWN_TYPES = {
 }
 
 
+class _Hashing:
+    """The compressed file, hashed as zstd reads it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def finish(self, digest: str, size: int | None, name: str) -> None:
+        """Hash what zstd left unread and compare: raises ``DigestMismatch``."""
+        while self.read(READ_SIZE):
+            pass
+        if size is not None and self.size != size:
+            raise DigestMismatch(f"{name}: blob {digest} has {self.size} bytes, expected {size}")
+        got = "sha256:" + self.hash.hexdigest()
+        if got != digest:
+            raise DigestMismatch(f"{name}: blob {digest} is corrupt: its bytes hash to {got}")
+
+
 class LayerReader:
     """Decompresses in a thread of its own (zstd releases the GIL), so restoring
-    files and decompressing the next megabytes overlap, as in ``zstd -d | tar -x``."""
+    files and decompressing the next megabytes overlap, as in ``zstd -d | tar -x``.
 
-    def __init__(self, f: BinaryIO, name: str = "layer") -> None:
-        self._z = zstandard.ZstdDecompressor().stream_reader(f, read_size=READ_SIZE)
+    Given ``digest`` (and ``size``), the same thread hashes the compressed bytes
+    as it reads them and ends the stream with ``DigestMismatch`` instead of its
+    end when they do not match: the layer is verified without a pass of its own.
+    """
+
+    def __init__(
+        self, f: BinaryIO, name: str = "layer", digest: str | None = None, size: int | None = None
+    ) -> None:
+        self._hashing = _Hashing(f) if digest is not None else None
+        self._expect = (digest or "", size)
+        source = cast(BinaryIO, self._hashing) if self._hashing is not None else f
+        self._z = zstandard.ZstdDecompressor().stream_reader(source, read_size=READ_SIZE)
         self._name = name
         self._buf = b""
         self._pos = 0
@@ -69,8 +105,15 @@ class LayerReader:
             item: bytes | BaseException
             try:
                 item = self._z.read(READ_SIZE)
+                if not item and self._hashing is not None:
+                    self._hashing.finish(*self._expect, self._name)
             except zstandard.ZstdError as e:
                 item = CorruptLayer(f"{self._name}: corrupt zstd data ({e})")
+                if self._hashing is not None:  # a wrong digest says more, if it is one
+                    try:
+                        self._hashing.finish(*self._expect, self._name)
+                    except BaseException as wrong:
+                        item = wrong
             except BaseException as e:  # handed to the reader, raised there
                 item = e
             while not self._stop.is_set():

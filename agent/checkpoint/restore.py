@@ -8,9 +8,15 @@ metadata is applied last, deepest first, so creating children can't disturb it.
 Nothing is ever written through a symlink: every parent of an entry must be a
 real directory inside the root (entries below a symlink planted by the same or
 an older layer are refused), names with ``..`` or a leading ``/`` are refused,
-and so are device nodes and relative symlinks that climb above the root.  Each
-file is written under a temporary name and renamed into place, so a failed
-restore never leaves a partly written file under its final name.
+and so are device nodes and relative symlinks that climb above the root.
+
+An entry that replaces something already there is written under a temporary
+name and renamed into place, so the old file stays whole until the new one is;
+a new file is created under its own name (``O_EXCL``, which never follows a
+symlink) and removed again if writing it fails, so a failed restore never leaves
+a partly written file under its final name.  System calls that would not change
+anything (``fchown`` to the restoring user, ``fchmod`` to the mode the file was
+created with) are left out: per-file cost is what a restore pays over ``tar -x``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,16 @@ class RestoreStats:
     skipped: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class LayerFile:
+    """A layer on local disk.  With ``digest`` (and ``size``) it is verified while
+    it is applied, not in a pass of its own; a mismatch fails the restore."""
+
+    path: Path
+    digest: str | None = None
+    size: int | None = None
+
+
 @dataclass(slots=True)
 class _DeferredLink:
     path: str
@@ -65,15 +81,36 @@ class _Merge:
     dir_times: dict[str, tuple[int, int]] = field(default_factory=dict)
     deferred: list[_DeferredLink] = field(default_factory=list)
     stats: RestoreStats = field(default_factory=RestoreStats)
+    # Directories whose new files take the directory's group, not ours.
+    setgid: set[str] = field(default_factory=set)
+    # Directories this restore made: no xattrs to clear, our owner unless setgid.
+    made_dirs: set[str] = field(default_factory=set)
     seq: int = 0
     is_root: bool = field(default_factory=lambda: os.geteuid() == 0)
+    ids: tuple[int, int] = field(default_factory=lambda: (os.geteuid(), os.getegid()))
+    umask: int = field(default_factory=lambda: _current_umask())
     pid: int = field(default_factory=os.getpid)
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for a
+    moment, for every thread)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def apply_layers(
     root: Path,
-    layers: Sequence[Path] | int,
-    fetch: Callable[[int], Path] | None = None,
+    layers: Sequence[Path | LayerFile] | int,
+    fetch: Callable[[int], Path | LayerFile] | None = None,
     *,
     totals: tuple[int, int] = (0, 0),
     progress: ApplyProgress | None = None,
@@ -82,6 +119,7 @@ def apply_layers(
 
     ``layers`` is the list of files, or their count with ``fetch(index)``
     returning each file when it is ready (it may block while it downloads);
+    a ``LayerFile`` with a digest is verified as it is read;
     they are asked for newest first.  ``totals`` is (entries, uncompressed
     bytes) of the whole chain when known, for progress reports.
     """
@@ -92,23 +130,32 @@ def apply_layers(
     else:
         files = list(layers)
         count, get = len(files), files.__getitem__
-    return _apply_all(_Merge(root=str(root)), count, get, totals, progress)
+    merge = _Merge(root=str(root))
+    if os.stat(root).st_mode & st.S_ISGID:
+        merge.setgid.add("")
+    return _apply_all(merge, count, get, totals, progress)
 
 
 def _apply_all(
     merge: _Merge,
     count: int,
-    get: Callable[[int], Path],
+    get: Callable[[int], Path | LayerFile],
     totals: tuple[int, int],
     progress: ApplyProgress | None,
 ) -> RestoreStats:
     newest = count - 1
     base_bytes = 0
     for index in range(newest, -1, -1):
-        path = get(index)
+        src = get(index)
+        layer = src if isinstance(src, LayerFile) else LayerFile(src)
+        path = layer.path
         pending: dict[str, list[_DeferredLink]] = {}
         skipped_files: set[str] = set()
-        with open(path, "rb") as f, LayerReader(f, name=f"layer {index + 1} of {count}") as reader:
+        name = f"layer {index + 1} of {count}"
+        with (
+            open(path, "rb") as f,
+            LayerReader(f, name, layer.digest, layer.size) as reader,
+        ):
             for m in reader.members():
                 _apply_member(merge, reader, m, index, index < newest, pending, skipped_files)
                 merge.stats.entries += 1
@@ -194,6 +241,8 @@ def _apply_member(
         _make_dir(merge, full, path)
         merge.dir_meta[path] = m
         merge.decided[path] = (layer, _DIR)
+        if merge.used_dirs.get(path, -1) < layer:  # a real directory now: no lstat again
+            merge.used_dirs[path] = layer
     elif m.type in _REG_TYPES:
         _write_file(merge, reader, m, full, path)
         merge.decided[path] = (layer, _NONDIR)
@@ -299,7 +348,7 @@ def _ensure_parents(merge: _Merge, path: str, layer: int) -> None:
         try:
             s = os.lstat(full)
         except FileNotFoundError:
-            os.mkdir(full, 0o755)
+            _mkdir(merge, full, a, 0o755)
         else:
             if st.S_ISLNK(s.st_mode):
                 raise UnsafeLayer(
@@ -311,9 +360,11 @@ def _ensure_parents(merge: _Merge, path: str, layer: int) -> None:
                     raise CorruptLayer(f"refused {path!r}: its parent {a!r} is not a directory")
                 # Content of the image that an older layer replaces by a directory.
                 os.unlink(full)
-                os.mkdir(full, 0o755)
+                _mkdir(merge, full, a, 0o755)
             else:
                 merge.dir_times[a] = (s.st_atime_ns, s.st_mtime_ns)
+                if s.st_mode & st.S_ISGID:
+                    merge.setgid.add(a)
         used[a] = layer
 
 
@@ -335,10 +386,12 @@ def _check_existing_parents(merge: _Merge, path: str, what: str) -> bool:
 
 
 def _forget_dirs_below(merge: _Merge, rel: str) -> None:
+    prefix = rel + "/"
     if rel in merge.used_dirs:
-        prefix = rel + "/"
         for k in [k for k in merge.used_dirs if k == rel or k.startswith(prefix)]:
             del merge.used_dirs[k]
+    if merge.setgid:
+        merge.setgid -= {k for k in merge.setgid if k == rel or k.startswith(prefix)}
 
 
 def _remove(merge: _Merge, full: str, rel: str) -> None:
@@ -353,16 +406,25 @@ def _remove(merge: _Merge, full: str, rel: str) -> None:
         os.unlink(full)
 
 
+def _mkdir(merge: _Merge, full: str, rel: str, mode: int) -> None:
+    os.mkdir(full, mode)
+    merge.made_dirs.add(rel)
+    if merge.setgid and rel.rpartition("/")[0] in merge.setgid:
+        merge.setgid.add(rel)  # Linux hands a setgid directory's bit down to new ones
+
+
 def _make_dir(merge: _Merge, full: str, rel: str) -> None:
     try:
         s = os.lstat(full)
     except FileNotFoundError:
-        os.mkdir(full, 0o700)
+        _mkdir(merge, full, rel, 0o700)
         return
     if st.S_ISDIR(s.st_mode):
+        if s.st_mode & st.S_ISGID:
+            merge.setgid.add(rel)
         return
     os.unlink(full)
-    os.mkdir(full, 0o700)
+    _mkdir(merge, full, rel, 0o700)
 
 
 def _tmp_name(merge: _Merge, full: str) -> str:
@@ -377,20 +439,26 @@ def _replace_with(
     create: Callable[[str], None],
     meta: tf.Member | None = None,
 ) -> None:
-    """Create a new entry under a temporary name, then rename it over ``full``."""
-    while True:
-        tmp = _tmp_name(merge, full)
-        try:
-            create(tmp)
-            break
-        except FileExistsError:
-            continue
+    """Create a new entry at ``full``, or, when something is there already, under
+    a temporary name renamed over it."""
+    try:
+        create(full)
+        tmp = None
+    except FileExistsError:
+        while True:
+            tmp = _tmp_name(merge, full)
+            try:
+                create(tmp)
+                break
+            except FileExistsError:
+                continue
     try:
         if meta is not None:
-            _set_meta_path(merge, tmp, meta)
-        _rename_over(merge, tmp, full, rel)
+            _set_meta_path(merge, tmp or full, meta)
+        if tmp is not None:
+            _rename_over(merge, tmp, full, rel)
     except BaseException:
-        _unlink_quiet(tmp)
+        _unlink_quiet(tmp or full)
         raise
 
 
@@ -409,42 +477,62 @@ def _unlink_quiet(path: str) -> None:
         os.unlink(path)
 
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
 def _write_file(merge: _Merge, reader: LayerReader, m: tf.Member, full: str, rel: str) -> None:
-    while True:
-        tmp = _tmp_name(merge, full)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            break
-        except FileExistsError:
-            continue
+    mode = m.mode & 0o7777
+    # Special bits are set only after the owner (chown clears them); until then,
+    # and for a file that replaces another, the new file is private.
+    create_mode = mode if mode <= 0o777 else 0o600
+    tmp = None
+    try:
+        fd = os.open(full, _CREATE, create_mode)
+    except FileExistsError:
+        create_mode = 0o600
+        while True:
+            tmp = _tmp_name(merge, full)
+            try:
+                fd = os.open(tmp, _CREATE, create_mode)
+                break
+            except FileExistsError:
+                continue
     try:
         try:
             if m.size:
                 reader.copy_to(fd, m.size)
-            _set_meta_fd(merge, fd, m)
+            if (
+                m.uid != merge.ids[0]
+                or m.gid != merge.ids[1]
+                or (merge.setgid and rel.rpartition("/")[0] in merge.setgid)
+            ):
+                _chown_fd(merge, fd, m)
+            if mode != create_mode & ~merge.umask:
+                os.fchmod(fd, mode)
+            for k, v in m.xattrs.items():
+                os.setxattr(fd, k, v)
+            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         finally:
             os.close(fd)
-        _rename_over(merge, tmp, full, rel)
+        if tmp is not None:
+            _rename_over(merge, tmp, full, rel)
     except BaseException:
-        _unlink_quiet(tmp)
+        _unlink_quiet(tmp or full)
         raise
 
 
-def _set_meta_fd(merge: _Merge, fd: int, m: tf.Member) -> None:
+def _chown_fd(merge: _Merge, fd: int, m: tf.Member) -> None:
     try:
         os.fchown(fd, m.uid, m.gid)
     except PermissionError:
         if merge.is_root:
             raise
-    os.fchmod(fd, m.mode & 0o7777)
-    for k, v in m.xattrs.items():
-        os.setxattr(fd, k, v)
-    os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
 
 
-def _set_meta_path(merge: _Merge, full: str, m: tf.Member) -> None:
+def _set_meta_path(merge: _Merge, full: str, m: tf.Member, chown: bool = True) -> None:
     try:
-        os.chown(full, m.uid, m.gid, follow_symlinks=False)
+        if chown:
+            os.chown(full, m.uid, m.gid, follow_symlinks=False)
     except PermissionError:
         if merge.is_root:
             raise
@@ -533,12 +621,15 @@ def _apply_dir_metadata(merge: _Merge) -> None:
         s = _lstat_or_none(full)
         if s is None or not st.S_ISDIR(s.st_mode):
             continue  # removed again by a whiteout of the same layer
-        try:
-            existing = os.listxattr(full, follow_symlinks=False)
-        except OSError:
-            existing = []
-        for k in existing:
-            if k not in m.xattrs:
-                with contextlib.suppress(OSError):
-                    os.removexattr(full, k, follow_symlinks=False)
-        _set_meta_path(merge, full, m)
+        made = rel in merge.made_dirs
+        if not made:
+            try:
+                existing = os.listxattr(full, follow_symlinks=False)
+            except OSError:
+                existing = []
+            for k in existing:
+                if k not in m.xattrs:
+                    with contextlib.suppress(OSError):
+                        os.removexattr(full, k, follow_symlinks=False)
+        owned = made and (m.uid, m.gid) == merge.ids and rel not in merge.setgid
+        _set_meta_path(merge, full, m, chown=not owned)

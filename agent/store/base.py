@@ -52,12 +52,16 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def get_blob(self, digest: str, size: int | None, dest_dir: Path) -> Path:
+    async def get_blob(
+        self, digest: str, size: int | None, dest_dir: Path, *, verify: bool = True
+    ) -> Path:
         """Return a local file holding the blob, verified against digest and size.
 
         The file may be a new file in ``dest_dir`` (which the caller removes) or
         the store's own file when the store is local; the caller only reads it.
-        Raises ``BlobMissing`` or ``DigestMismatch``.
+        Raises ``BlobMissing`` or ``DigestMismatch``.  With ``verify=False`` the
+        caller hashes the bytes itself as it reads them (a restore does, while it
+        decompresses), and the store checks no more than the size.
         """
 
     async def put_bytes(self, data: bytes, digest: str, dest_dir: Path) -> None:

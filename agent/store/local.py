@@ -107,10 +107,17 @@ class LocalStore(Store):
         finally:
             tmp.unlink(missing_ok=True)
 
-    async def get_blob(self, digest: str, size: int | None, dest_dir: Path) -> Path:
+    async def get_blob(
+        self, digest: str, size: int | None, dest_dir: Path, *, verify: bool = True
+    ) -> Path:
         path = self._blob_path(digest)
         if not path.is_file():
             raise BlobMissing(f"blob {digest} is missing from {self.root}")
+        if not verify:
+            found = path.stat().st_size
+            if size is not None and found != size:
+                raise DigestMismatch(f"blob {digest} has {found} bytes, expected {size}")
+            return path
         await self._run(f"read blob {digest}", verify_file, path, digest, size)
         return path
 

@@ -591,16 +591,18 @@ class S3Store(Store):
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
-    async def get_blob(self, digest: str, size: int | None, dest_dir: Path) -> Path:
+    async def get_blob(
+        self, digest: str, size: int | None, dest_dir: Path, *, verify: bool = True
+    ) -> Path:
         key = self._blob_key(digest)
         final = dest_dir / hex_of(digest)
         tmp = dest_dir / f".{final.name}.{uuid.uuid4().hex}.part"
         try:
             dest_dir.mkdir(parents=True, exist_ok=True)
             if size is not None and size >= 2 * self.part_size and self.concurrency > 1:
-                await self._download_ranges(key, digest, size, tmp)
+                await self._download_ranges(key, digest, size, tmp, verify)
             else:
-                await self._download_whole(key, digest, size, tmp)
+                await self._download_whole(key, digest, size, tmp, verify)
             os.replace(tmp, final)
         except _Missing as e:
             raise BlobMissing(f"blob {digest} is missing from {self.url}") from e
@@ -612,7 +614,9 @@ class S3Store(Store):
             tmp.unlink(missing_ok=True)
         return final
 
-    async def _download_whole(self, key: str, digest: str, size: int | None, tmp: Path) -> None:
+    async def _download_whole(
+        self, key: str, digest: str, size: int | None, tmp: Path, verify: bool
+    ) -> None:
         async def get(c: S3Client) -> None:
             async with self._transfers:
                 resp = await c.get_object(Bucket=self.bucket, Key=key)
@@ -624,14 +628,14 @@ class S3Store(Store):
                             f"blob {digest} at {self._where(key)} has {length} bytes, "
                             f"expected {size}"
                         )
-                    hasher = hashlib.sha256()
+                    hasher = hashlib.sha256() if verify else None
                     with _File(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as file:
                         got = await _copy_body(body, length, file, 0, hasher)
                 finally:
                     body.close()
             if got != length:
                 raise TruncatedBody(f"{got} of {length} bytes")
-            if "sha256:" + hasher.hexdigest() != digest:
+            if hasher is not None and "sha256:" + hasher.hexdigest() != digest:
                 raise DigestMismatch(
                     f"blob {digest} at {self._where(key)} is corrupt: its bytes hash to "
                     f"sha256:{hasher.hexdigest()}"
@@ -639,19 +643,24 @@ class S3Store(Store):
 
         await self._call("GetObject", key, get, transfer=True)
 
-    async def _download_ranges(self, key: str, digest: str, size: int, tmp: Path) -> None:
+    async def _download_ranges(
+        self, key: str, digest: str, size: int, tmp: Path, verify: bool
+    ) -> None:
         """Fetch a big blob as parallel ranged GETs into a preallocated file.
 
-        Each range is hashed (read back from the page cache) as soon as it and
-        every range before it are written, beside the transfers still running,
-        so the blob is verified when its last range lands, not in a pass after.
+        When verifying, each range is hashed (read back from the page cache) as
+        soon as it and every range before it are written, beside the transfers
+        still running, so the blob is verified when its last range lands, not in
+        a pass after.
         """
         ranges = [
             (start, min(size, start + self.part_size)) for start in range(0, size, self.part_size)
         ]
         written = [asyncio.Event() for _ in ranges]
 
-        async def verify(file: _File) -> None:
+        async def check(file: _File) -> None:
+            if not verify:
+                return
             hasher = hashlib.sha256()
             for (start, end), done in zip(ranges, written, strict=True):
                 await done.wait()
@@ -681,7 +690,7 @@ class S3Store(Store):
 
         with _File(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC) as file:
             file.truncate(size)
-            checking = asyncio.ensure_future(verify(file))
+            checking = asyncio.ensure_future(check(file))
             try:
                 await self._bounded(jobs(file))
                 await checking

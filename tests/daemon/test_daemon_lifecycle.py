@@ -237,12 +237,14 @@ class FlakyStore(LocalStore):
         self._check()
         await super().set_ref(studio, name, digest, expect)
 
-    async def get_blob(self, digest: str, size: int | None, dest_dir: Path) -> Path:
+    async def get_blob(
+        self, digest: str, size: int | None, dest_dir: Path, *, verify: bool = True
+    ) -> Path:
         if self.free_gets > 0:
             self.free_gets -= 1
         elif self.slow is not None:
             await self.slow.wait()
-        return await super().get_blob(digest, size, dest_dir)
+        return await super().get_blob(digest, size, dest_dir, verify=verify)
 
 
 async def test_a_failed_periodic_checkpoint_is_reported_and_retried_without_touching_the_ide(
