@@ -19,6 +19,7 @@ from fault_proxy import Action, Fault, FaultProxy
 from s3_server import S3Endpoint
 
 from agent.errors import (
+    ConfigError,
     DigestMismatch,
     PermissionDenied,
     RefConflict,
@@ -450,5 +451,28 @@ async def test_random_faults_never_lose_or_half_write_anything(
         assert bucket.incomplete_uploads() == []
         assert bucket.blob_ok(digest_of(kept))
         assert bucket.ref_digest("s1", "kept") == digest_of(kept)
+    finally:
+        await store.close()
+
+
+async def test_prepare_opens_the_clients_and_a_bad_endpoint_is_a_clear_error(
+    s3_env: Callable[[str], None], s3_workdir: str, store_settings: Settings
+) -> None:
+    """``prepare`` (run while a checkpoint compresses) gets the clients ready and
+    never raises; what it met is reported by the first real request."""
+    store = S3Store.from_url(s3_workdir, store_settings)
+    try:
+        await store.prepare()
+        assert store._clients is not None
+        assert await store.list_refs("s") == {}
+    finally:
+        await store.close()
+    s3_env("not a url")
+    store = S3Store.from_url(s3_workdir, store_settings)
+    try:
+        await store.prepare()
+        assert store._clients is None
+        with pytest.raises(ConfigError, match=r"cannot set up S3 .*Invalid endpoint: not a url"):
+            await store.list_refs("s")
     finally:
         await store.close()

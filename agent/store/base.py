@@ -113,6 +113,11 @@ class Store(abc.ABC):
     async def list_refs(self, studio: str) -> dict[str, RefValue]:
         """All refs of a studio, by name."""
 
+    async def prepare(self) -> None:
+        """Get ready for the first request (load the SDK, open clients) while the
+        caller does other work; never raises: the first real request reports."""
+        return None
+
     async def close(self) -> None:
         """Release connections; the store is not used afterwards."""
         return None

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import aiohttp
 from botocore.exceptions import (
     ClientError,
     FlexibleChecksumError,
@@ -49,14 +48,13 @@ TRANSIENT_CODES = frozenset(
 TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 
 # What a broken connection, a reset, a timeout or bytes damaged in transit look
-# like once they reach us.
+# like once they reach us (and aiohttp's ClientError, see ``is_transient``).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     BotoConnectionError,
     FlexibleChecksumError,
     HTTPClientError,
     IncompleteReadError,
     ResponseStreamingError,
-    aiohttp.ClientError,
     asyncio.TimeoutError,
     ConnectionError,
 )
@@ -92,7 +90,9 @@ def is_transient(e: BaseException) -> bool:
             or code in TRANSIENT_CODES
             or http_status(e) in TRANSIENT_STATUSES
         )
-    return isinstance(e, (*TRANSIENT_ERRORS, TruncatedBody))
+    import aiohttp  # loaded with the client already; not worth loading before
+
+    return isinstance(e, (*TRANSIENT_ERRORS, TruncatedBody, aiohttp.ClientError))
 
 
 @dataclass(frozen=True, slots=True)

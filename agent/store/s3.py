@@ -41,8 +41,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar, cast
 
-import aioboto3
-from aiobotocore.config import AioConfig
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -66,7 +64,6 @@ from agent.store.base import CHECKPOINTS_DIR, RefValue, Store
 from agent.store.local import hex_of
 from agent.store.refs import decode_ref, encode_ref, ref_path_parts
 from agent.store.retry import (
-    TRANSIENT_ERRORS,
     Backoff,
     RetriesExhausted,
     TruncatedBody,
@@ -77,7 +74,9 @@ from agent.store.retry import (
 )
 
 if TYPE_CHECKING:
+    import aioboto3
     from _typeshed import WriteableBuffer
+    from aiobotocore.config import AioConfig
     from aiobotocore.response import StreamingBody
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
@@ -161,13 +160,8 @@ class S3Store(Store):
         self.part_size = part_size
         self.concurrency = concurrency
         self._backoff = Backoff(max_attempts=max_attempts, base=backoff_base)
-        # Plain requests are retried by botocore (standard mode: exponential
-        # backoff with jitter on throttling, 5xx, resets and timeouts).  Transfers
-        # are retried whole by ``retrying`` (a body that breaks off is beyond
-        # botocore), on a client that tries once, so the bound stays max_attempts.
-        self._config = self._client_config(max_attempts, connect_timeout, read_timeout)
-        self._raw_config = self._client_config(1, connect_timeout, read_timeout, transfers=True)
-        self._session = aioboto3.Session()
+        self._timeouts = (connect_timeout, read_timeout)
+        self._max_attempts = max_attempts
         self._clients: tuple[S3Client, S3Client] | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._open_lock = asyncio.Lock()
@@ -184,6 +178,10 @@ class S3Store(Store):
     ) -> AioConfig:
         """Client settings; ``transfers`` for the client that moves blobs.
 
+        Plain requests are retried by botocore (standard mode: exponential
+        backoff with jitter on throttling, 5xx, resets and timeouts).  Transfers
+        are retried whole by ``retrying`` (a body that breaks off is beyond
+        botocore), on a client that tries once, so the bound stays max_attempts.
         Blob bodies are hashed once, by us: every upload names its SHA-256 in a
         signed checksum header, so botocore neither signs the payload (it would
         read and hash every part again, in the event loop: always over plain
@@ -191,6 +189,8 @@ class S3Store(Store):
         CRC32; and downloads are verified against the digest, so botocore
         neither asks for stored checksums nor checks them as well.
         """
+        from aiobotocore.config import AioConfig
+
         return AioConfig(
             retries={"mode": "standard", "total_max_attempts": attempts},
             connect_timeout=connect_timeout,
@@ -243,20 +243,30 @@ class S3Store(Store):
 
     # -- requests and their errors ---------------------------------------------
 
+    async def prepare(self) -> None:
+        with contextlib.suppress(Exception):  # the first real request reports it
+            await self._client_pair()
+
     async def _client_pair(self) -> tuple[S3Client, S3Client]:
         if self._clients is None:
             async with self._open_lock:
                 if self._clients is None:
+                    # The SDK takes a quarter of a second to import: off the loop.
+                    session = await asyncio.to_thread(_new_session)
+                    config = self._client_config(self._max_attempts, *self._timeouts)
+                    raw_config = self._client_config(1, *self._timeouts, transfers=True)
                     stack = contextlib.AsyncExitStack()
                     try:
                         client = await stack.enter_async_context(
-                            self._session.client("s3", config=self._config)
+                            session.client("s3", config=config)
                         )
                         raw = await stack.enter_async_context(
-                            self._session.client("s3", config=self._raw_config)
+                            session.client("s3", config=raw_config)
                         )
-                    except BaseException:
+                    except BaseException as e:
                         await stack.aclose()
+                        if isinstance(e, ValueError):  # botocore's word for a bad endpoint URL
+                            raise ConfigError(f"cannot set up S3 for {self.url}: {e}") from e
                         raise
                     self._stack, self._clients = stack, (client, raw)
         return self._clients
@@ -289,10 +299,12 @@ class S3Store(Store):
                 f"no usable AWS credentials for S3 {op} of {self._where(key)}: {e} (set them in "
                 "the environment, the shared credentials file, or a container/instance role)"
             ) from e
-        except TRANSIENT_ERRORS as e:
-            raise self._unavailable(op, key, detail, self._backoff.max_attempts, e) from e
-        except BotoCoreError as e:
-            raise StoreError(f"S3 {op} of {self._where(key)}{detail} failed: {e}") from e
+        except Exception as e:
+            if is_transient(e):
+                raise self._unavailable(op, key, detail, self._backoff.max_attempts, e) from e
+            if isinstance(e, BotoCoreError):
+                raise StoreError(f"S3 {op} of {self._where(key)}{detail} failed: {e}") from e
+            raise
 
     def _unavailable(
         self, op: str, key: str | None, detail: str, attempts: int, e: BaseException
@@ -858,6 +870,12 @@ class S3Store(Store):
         stack, self._stack, self._clients = self._stack, None, None
         if stack is not None:
             await stack.aclose()
+
+
+def _new_session() -> aioboto3.Session:
+    import aioboto3
+
+    return aioboto3.Session()
 
 
 def _check_expect(
