@@ -268,3 +268,20 @@ def test_cli_reports_refusal_in_one_line(env: dict[str, Path]) -> None:
 def test_errors_are_agent_errors() -> None:
     for exc in (UnsafeLayer, CorruptLayer, DigestMismatch, BlobMissing):
         assert issubclass(exc, AgentError)
+
+
+@pytest.mark.parametrize("damage", [(b"mtime=", b"mtimf="), (b"\n", b"x"), (b".", b"a")])
+async def test_malformed_mtime_record_refused(
+    env: dict[str, Path], damage: tuple[bytes, bytes]
+) -> None:
+    """The reader takes our writer's mtime-only PAX header by its exact bytes and
+    reads the one record after it without the general parser; still strictly."""
+    from agent.checkpoint import tarformat as tf
+
+    header = tf.encode_header("etc/f", tf.REGTYPE, 0o644, 0, 0, 1, 1_700_000_000_123_456_789)
+    assert header[: tf.BLOCK] in tf.MTIME_PAX_BLOCKS
+    old, new = damage
+    record = header[tf.BLOCK : 2 * tf.BLOCK].replace(old, new, 1)
+    layer = header[: tf.BLOCK] + record + header[2 * tf.BLOCK :] + b"x" + tf.padding(1)
+    layer += tf.end_of_archive()
+    await expect_refused(env, CorruptLayer, "malformed PAX mtime", layer)

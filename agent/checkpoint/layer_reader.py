@@ -193,9 +193,11 @@ class LayerReader:
         padding is handled here."""
         pax_global: dict[bytes, bytes] = {}
         pax: dict[bytes, bytes] = {}
+        mtime_ns: int | None = None
         long_name: str | None = None
         long_link: str | None = None
         block_size = tf.BLOCK
+        mtime_blocks = tf.MTIME_PAX_BLOCKS
         while True:
             if len(self._buf) - self._pos < block_size:
                 self._fill(block_size)
@@ -204,6 +206,12 @@ class LayerReader:
             self._pos = pos + block_size
             self.consumed += block_size
             kind = block[156:157]
+            if kind == tf.XHDTYPE and (length := mtime_blocks.get(block)) is not None:
+                # Our writer's PAX header for a nanosecond mtime alone: one record.
+                record = self.read(block_size)[:length]
+                mtime_ns = tf.parse_mtime_record(record)
+                pax = {}
+                continue
             if kind in _EXTENDED:
                 size = tf.extended_size(block)
                 if size > tf.MAX_PAX_SIZE:
@@ -211,6 +219,7 @@ class LayerReader:
                 data = self.read(size + (-size % block_size))[:size]
                 if kind == tf.XHDTYPE:
                     pax = tf.parse_pax(data)
+                    mtime_ns = None
                 elif kind == tf.XGLTYPE:
                     pax_global.update(tf.parse_pax(data))
                 elif kind == tf.GNU_LONGNAME:
@@ -235,6 +244,9 @@ class LayerReader:
             if pax:
                 tf.apply_pax(m, pax)
                 pax = {}
+            elif mtime_ns is not None:
+                m.mtime_ns = mtime_ns
+                mtime_ns = None
             start = self.consumed
             yield m
             left = m.size - (self.consumed - start)

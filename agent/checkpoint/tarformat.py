@@ -136,12 +136,8 @@ def encode_header(
         # block depends only on the record's length, so it comes from a cache.
         value = b"%d.%09d" % (secs, frac)
         record = b"%d mtime=%s\n" % (len(value) + 10, value)  # 10: length digits, " mtime=\n"
-        pax_header = _PAX_HEADERS.get(len(record))
-        if pax_header is None:
-            pax_header = _ustar(b"PaxHeader", 0o644, 0, 0, len(record), 0, XHDTYPE, b"")
-            _PAX_HEADERS[len(record)] = pax_header
         return (
-            pax_header
+            _mtime_pax_header(len(record))
             + record
             + _ZERO_BLOCK[len(record) :]
             + _ustar(bname, mode, uid, gid, size, secs, typeflag, blink)
@@ -182,6 +178,34 @@ def encode_header(
         + padding(len(pax))
         + header
     )
+
+
+def _mtime_pax_header(length: int) -> bytes:
+    """The PAX header block before a record of ``length`` bytes that says only the mtime."""
+    header = _PAX_HEADERS.get(length)
+    if header is None:
+        header = _ustar(b"PaxHeader", 0o644, 0, 0, length, 0, XHDTYPE, b"")
+        _PAX_HEADERS[length] = header
+    return header
+
+
+# What our writer puts before most entries (a nanosecond mtime and nothing else
+# to say), by the block's bytes: the reader knows such a block is well formed by
+# comparing it, and reads its one record without the general parser.
+_MTIME_RECORD_LENGTHS = range(21, 32)  # "NN mtime=<1 to 11 digits>.<9 digits>\n"
+MTIME_PAX_BLOCKS = {_mtime_pax_header(n): n for n in _MTIME_RECORD_LENGTHS}
+_MTIME_PREFIXES = {n: b"%d mtime=" % n for n in _MTIME_RECORD_LENGTHS}
+
+
+def parse_mtime_record(record: bytes) -> int:
+    """The nanosecond mtime from a PAX record that follows one of ``MTIME_PAX_BLOCKS``."""
+    prefix = _MTIME_PREFIXES[len(record)]
+    if record.startswith(prefix) and record.endswith(b"\n"):
+        try:
+            return _parse_pax_time(record[len(prefix) : -1])
+        except ValueError:
+            pass
+    raise CorruptLayer(f"malformed PAX mtime record {record!r}")
 
 
 def padding(size: int) -> bytes:
