@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     )
     compression_level: int = Field(3, ge=1, le=19, description="zstd level of new layers.")
     compression_threads: int = Field(
-        0, ge=0, description="zstd worker threads for new layers (0: one per CPU)."
+        0,
+        ge=0,
+        description="zstd worker threads for new layers (0: one per CPU, at most 4); "
+        "each holds about 5 MB.",
     )
 
     # -- S3 ---------------------------------------------------------------------
