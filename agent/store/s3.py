@@ -2,7 +2,12 @@
 
 Blobs go straight to their content address (the engine computed the digest),
 large ones as multipart uploads with bounded concurrency that are aborted on
-any failure.  Every byte read back is checked against its digest and size.
+any failure.  Uploading while a layer is still being compressed would need a
+temporary key and a server-side copy to the content address once the digest
+is known; the copy of the benchmark's 157 MB layer costs more than the upload
+it would hide (docs/benchmarks.md), so it is not done.  Every byte read back
+is checked against its digest and size (or, for a caller that hashes as it
+reads, its size).
 Refs are replaced with S3 conditional writes (``If-None-Match: *`` to create,
 ``If-Match: <etag>`` to update or delete), so two writers of one studio cannot
 overwrite each other: the loser gets ``RefConflict``.
