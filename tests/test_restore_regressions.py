@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,15 +89,27 @@ async def test_type_changes_across_layers(tmp_path: Path, steps: list[Step]) -> 
     await _every_checkpoint_restores(tmp_path, steps)
 
 
+def _default_acl(owner: int, group: int, other: int) -> bytes:
+    """A POSIX default ACL as the kernel stores it (u::, g::, o:: entries only)."""
+    head = struct.pack("<I", 2)
+    tags = ((0x01, owner), (0x04, group), (0x20, other))
+    return head + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in tags)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files other groups")
-async def test_owner_kept_below_setgid_directories_and_under_any_umask(tmp_path: Path) -> None:
+async def test_owner_and_mode_kept_where_new_files_inherit_and_under_any_umask(
+    tmp_path: Path,
+) -> None:
     """Restore leaves out fchown and fchmod when they would change nothing; files
-    created below a setgid directory (whose group they inherit) or under a strict
-    umask still end with the recorded owner and mode."""
+    created below a setgid directory (whose group they inherit), below a default
+    ACL (which sets their mode bits instead of the umask) or under a strict umask
+    still end with the recorded owner and mode."""
     base = tmp_path / "base"
     (base / "srv").mkdir(parents=True)
     os.chown(base / "srv", 0, 1234)
     os.chmod(base / "srv", 0o2775)
+    (base / "acl").mkdir()
+    os.setxattr(base / "acl", "system.posix_acl_default", _default_acl(7, 5, 0))
     live = tmp_path / "live"
     copy_tree(base, live)
     work = tmp_path / "work"
@@ -109,21 +122,29 @@ async def test_owner_kept_below_setgid_directories_and_under_any_umask(tmp_path:
     (live / "srv/root-dir").mkdir()
     (live / "plain").write_text("d")
     (live / "plain").chmod(0o644)
+    (live / "acl/f").write_text("e")
+    (live / "acl/f").chmod(0o644)  # the ACL alone would make it 0o640
+    (live / "acl/sub").mkdir()  # inherits the default ACL
+    (live / "acl/sub/g").write_text("f")
+    (live / "acl/sub/g").chmod(0o644)
     for p in ("srv/root-owned", "srv/sub/root-owned", "srv/root-dir"):
         os.chown(live / p, 0, 0)
     await session.checkpoint("c")
     want = snapshot(live)
     assert os.stat(live / "srv/inherited").st_gid == 1234
 
-    target = tmp_path / "target"
-    copy_tree(base, target)
-    old = os.umask(0o077)
-    try:
-        restorer = Session(settings_for(target, work, tmp_path / "st2"), LocalStore(work))
-        await restorer.start("c", required=True)
-    finally:
-        os.umask(old)
-    assert diff_snapshots(want, snapshot(target)) == []
-    assert os.stat(target / "srv/sub/root-owned").st_gid == 0
-    assert os.stat(target / "srv/root-dir").st_gid == 0
-    assert os.stat(target / "plain").st_mode & 0o7777 == 0o644
+    for umask in (0o022, 0o077):  # the usual one, where a default ACL matters; a strict one
+        target = tmp_path / f"target-{umask:o}"
+        copy_tree(base, target)
+        old = os.umask(umask)
+        try:
+            state = tmp_path / f"st-{umask:o}"
+            restorer = Session(settings_for(target, work, state), LocalStore(work))
+            await restorer.start("c", required=True)
+        finally:
+            os.umask(old)
+        assert diff_snapshots(want, snapshot(target)) == []
+        assert os.stat(target / "srv/sub/root-owned").st_gid == 0
+        assert os.stat(target / "srv/root-dir").st_gid == 0
+        for p in ("plain", "acl/f", "acl/sub/g"):
+            assert os.stat(target / p).st_mode & 0o7777 == 0o644, p

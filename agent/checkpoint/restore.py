@@ -81,9 +81,10 @@ class _Merge:
     dir_times: dict[str, tuple[int, int]] = field(default_factory=dict)
     deferred: list[_DeferredLink] = field(default_factory=list)
     stats: RestoreStats = field(default_factory=RestoreStats)
-    # Directories whose new files take the directory's group, not ours.
-    setgid: set[str] = field(default_factory=set)
-    # Directories this restore made: no xattrs to clear, our owner unless setgid.
+    # Directories whose new entries take something from them: the group (setgid)
+    # or the mode bits (a default ACL); below them no fchown or fchmod is left out.
+    inherit: set[str] = field(default_factory=set)
+    # Directories this restore made: no xattrs to clear, our owner unless inherited.
     made_dirs: set[str] = field(default_factory=set)
     seq: int = 0
     is_root: bool = field(default_factory=lambda: os.geteuid() == 0)
@@ -131,8 +132,8 @@ def apply_layers(
         files = list(layers)
         count, get = len(files), files.__getitem__
     merge = _Merge(root=str(root))
-    if os.stat(root).st_mode & st.S_ISGID:
-        merge.setgid.add("")
+    if _inherits(os.stat(root).st_mode, str(root)):
+        merge.inherit.add("")
     return _apply_all(merge, count, get, totals, progress)
 
 
@@ -363,8 +364,8 @@ def _ensure_parents(merge: _Merge, path: str, layer: int) -> None:
                 _mkdir(merge, full, a, 0o755)
             else:
                 merge.dir_times[a] = (s.st_atime_ns, s.st_mtime_ns)
-                if s.st_mode & st.S_ISGID:
-                    merge.setgid.add(a)
+                if _inherits(s.st_mode, full):
+                    merge.inherit.add(a)
         used[a] = layer
 
 
@@ -390,8 +391,8 @@ def _forget_dirs_below(merge: _Merge, rel: str) -> None:
     if rel in merge.used_dirs:
         for k in [k for k in merge.used_dirs if k == rel or k.startswith(prefix)]:
             del merge.used_dirs[k]
-    if merge.setgid:
-        merge.setgid -= {k for k in merge.setgid if k == rel or k.startswith(prefix)}
+    if merge.inherit:
+        merge.inherit -= {k for k in merge.inherit if k == rel or k.startswith(prefix)}
 
 
 def _remove(merge: _Merge, full: str, rel: str) -> None:
@@ -406,11 +407,22 @@ def _remove(merge: _Merge, full: str, rel: str) -> None:
         os.unlink(full)
 
 
+def _inherits(mode: int, full: str) -> bool:
+    """Whether new entries in this directory get its group or an ACL's mode bits."""
+    if mode & st.S_ISGID:
+        return True
+    try:
+        os.getxattr(full, "system.posix_acl_default", follow_symlinks=False)
+    except OSError:  # none, or a filesystem without ACLs
+        return False
+    return True
+
+
 def _mkdir(merge: _Merge, full: str, rel: str, mode: int) -> None:
     os.mkdir(full, mode)
     merge.made_dirs.add(rel)
-    if merge.setgid and rel.rpartition("/")[0] in merge.setgid:
-        merge.setgid.add(rel)  # Linux hands a setgid directory's bit down to new ones
+    if merge.inherit and rel.rpartition("/")[0] in merge.inherit:
+        merge.inherit.add(rel)  # the setgid bit and a default ACL are handed down
 
 
 def _make_dir(merge: _Merge, full: str, rel: str) -> None:
@@ -420,8 +432,8 @@ def _make_dir(merge: _Merge, full: str, rel: str) -> None:
         _mkdir(merge, full, rel, 0o700)
         return
     if st.S_ISDIR(s.st_mode):
-        if s.st_mode & st.S_ISGID:
-            merge.setgid.add(rel)
+        if _inherits(s.st_mode, full):
+            merge.inherit.add(rel)
         return
     os.unlink(full)
     _mkdir(merge, full, rel, 0o700)
@@ -501,13 +513,10 @@ def _write_file(merge: _Merge, reader: LayerReader, m: tf.Member, full: str, rel
         try:
             if m.size:
                 reader.copy_to(fd, m.size)
-            if (
-                m.uid != merge.ids[0]
-                or m.gid != merge.ids[1]
-                or (merge.setgid and rel.rpartition("/")[0] in merge.setgid)
-            ):
+            inherited = merge.inherit and rel.rpartition("/")[0] in merge.inherit
+            if inherited or m.uid != merge.ids[0] or m.gid != merge.ids[1]:
                 _chown_fd(merge, fd, m)
-            if mode != create_mode & ~merge.umask:
+            if inherited or mode != create_mode & ~merge.umask:
                 os.fchmod(fd, mode)
             for k, v in m.xattrs.items():
                 os.setxattr(fd, k, v)
@@ -631,5 +640,5 @@ def _apply_dir_metadata(merge: _Merge) -> None:
                 if k not in m.xattrs:
                     with contextlib.suppress(OSError):
                         os.removexattr(full, k, follow_symlinks=False)
-        owned = made and (m.uid, m.gid) == merge.ids and rel not in merge.setgid
+        owned = made and (m.uid, m.gid) == merge.ids and rel not in merge.inherit
         _set_meta_path(merge, full, m, chown=not owned)
