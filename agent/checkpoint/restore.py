@@ -84,7 +84,7 @@ class _Merge:
     # Directories whose new entries take something from them: the group (setgid)
     # or the mode bits (a default ACL); below them no fchown or fchmod is left out.
     inherit: set[str] = field(default_factory=set)
-    # Directories this restore made: no xattrs to clear, our owner unless inherited.
+    # Directories this restore made: our owner, no xattrs to clear (unless inherited).
     made_dirs: set[str] = field(default_factory=set)
     seq: int = 0
     is_root: bool = field(default_factory=lambda: os.geteuid() == 0)
@@ -630,7 +630,8 @@ def _apply_dir_metadata(merge: _Merge) -> None:
         s = _lstat_or_none(full)
         if s is None or not st.S_ISDIR(s.st_mode):
             continue  # removed again by a whiteout of the same layer
-        made = rel in merge.made_dirs
+        # A directory this restore made has nothing of its own, unless inherited.
+        made = rel in merge.made_dirs and rel not in merge.inherit
         if not made:
             try:
                 existing = os.listxattr(full, follow_symlinks=False)
@@ -640,5 +641,5 @@ def _apply_dir_metadata(merge: _Merge) -> None:
                 if k not in m.xattrs:
                     with contextlib.suppress(OSError):
                         os.removexattr(full, k, follow_symlinks=False)
-        owned = made and (m.uid, m.gid) == merge.ids and rel not in merge.inherit
+        owned = made and (m.uid, m.gid) == merge.ids
         _set_meta_path(merge, full, m, chown=not owned)
