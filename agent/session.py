@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from agent.checkpoint import diff as diffmod
 from agent.checkpoint.layer_writer import LayerResult, write_layer
@@ -45,6 +45,7 @@ from agent.errors import (
 )
 from agent.log import get_logger
 from agent.settings import Settings
+from agent.store.arrival import Arrival
 from agent.store.base import RefValue, Store
 
 log = get_logger("session")
@@ -400,7 +401,7 @@ class Session:
     async def _restore(
         self, manifest: Manifest, progress: ProgressFn | None, *, verify_first: bool
     ) -> RestoreStats:
-        """Fetch the chain (bounded, newest first) and apply it as layers arrive.
+        """Fetch the chain (bounded, newest first) and apply each layer as it arrives.
 
         With ``verify_first`` (for a checkpoint its session never finalized)
         every blob is fetched and verified before the first byte is applied, so
@@ -414,31 +415,39 @@ class Session:
         workdir = Path(self._mkdtemp())
         total_compressed = sum(layer.size for layer in layers)
         fetched = [0]
-        loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(max(1, self.settings.s3_concurrency))
+        arrivals = [Arrival() for _ in layers]
 
-        async def fetch(layer: LayerDesc) -> LayerFile:
-            async with sem:
-                dest = workdir / layer.digest.split(":")[-1]
-                dest.mkdir(exist_ok=True)
-                path = await self.store.get_blob(
-                    layer.digest, layer.size, dest, verify=verify_first
-                )
+        async def fetch(index: int) -> None:
+            layer, arrival = layers[index], arrivals[index]
+            try:
+                async with sem:
+                    dest = workdir / layer.digest.split(":")[-1]
+                    dest.mkdir(exist_ok=True)
+                    await self.store.get_blob(
+                        layer.digest, layer.size, dest, verify=verify_first, on_data=arrival.data
+                    )
+            except BaseException as e:  # the apply, waiting for bytes, raises it too
+                arrival.fail(e)
+                raise
+            arrival.finish()
             fetched[0] += layer.size
             if progress is not None:
                 progress(Progress("download", fetched[0], total_compressed, 0, 0))
-            # Unless verified already, each layer is hashed while it is applied.
-            return LayerFile(path, None if verify_first else layer.digest, layer.size)
 
-        tasks = [asyncio.ensure_future(fetch(layer)) for layer in reversed(layers)]
+        tasks = [asyncio.ensure_future(fetch(i)) for i in reversed(range(len(layers)))]
         try:
             if verify_first:
                 await asyncio.gather(*tasks)
 
             def get(index: int) -> LayerFile:
-                task = tasks[len(layers) - 1 - index]
-                cf = asyncio.run_coroutine_threadsafe(_await(task), loop)
-                return cf.result()
+                # Applied as it arrives; unless verified already, hashed as it is read.
+                arrival = arrivals[index]
+                return LayerFile(
+                    digest=None if verify_first else layers[index].digest,
+                    size=layers[index].size,
+                    opener=lambda: cast(BinaryIO, arrival.open()),
+                )
 
             def on_apply(done: int, total: int, b_done: int, b_total: int) -> None:
                 if progress is not None:
@@ -452,6 +461,8 @@ class Session:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for arrival in arrivals:
+                arrival.close()
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _mkdtemp(self) -> str:
@@ -711,7 +722,3 @@ def _next_parent(
         else:
             entries[path] = old
     return entries
-
-
-async def _await(task: asyncio.Future[LayerFile]) -> LayerFile:
-    return await task

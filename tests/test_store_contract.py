@@ -126,6 +126,29 @@ async def test_unverified_get_checks_the_size(
     assert_nothing_left(any_store, tmp_path / "dest2")
 
 
+@pytest.mark.parametrize("verify", [True, False])
+async def test_get_reports_the_bytes_as_they_arrive(
+    any_store: Store, tmp_path: Path, verify: bool
+) -> None:
+    """``on_data(path, n)``: the first n bytes of path are final when it is called
+    (a restore starts reading them), n grows, and the last call has the whole blob."""
+    size = 11 * MiB  # more than one ranged GET through S3
+    data = os.urandom(size)
+    digest = await put(any_store, tmp_path, data)
+    seen: list[int] = []
+
+    def on_data(path: Path, n: int) -> None:
+        with open(path, "rb") as f:
+            assert f.read(n) == data[:n]
+        seen.append(n)
+
+    got = await any_store.get_blob(digest, size, tmp_path / "dest", verify=verify, on_data=on_data)
+    assert got.read_bytes() == data
+    assert seen and seen == sorted(seen) and seen[-1] == size
+    if isinstance(any_store, S3Store):
+        assert len(seen) == -(-size // any_store.part_size)  # one report per range
+
+
 def assert_nothing_left(store: Store, dest: Path) -> None:
     if isinstance(store, S3Store) and dest.exists():
         assert list(dest.iterdir()) == []

@@ -29,6 +29,7 @@ import stat as st
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from agent.checkpoint import tarformat as tf
 from agent.checkpoint.layer_reader import LayerReader
@@ -53,12 +54,22 @@ class RestoreStats:
 
 @dataclass(frozen=True, slots=True)
 class LayerFile:
-    """A layer on local disk.  With ``digest`` (and ``size``) it is verified while
-    it is applied, not in a pass of its own; a mismatch fails the restore."""
+    """A layer to apply: a local file, or ``opener`` giving a fresh reader of its
+    bytes (for a layer still downloading).  With ``digest`` (and ``size``) it is
+    verified while it is applied, not in a pass of its own; a mismatch fails the
+    restore."""
 
-    path: Path
+    path: Path | None = None
     digest: str | None = None
     size: int | None = None
+    opener: Callable[[], BinaryIO] | None = None
+
+    def open(self) -> BinaryIO:
+        if self.opener is not None:
+            return self.opener()
+        if self.path is None:
+            raise ValueError("a LayerFile needs a path or an opener")
+        return open(self.path, "rb")
 
 
 @dataclass(slots=True)
@@ -149,14 +160,10 @@ def _apply_all(
     for index in range(newest, -1, -1):
         src = get(index)
         layer = src if isinstance(src, LayerFile) else LayerFile(src)
-        path = layer.path
         pending: dict[str, list[_DeferredLink]] = {}
         skipped_files: set[str] = set()
         name = f"layer {index + 1} of {count}"
-        with (
-            open(path, "rb") as f,
-            LayerReader(f, name, layer.digest, layer.size) as reader,
-        ):
+        with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
             for m in reader.members():
                 _apply_member(merge, reader, m, index, index < newest, pending, skipped_files)
                 merge.stats.entries += 1
@@ -166,7 +173,7 @@ def _apply_all(
                     )
             base_bytes += reader.consumed
         if pending:
-            _relink_overridden(merge, path, index, pending)
+            _relink_overridden(merge, layer, index, pending)
     for link in merge.deferred:
         _finish_deferred_link(merge, link)
     _apply_dir_metadata(merge)
@@ -595,10 +602,10 @@ def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
 
 
 def _relink_overridden(
-    merge: _Merge, layer_path: Path, layer: int, pending: dict[str, list[_DeferredLink]]
+    merge: _Merge, source: LayerFile, layer: int, pending: dict[str, list[_DeferredLink]]
 ) -> None:
     """Second read of one layer for hardlinks whose target a newer layer replaced."""
-    with open(layer_path, "rb") as f, LayerReader(f, name=f"layer {layer + 1}") as reader:
+    with source.open() as f, LayerReader(f, name=f"layer {layer + 1}") as reader:
         for m in reader.members():
             if m.type not in _REG_TYPES:
                 continue

@@ -14,6 +14,7 @@ restic's ``internal/backend``).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -53,7 +54,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_blob(
-        self, digest: str, size: int | None, dest_dir: Path, *, verify: bool = True
+        self,
+        digest: str,
+        size: int | None,
+        dest_dir: Path,
+        *,
+        verify: bool = True,
+        on_data: Callable[[Path, int], None] | None = None,
     ) -> Path:
         """Return a local file holding the blob, verified against digest and size.
 
@@ -62,6 +69,12 @@ class Store(abc.ABC):
         Raises ``BlobMissing`` or ``DigestMismatch``.  With ``verify=False`` the
         caller hashes the bytes itself as it reads them (a restore does, while it
         decompresses), and the store checks no more than the size.
+
+        ``on_data(path, n)``, called on the event loop as the blob arrives, says
+        that the first ``n`` bytes of the file at ``path`` are final: a caller may
+        open it and read them while the rest downloads (the file may be renamed
+        when complete; what is open stays valid).  The last call, before this
+        returns, has the whole size.
         """
 
     async def put_bytes(self, data: bytes, digest: str, dest_dir: Path) -> None:

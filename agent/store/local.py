@@ -108,17 +108,24 @@ class LocalStore(Store):
             tmp.unlink(missing_ok=True)
 
     async def get_blob(
-        self, digest: str, size: int | None, dest_dir: Path, *, verify: bool = True
+        self,
+        digest: str,
+        size: int | None,
+        dest_dir: Path,
+        *,
+        verify: bool = True,
+        on_data: Callable[[Path, int], None] | None = None,
     ) -> Path:
         path = self._blob_path(digest)
         if not path.is_file():
             raise BlobMissing(f"blob {digest} is missing from {self.root}")
-        if not verify:
-            found = path.stat().st_size
-            if size is not None and found != size:
-                raise DigestMismatch(f"blob {digest} has {found} bytes, expected {size}")
-            return path
-        await self._run(f"read blob {digest}", verify_file, path, digest, size)
+        found = path.stat().st_size
+        if size is not None and found != size:
+            raise DigestMismatch(f"blob {digest} has {found} bytes, expected {size}")
+        if verify:
+            await self._run(f"read blob {digest}", verify_file, path, digest, size)
+        if on_data is not None:
+            on_data(path, found)
         return path
 
     # -- refs -----------------------------------------------------------------

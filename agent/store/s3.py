@@ -609,7 +609,13 @@ class S3Store(Store):
                 await asyncio.gather(*pending, return_exceptions=True)
 
     async def get_blob(
-        self, digest: str, size: int | None, dest_dir: Path, *, verify: bool = True
+        self,
+        digest: str,
+        size: int | None,
+        dest_dir: Path,
+        *,
+        verify: bool = True,
+        on_data: Callable[[Path, int], None] | None = None,
     ) -> Path:
         key = self._blob_key(digest)
         final = dest_dir / hex_of(digest)
@@ -617,9 +623,11 @@ class S3Store(Store):
         try:
             dest_dir.mkdir(parents=True, exist_ok=True)
             if size is not None and size >= 2 * self.part_size and self.concurrency > 1:
-                await self._download_ranges(key, digest, size, tmp, verify)
+                await self._download_ranges(key, digest, size, tmp, verify, on_data)
             else:
-                await self._download_whole(key, digest, size, tmp, verify)
+                length = await self._download_whole(key, digest, size, tmp, verify)
+                if on_data is not None:
+                    on_data(tmp, length)
             os.replace(tmp, final)
         except _Missing as e:
             raise BlobMissing(f"blob {digest} is missing from {self.url}") from e
@@ -633,8 +641,8 @@ class S3Store(Store):
 
     async def _download_whole(
         self, key: str, digest: str, size: int | None, tmp: Path, verify: bool
-    ) -> None:
-        async def get(c: S3Client) -> None:
+    ) -> int:
+        async def get(c: S3Client) -> int:
             async with self._transfers:
                 resp = await c.get_object(Bucket=self.bucket, Key=key)
                 body = resp["Body"]
@@ -657,11 +665,18 @@ class S3Store(Store):
                     f"blob {digest} at {self._where(key)} is corrupt: its bytes hash to "
                     f"sha256:{hasher.hexdigest()}"
                 )
+            return got
 
-        await self._call("GetObject", key, get, transfer=True)
+        return await self._call("GetObject", key, get, transfer=True)
 
     async def _download_ranges(
-        self, key: str, digest: str, size: int, tmp: Path, verify: bool
+        self,
+        key: str,
+        digest: str,
+        size: int,
+        tmp: Path,
+        verify: bool,
+        on_data: Callable[[Path, int], None] | None,
     ) -> None:
         """Fetch a big blob as parallel ranged GETs into a preallocated file.
 
@@ -675,14 +690,16 @@ class S3Store(Store):
         ]
         written = [asyncio.Event() for _ in ranges]
 
-        async def check(file: _File) -> None:
-            if not verify:
-                return
-            hasher = hashlib.sha256()
+        async def follow(file: _File) -> None:
+            """Hash (when verifying) and report the ranges in order as they land."""
+            hasher = hashlib.sha256() if verify else None
             for (start, end), done in zip(ranges, written, strict=True):
                 await done.wait()
-                await asyncio.to_thread(_hash_range, file, start, end - start, hasher)
-            if "sha256:" + hasher.hexdigest() != digest:
+                if hasher is not None:
+                    await asyncio.to_thread(_hash_range, file, start, end - start, hasher)
+                if on_data is not None:
+                    on_data(tmp, end)
+            if hasher is not None and "sha256:" + hasher.hexdigest() != digest:
                 raise DigestMismatch(
                     f"blob {digest} at {self._where(key)} is corrupt: its bytes hash to "
                     f"sha256:{hasher.hexdigest()}"
@@ -707,7 +724,7 @@ class S3Store(Store):
 
         with _File(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC) as file:
             file.truncate(size)
-            checking = asyncio.ensure_future(check(file))
+            checking = asyncio.ensure_future(follow(file))
             try:
                 await self._bounded(jobs(file))
                 await checking

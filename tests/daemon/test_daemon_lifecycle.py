@@ -238,13 +238,19 @@ class FlakyStore(LocalStore):
         await super().set_ref(studio, name, digest, expect)
 
     async def get_blob(
-        self, digest: str, size: int | None, dest_dir: Path, *, verify: bool = True
+        self,
+        digest: str,
+        size: int | None,
+        dest_dir: Path,
+        *,
+        verify: bool = True,
+        on_data: Callable[[Path, int], None] | None = None,
     ) -> Path:
         if self.free_gets > 0:
             self.free_gets -= 1
         elif self.slow is not None:
             await self.slow.wait()
-        return await super().get_blob(digest, size, dest_dir, verify=verify)
+        return await super().get_blob(digest, size, dest_dir, verify=verify, on_data=on_data)
 
 
 async def test_a_failed_periodic_checkpoint_is_reported_and_retried_without_touching_the_ide(
