@@ -485,65 +485,54 @@ class Session:
             t0 = time.monotonic()
             local = self._session()
             target = normalize_name(name) if name else local.name
-            return await self._checkpoint(local, target, state, skip_unchanged, progress, t0)
-
-    async def _checkpoint(
-        self,
-        local: _Local,
-        target: str,
-        state: CheckpointState,
-        skip_unchanged: bool,
-        progress: ProgressFn | None,
-        t0: float,
-    ) -> CheckpointResult | None:
-        parent = await asyncio.to_thread(self._parent_entries, local)
-        current = await asyncio.to_thread(self._scan, parent)
-        changes = diffmod.diff(parent, current.entries)
-        t_scan = time.monotonic()
-        skipped = [Skipped(p, r) for p, r in current.skipped]
-        if not changes and skip_unchanged:
-            return None
-        chain = list(local.chain)
-        layer: LayerResult | None = None
-        if changes:
-            # The store readies itself (an S3 client takes a while) while the
-            # layer is compressed, mostly outside the GIL.
-            ready = asyncio.ensure_future(self.store.prepare())
-            try:
-                layer = await self._write_layer(changes, current.entries, progress)
-            finally:
-                await ready
-            skipped.extend(Skipped(p, r) for p, r in layer.skipped)
-            for s in layer.skipped:
-                log.warning("checkpoint.skipped", path=s[0], reason=s[1])
-            chain.append(LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed))
-        t_layer = time.monotonic()
-        info = await self._publish(local, target, chain, state)
-        new_entries = current.entries
-        if layer is not None:
-            new_entries = _next_parent(parent, current.entries, layer)
-        local.chain = chain
-        await asyncio.to_thread(self._save_local, local, new_entries)
-        duration = time.monotonic() - t0
-        log.info(
-            "checkpoint.written",
-            checkpoint=target,
-            state=state.value,
-            changed=len(changes),
-            layer_size=layer.size if layer else 0,
-            size=info.size,
-            layers=info.layers,
-            seconds=round(duration, 3),
-            scan_seconds=round(t_scan - t0, 3),
-            layer_seconds=round(t_layer - t_scan, 3),
-        )
-        return CheckpointResult(
-            info=info,
-            changed=len(changes),
-            layer_size=layer.size if layer else 0,
-            duration=duration,
-            skipped=skipped,
-        )
+            parent = await asyncio.to_thread(self._parent_entries, local)
+            current = await asyncio.to_thread(self._scan, parent)
+            changes = diffmod.diff(parent, current.entries)
+            t_scan = time.monotonic()
+            skipped = [Skipped(p, r) for p, r in current.skipped]
+            if not changes and skip_unchanged:
+                return None
+            chain = list(local.chain)
+            layer: LayerResult | None = None
+            if changes:
+                # The store readies itself (an S3 client takes a while) while the
+                # layer is compressed, mostly outside the GIL.
+                ready = asyncio.ensure_future(self.store.prepare())
+                try:
+                    layer = await self._write_layer(changes, current.entries, progress)
+                finally:
+                    await ready
+                skipped.extend(Skipped(p, r) for p, r in layer.skipped)
+                for s in layer.skipped:
+                    log.warning("checkpoint.skipped", path=s[0], reason=s[1])
+                chain.append(LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed))
+            t_layer = time.monotonic()
+            info = await self._publish(local, target, chain, state)
+            new_entries = current.entries
+            if layer is not None:
+                new_entries = _next_parent(parent, current.entries, layer)
+            local.chain = chain
+            await asyncio.to_thread(self._save_local, local, new_entries)
+            duration = time.monotonic() - t0
+            log.info(
+                "checkpoint.written",
+                checkpoint=target,
+                state=state.value,
+                changed=len(changes),
+                layer_size=layer.size if layer else 0,
+                size=info.size,
+                layers=info.layers,
+                seconds=round(duration, 3),
+                scan_seconds=round(t_scan - t0, 3),
+                layer_seconds=round(t_layer - t_scan, 3),
+            )
+            return CheckpointResult(
+                info=info,
+                changed=len(changes),
+                layer_size=layer.size if layer else 0,
+                duration=duration,
+                skipped=skipped,
+            )
 
     async def _write_layer(
         self, changes: diffmod.Changes, current: dict[str, Stat], progress: ProgressFn | None
