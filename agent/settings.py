@@ -57,7 +57,9 @@ class Settings(BaseSettings):
 
     # -- S3 ---------------------------------------------------------------------
     s3_part_size: int = Field(
-        16 << 20, ge=5 << 20, description="Multipart upload part size in bytes."
+        16 << 20,
+        ge=5 << 20,
+        description="Multipart upload part size, and ranged download size, in bytes.",
     )
     s3_concurrency: int = Field(
         4, ge=1, le=64, description="Parallel part uploads and blob downloads."
