@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fsutil import diff_snapshots, settings_for, snapshot
 
 from agent.errors import StoreUnavailable
 from agent.session import Progress, Session
+from agent.store.arrival import Arrival
 from agent.store.local import LocalStore
 
 BIG = 100_000  # blobs above this arrive in two halves; manifests come whole
@@ -99,3 +101,42 @@ async def test_a_layer_is_applied_while_it_arrives(tmp_path: Path, fail: bool) -
     await restorer.start("c", progress=progress, required=True)
     assert applying.is_set()
     assert diff_snapshots(snapshot(live), snapshot(target)) == []
+
+
+def test_arrival_reads_what_has_arrived_and_wakes_on_close(tmp_path: Path) -> None:
+    """A reader gets only reported bytes, waits for more, and a reader still
+    waiting when the restore gives up is woken with an error, not left hanging."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"abcdef")
+    arrival = Arrival()
+    arrival.data(blob, 2)
+    reader = arrival.open()
+    assert reader.read(10) == b"ab"
+    outcome: list[object] = []
+
+    def wait_for_more() -> None:
+        try:
+            outcome.append(reader.read(10))
+        except ValueError as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=wait_for_more)
+    waiter.start()
+    arrival.close()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], ValueError)
+
+
+def test_arrival_ends_only_when_complete(tmp_path: Path) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"abcdef")
+    arrival = Arrival()
+    arrival.data(blob, 6)
+    arrival.finish()
+    reader, again = arrival.open(), arrival.open()
+    assert reader.read(4) == b"abcd"
+    assert reader.read(4) == b"ef"
+    assert reader.read(4) == b""
+    assert again.read(-1) == b"abcdef"  # each reader from the first byte
+    arrival.close()

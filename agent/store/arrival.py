@@ -47,13 +47,14 @@ class Arrival:
             self._cond.notify_all()
 
     def close(self) -> None:
+        """Release the file; a reader still waiting, or reading later, raises."""
         with self._cond:
-            fd, self._fd = self._fd, None
-            if self._error is None and not self._done:
-                self._error = EOFError("the download was abandoned")
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            if self._error is None:
+                self._error = ValueError("read of a download that was closed")
             self._cond.notify_all()
-        if fd is not None:
-            os.close(fd)
 
     # -- the reading side (any thread) ----------------------------------------------------
 
@@ -61,18 +62,21 @@ class Arrival:
         """A reader from the first byte; several may read at once."""
         return ArrivingFile(self)
 
-    def _wait_for(self, offset: int) -> tuple[int, int, bool]:
-        """Block until a byte past ``offset`` has arrived or the blob is complete;
-        return the file, how much is readable and whether that is all."""
+    def read_at(self, offset: int, n: int) -> bytes:
+        """Up to ``n`` bytes from ``offset``, waiting until some have arrived; b""
+        at the end of a complete blob.  The file is read under the lock, so
+        ``close`` can't pull it from under a reader (a restore given up on)."""
         with self._cond:
             while True:
                 if self._error is not None:
                     raise self._error
                 if self._fd is not None and (self._ready > offset or self._done):
-                    return self._fd, self._ready, self._done
+                    break
                 if self._done:  # complete, yet never reported: an empty blob
-                    return -1, 0, True
+                    return b""
                 self._cond.wait()
+            want = self._ready - offset if n < 0 else min(n, self._ready - offset)
+            return os.pread(self._fd, want, offset) if want > 0 else b""
 
 
 class ArrivingFile:
@@ -83,14 +87,7 @@ class ArrivingFile:
         self._pos = 0
 
     def read(self, n: int = -1) -> bytes:
-        fd, ready, done = self._arrival._wait_for(self._pos)
-        if fd < 0:
-            return b""
-        available = ready - self._pos
-        if available <= 0 and done:
-            return b""
-        want = available if n < 0 else min(n, available)
-        data = os.pread(fd, want, self._pos)
+        data = self._arrival.read_at(self._pos, n)
         self._pos += len(data)
         return data
 
