@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 from agent.checkpoint import diff as diffmod
 from agent.checkpoint.layer_writer import LayerResult, write_layer
@@ -424,13 +424,13 @@ class Session:
                 async with sem:
                     dest = workdir / layer.digest.split(":")[-1]
                     dest.mkdir(exist_ok=True)
-                    await self.store.get_blob(
+                    path = await self.store.get_blob(
                         layer.digest, layer.size, dest, verify=verify_first, on_data=arrival.data
                     )
             except BaseException as e:  # the apply, waiting for bytes, raises it too
                 arrival.fail(e)
                 raise
-            arrival.finish()
+            arrival.finish(path)
             fetched[0] += layer.size
             if progress is not None:
                 progress(Progress("download", fetched[0], total_compressed, 0, 0))
@@ -442,12 +442,12 @@ class Session:
 
             def get(index: int) -> LayerFile:
                 # Applied as it arrives; unless verified already, hashed as it is read.
-                arrival = arrivals[index]
-                return LayerFile(
-                    digest=None if verify_first else layers[index].digest,
-                    size=layers[index].size,
-                    opener=lambda: cast(BinaryIO, arrival.open()),
-                )
+                arrival, digest = arrivals[index], layers[index].digest
+                expect = None if verify_first else digest
+                path = arrival.complete()
+                if path is not None:
+                    return LayerFile(path, expect, layers[index].size)
+                return LayerFile(digest=expect, size=layers[index].size, opener=arrival.open)
 
             def on_apply(done: int, total: int, b_done: int, b_total: int) -> None:
                 if progress is not None:

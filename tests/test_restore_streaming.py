@@ -133,7 +133,9 @@ def test_arrival_ends_only_when_complete(tmp_path: Path) -> None:
     blob.write_bytes(b"abcdef")
     arrival = Arrival()
     arrival.data(blob, 6)
-    arrival.finish()
+    assert arrival.complete() is None
+    arrival.finish(blob)
+    assert arrival.complete() == blob
     reader, again = arrival.open(), arrival.open()
     assert reader.read(4) == b"abcd"
     assert reader.read(4) == b"ef"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import BinaryIO, cast
 
 
 class Arrival:
@@ -21,6 +22,7 @@ class Arrival:
         self._fd: int | None = None
         self._ready = 0
         self._done = False
+        self._path: Path | None = None
         self._error: BaseException | None = None
 
     # -- the downloading side (the event loop) -----------------------------------------
@@ -34,11 +36,17 @@ class Arrival:
             self._ready = max(self._ready, ready)
             self._cond.notify_all()
 
-    def finish(self) -> None:
-        """Everything has arrived (get_blob returned, after its last ``data``)."""
+    def finish(self, path: Path) -> None:
+        """Everything has arrived, as the file ``path`` (what get_blob returned)."""
         with self._cond:
             self._done = True
+            self._path = path
             self._cond.notify_all()
+
+    def complete(self) -> Path | None:
+        """The whole file, if it has all arrived: read it directly, without waiting."""
+        with self._cond:
+            return self._path if self._done and self._error is None else None
 
     def fail(self, error: BaseException) -> None:
         """The download failed: readers raise ``error``."""
@@ -58,9 +66,10 @@ class Arrival:
 
     # -- the reading side (any thread) ----------------------------------------------------
 
-    def open(self) -> ArrivingFile:
-        """A reader from the first byte; several may read at once."""
-        return ArrivingFile(self)
+    def open(self) -> BinaryIO:
+        """A reader from the first byte; several may read at once.  It has only
+        ``read`` and ``close``, all a layer reader asks of a file."""
+        return cast(BinaryIO, ArrivingFile(self))
 
     def read_at(self, offset: int, n: int) -> bytes:
         """Up to ``n`` bytes from ``offset``, waiting until some have arrived; b""
