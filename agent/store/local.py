@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -46,6 +47,13 @@ def verify_file(path: Path, digest: str, size: int | None) -> None:
         raise DigestMismatch(f"blob {digest} has {n} bytes, expected {size}")
     if "sha256:" + h.hexdigest() != digest:
         raise DigestMismatch(f"blob {digest} is corrupt: its bytes hash to sha256:{h.hexdigest()}")
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 class LocalStore(Store):
@@ -117,9 +125,10 @@ class LocalStore(Store):
         on_data: Callable[[Path, int], None] | None = None,
     ) -> Path:
         path = self._blob_path(digest)
-        if not path.is_file():
+        st = await self._run(f"look up blob {digest}", _stat_or_none, path)
+        if st is None or not stat.S_ISREG(st.st_mode):
             raise BlobMissing(f"blob {digest} is missing from {self.root}")
-        found = path.stat().st_size
+        found = st.st_size
         if size is not None and found != size:
             raise DigestMismatch(f"blob {digest} has {found} bytes, expected {size}")
         if verify:
