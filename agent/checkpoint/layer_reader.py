@@ -80,7 +80,7 @@ class LayerReader:
         self._name = name
         self._buf = b""
         self._pos = 0
-        self.consumed = 0  # uncompressed bytes handed out
+        self._taken = 0  # uncompressed bytes of the buffers before ``_buf``
         self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=8)
         self._stop = threading.Event()
         self._eof = False
@@ -127,6 +127,11 @@ class LayerReader:
 
     # -- byte level -----------------------------------------------------------
 
+    @property
+    def consumed(self) -> int:
+        """Uncompressed bytes handed out so far."""
+        return self._taken + self._pos
+
     def _more(self) -> bytes:
         if self._eof:
             return b""
@@ -139,6 +144,7 @@ class LayerReader:
         return item
 
     def _fill(self, n: int) -> None:
+        """Make the buffer hold at least ``n`` bytes from the current position."""
         avail = len(self._buf) - self._pos
         if avail >= n:
             return
@@ -149,15 +155,15 @@ class LayerReader:
                 raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
             parts.append(data)
             avail += len(data)
+        self._taken += self._pos
         self._buf = b"".join(parts)
         self._pos = 0
 
     def read(self, n: int) -> bytes:
         self._fill(n)
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        self.consumed += n
-        return out
+        pos = self._pos
+        self._pos = pos + n
+        return self._buf[pos : pos + n]
 
     def copy_to(self, fd: int, n: int) -> None:
         """Write the next ``n`` bytes to ``fd``."""
@@ -168,55 +174,60 @@ class LayerReader:
 
     def _advance(self, n: int, fd: int | None) -> None:
         """Consume ``n`` bytes, writing them to ``fd`` unless it is None."""
-        self.consumed += n
         while n:
-            avail = len(self._buf) - self._pos
-            if not avail:
+            buf, pos = self._buf, self._pos
+            k = min(len(buf) - pos, n)
+            if not k:
+                self._taken += len(buf)
                 self._buf = self._more()
                 self._pos = 0
                 if not self._buf:
                     raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
                 continue
-            k = min(avail, n)
             if fd is not None:
-                view = memoryview(self._buf)[self._pos : self._pos + k]
+                view = memoryview(buf)[pos : pos + k]
                 while view:
                     view = view[os.write(fd, view) :]
-            self._pos += k
+            self._pos = pos + k
             n -= k
 
     # -- member level -----------------------------------------------------------
 
     def members(self) -> Iterator[tf.Member]:
-        """Members in archive order.  Each member's content must be consumed
-        (``copy_to`` or ``skip`` of exactly ``size`` bytes) before the next;
-        padding is handled here."""
+        """Members in archive order.  A member's content may be consumed
+        (``copy_to`` or ``skip``, in order) before the next is asked for; what is
+        left of it, and the padding, is skipped here."""
         pax_global: dict[bytes, bytes] = {}
         pax: dict[bytes, bytes] = {}
         mtime_ns: int | None = None
         long_name: str | None = None
         long_link: str | None = None
-        block_size = tf.BLOCK
+        B = tf.BLOCK
         mtime_blocks = tf.MTIME_PAX_BLOCKS
+        parse_header = tf.parse_header
         while True:
-            if len(self._buf) - self._pos < block_size:
-                self._fill(block_size)
-            pos = self._pos
-            block = self._buf[pos : pos + block_size]
-            self._pos = pos + block_size
-            self.consumed += block_size
+            if len(self._buf) - self._pos < B:
+                self._fill(B)
+            buf, pos = self._buf, self._pos
+            block = buf[pos : pos + B]
             kind = block[156:157]
             if kind == tf.XHDTYPE and (length := mtime_blocks.get(block)) is not None:
-                # Our writer's PAX header for a nanosecond mtime alone: one record.
-                record = self.read(block_size)[:length]
-                mtime_ns = tf.parse_mtime_record(record)
+                # Our writer's PAX header for a nanosecond mtime alone: its one
+                # record, then the member's own header block.
+                if len(buf) - pos < 3 * B:
+                    self._fill(3 * B)
+                    buf, pos = self._buf, self._pos
+                mtime_ns = tf.parse_mtime_record(buf[pos + B : pos + B + length])
                 pax = {}
-                continue
+                pos += 2 * B
+                block = buf[pos : pos + B]
+                kind = block[156:157]
+            self._pos = pos = pos + B
             if kind in _EXTENDED:
                 size = tf.extended_size(block)
                 if size > tf.MAX_PAX_SIZE:
                     raise CorruptLayer(f"{self._name}: extended header of {size} bytes")
-                data = self.read(size + (-size % block_size))[:size]
+                data = self.read(size + (-size % B))[:size]
                 if kind == tf.XHDTYPE:
                     pax = tf.parse_pax(data)
                     mtime_ns = None
@@ -227,7 +238,7 @@ class LayerReader:
                 else:
                     long_link = os.fsdecode(data.split(b"\0", 1)[0])
                 continue
-            m = tf.parse_header(block)
+            m = parse_header(block)
             if m is None:
                 self._drain()
                 return
@@ -247,21 +258,22 @@ class LayerReader:
             elif mtime_ns is not None:
                 m.mtime_ns = mtime_ns
                 mtime_ns = None
-            start = self.consumed
+            start = self._taken + pos
             yield m
-            left = m.size - (self.consumed - start)
+            size = m.size
+            left = size - (self._taken + self._pos - start)
             if left < 0:
                 raise CorruptLayer(f"{self._name}: read past the end of {m.name!r}")
-            left += -m.size % block_size
+            left += -size % B
             if left:
                 if len(self._buf) - self._pos >= left:
                     self._pos += left
-                    self.consumed += left
                 else:
                     self.skip(left)
 
     def _drain(self) -> None:
         """Read to the end so a damaged frame tail is still noticed."""
+        self._taken += self._pos
         self._buf = b""
         self._pos = 0
         while self._more():

@@ -190,7 +190,7 @@ def write_layer(
             nonlocal buf, uncompressed
             if buf:
                 uncompressed += len(buf)
-                zw.write(bytes(buf))
+                zw.write(buf)  # taken whole by zstd: a new buffer follows, no copy
                 buf = bytearray()
 
         for path in changes.deletions:

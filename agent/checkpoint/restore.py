@@ -163,15 +163,16 @@ def _apply_all(
         pending: dict[str, list[_DeferredLink]] = {}
         skipped_files: set[str] = set()
         name = f"layer {index + 1} of {count}"
+        older = index < newest
+        entries = merge.stats.entries
         with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
             for m in reader.members():
-                _apply_member(merge, reader, m, index, index < newest, pending, skipped_files)
-                merge.stats.entries += 1
-                if progress is not None and (merge.stats.entries & 255) == 0:
-                    progress(
-                        merge.stats.entries, totals[0], base_bytes + reader.consumed, totals[1]
-                    )
+                _apply_member(merge, reader, m, index, older, pending, skipped_files)
+                entries += 1
+                if progress is not None and not entries & 255:
+                    progress(entries, totals[0], base_bytes + reader.consumed, totals[1])
             base_bytes += reader.consumed
+        merge.stats.entries = entries
         if pending:
             _relink_overridden(merge, layer, index, pending)
     for link in merge.deferred:
@@ -196,8 +197,10 @@ def _hidden(merge: _Merge, path: str, layer: int, check_parents: bool) -> bool:
     d = merge.decided.get(path)
     if d is not None and d[0] > layer:
         return True
-    if not check_parents:
-        return False
+    return check_parents and _hidden_by_parent(merge, path, layer)
+
+
+def _hidden_by_parent(merge: _Merge, path: str, layer: int) -> bool:
     for a in parents(path):
         d = merge.decided.get(a)
         if d is not None and d[0] > layer and d[1] != _DIR:
@@ -222,40 +225,42 @@ def _apply_member(
     if base.startswith(tf.WHITEOUT_PREFIX):
         _apply_whiteout(merge, head, base, layer, older, m.name)
         return
-    if m.type in (tf.CHRTYPE, tf.BLKTYPE):
+    kind = m.type
+    if kind in (tf.CHRTYPE, tf.BLKTYPE):
         raise UnsafeLayer(f"refused device node {path!r}: device nodes are never restored")
-    if _hidden(merge, path, layer, older):
+    d = merge.decided.get(path)
+    if (d is not None and d[0] > layer) or (older and _hidden_by_parent(merge, path, layer)):
         merge.stats.skipped += 1
-        if m.type in _REG_TYPES:
+        if kind in _REG_TYPES:
             skipped_files.add(path)  # a hardlink of this layer may still need it
-        d = merge.decided.get(path)
-        if m.type != tf.DIRTYPE and d is not None and d[1] == _DIR:
+        if kind != tf.DIRTYPE and d is not None and d[1] == _DIR:
             # This layer made the path a non-directory, removing what was below it;
             # a newer one made it a directory again, so only newer content stays.
             _hide_below(merge, path, layer)
         return
-    if m.type != tf.DIRTYPE:
+    if kind != tf.DIRTYPE:
         used = merge.used_dirs.get(path)
         if used is not None and used > layer:
-            if m.type == tf.SYMTYPE:
+            if kind == tf.SYMTYPE:
                 raise UnsafeLayer(
                     f"refused symlink {path!r}: a newer layer writes below it, which would "
                     "write through the link"
                 )
             raise CorruptLayer(f"{path!r} is not a directory but a newer layer writes below it")
-    _ensure_parents(merge, path, layer)
+    if head:
+        _ensure_parents(merge, path, head, layer)
     full = f"{merge.root}/{path}"
-    if m.type == tf.DIRTYPE:
+    if kind in _REG_TYPES:
+        _write_file(merge, reader, m, full, path, head)
+        merge.decided[path] = (layer, _NONDIR)
+        merge.stats.files += 1
+    elif kind == tf.DIRTYPE:
         _make_dir(merge, full, path)
         merge.dir_meta[path] = m
         merge.decided[path] = (layer, _DIR)
         if merge.used_dirs.get(path, -1) < layer:  # a real directory now: no lstat again
             merge.used_dirs[path] = layer
-    elif m.type in _REG_TYPES:
-        _write_file(merge, reader, m, full, path)
-        merge.decided[path] = (layer, _NONDIR)
-        merge.stats.files += 1
-    elif m.type == tf.LNKTYPE:
+    elif kind == tf.LNKTYPE:
         target = clean_member_name(m.linkname)
         d = merge.decided.get(target)
         if d == (layer, _NONDIR):
@@ -268,7 +273,7 @@ def _apply_member(
         else:
             merge.deferred.append(_DeferredLink(path, target, layer, m))
         merge.decided[path] = (layer, _NONDIR)
-    elif m.type == tf.SYMTYPE:
+    elif kind == tf.SYMTYPE:
         if symlink_escapes(path, m.linkname):
             raise UnsafeLayer(
                 f"refused symlink {path!r} -> {m.linkname!r}: it climbs above the root"
@@ -276,7 +281,7 @@ def _apply_member(
         _replace_with(merge, full, path, lambda tmp: os.symlink(m.linkname, tmp))
         _set_meta_path(merge, full, m)
         merge.decided[path] = (layer, _NONDIR)
-    elif m.type == tf.FIFOTYPE:
+    elif kind == tf.FIFOTYPE:
         _replace_with(merge, full, path, lambda tmp: os.mkfifo(tmp, 0o600), meta=m)
         merge.decided[path] = (layer, _NONDIR)
 
@@ -334,11 +339,10 @@ def _prune_undecided(merge: _Merge, rel_dir: str, layer: int) -> None:
 # -- filesystem operations, never following a symlink ------------------------------------
 
 
-def _ensure_parents(merge: _Merge, path: str, layer: int) -> None:
+def _ensure_parents(merge: _Merge, path: str, head: str, layer: int) -> None:
+    """Make ``head``, the directory ``path`` is in, and its parents exist as real
+    directories (never symlinks) and note that ``layer`` writes below them."""
     used = merge.used_dirs
-    head = path.rpartition("/")[0]
-    if not head:
-        return
     prev = used.get(head)
     if prev is not None:  # its own parents were checked when it was
         if layer > prev:
@@ -434,10 +438,10 @@ def _mkdir(merge: _Merge, full: str, rel: str, mode: int) -> None:
 
 def _make_dir(merge: _Merge, full: str, rel: str) -> None:
     try:
-        s = os.lstat(full)
-    except FileNotFoundError:
         _mkdir(merge, full, rel, 0o700)
         return
+    except FileExistsError:
+        s = os.lstat(full)
     if st.S_ISDIR(s.st_mode):
         if _inherits(s.st_mode, full):
             merge.inherit.add(rel)
@@ -499,7 +503,9 @@ def _unlink_quiet(path: str) -> None:
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
-def _write_file(merge: _Merge, reader: LayerReader, m: tf.Member, full: str, rel: str) -> None:
+def _write_file(
+    merge: _Merge, reader: LayerReader, m: tf.Member, full: str, rel: str, head: str
+) -> None:
     mode = m.mode & 0o7777
     # Special bits are set only after the owner (chown clears them); until then,
     # and for a file that replaces another, the new file is private.
@@ -520,13 +526,15 @@ def _write_file(merge: _Merge, reader: LayerReader, m: tf.Member, full: str, rel
         try:
             if m.size:
                 reader.copy_to(fd, m.size)
-            inherited = merge.inherit and rel.rpartition("/")[0] in merge.inherit
-            if inherited or m.uid != merge.ids[0] or m.gid != merge.ids[1]:
+            inherited = merge.inherit and head in merge.inherit
+            uid, gid = merge.ids
+            if inherited or m.uid != uid or m.gid != gid:
                 _chown_fd(merge, fd, m)
             if inherited or mode != create_mode & ~merge.umask:
                 os.fchmod(fd, mode)
-            for k, v in m.xattrs.items():
-                os.setxattr(fd, k, v)
+            if m.xattrs:
+                for k, v in m.xattrs.items():
+                    os.setxattr(fd, k, v)
             os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         finally:
             os.close(fd)
@@ -595,7 +603,9 @@ def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
             f"hardlink {link.path!r} -> {link.target!r} refers to content a newer layer replaced"
         )
     _check_link_target(merge, link.target, link.path)
-    _ensure_parents(merge, link.path, link.layer)
+    head = link.path.rpartition("/")[0]
+    if head:
+        _ensure_parents(merge, link.path, head, link.layer)
     _hardlink(
         merge, os.path.join(merge.root, link.target), os.path.join(merge.root, link.path), link.path
     )
@@ -618,7 +628,7 @@ def _relink_overridden(
                 continue
             first = links[0]
             full_first = os.path.join(merge.root, first.path)
-            _write_file(merge, reader, m, full_first, first.path)
+            _write_file(merge, reader, m, full_first, first.path, first.path.rpartition("/")[0])
             for other in links[1:]:
                 _hardlink(merge, full_first, os.path.join(merge.root, other.path), other.path)
     if pending:

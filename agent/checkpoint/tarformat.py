@@ -198,13 +198,17 @@ _MTIME_PREFIXES = {n: b"%d mtime=" % n for n in _MTIME_RECORD_LENGTHS}
 
 
 def parse_mtime_record(record: bytes) -> int:
-    """The nanosecond mtime from a PAX record that follows one of ``MTIME_PAX_BLOCKS``."""
-    prefix = _MTIME_PREFIXES[len(record)]
-    if record.startswith(prefix) and record.endswith(b"\n"):
-        try:
-            return _parse_pax_time(record[len(prefix) : -1])
-        except ValueError:
-            pass
+    """The nanosecond mtime from a PAX record that follows one of ``MTIME_PAX_BLOCKS``:
+    ``"NN mtime=<seconds>.<9 digits>\\n"``, digits only."""
+    secs, _, frac = record[9:-1].partition(b".")
+    if (
+        record[:9] == _MTIME_PREFIXES[len(record)]
+        and record[-1] == 10  # "\n"
+        and len(frac) == 9
+        and secs.isdigit()
+        and frac.isdigit()
+    ):
+        return int(secs) * 1_000_000_000 + int(frac)
     raise CorruptLayer(f"malformed PAX mtime record {record!r}")
 
 
@@ -242,15 +246,18 @@ def _num(field_: bytes, what: str) -> int:
         raise CorruptLayer(f"malformed {what} in tar header: {text!r}") from None
 
 
-def _checksum(block: bytes, f: tuple[bytes, ...]) -> int:
+def _checksum(block: bytes) -> int:
     """The header's byte sum with the checksum field counted as spaces.
 
     Summing bytes in Python is slow; Adler-32's low half is the byte sum plus
-    one, modulo 65521, which is exact for 256 bytes (at most 65280).
+    one, modulo 65521, which is exact for up to 256 bytes (at most 65280).
     """
-    view = memoryview(block)
-    total = (adler32(view[:256]) & 0xFFFF) + (adler32(view[256:]) & 0xFFFF) - 2
-    return total - sum(f[6]) + 256
+    return (
+        (adler32(block[:256]) & 0xFFFF)
+        + (adler32(block[256:]) & 0xFFFF)
+        - (adler32(block[148:156]) & 0xFFFF)
+        + 255  # the three adler32 "plus one"s, and 8 spaces (256) for the field
+    )
 
 
 def extended_size(block: bytes) -> int:
@@ -261,7 +268,7 @@ def extended_size(block: bytes) -> int:
         stored = int(f[6].rstrip(b"\0 ") or b"0", 8)
     except ValueError:
         size, stored = _num(f[4], "size"), _num(f[6], "checksum")
-    if stored != _checksum(block, f):
+    if stored != _checksum(block):
         raise CorruptLayer("tar header checksum mismatch (corrupt layer)")
     if size < 0:
         raise CorruptLayer("negative size in tar header")
@@ -273,7 +280,6 @@ def parse_header(block: bytes) -> Member | None:
     if not block[0] and block == _ZERO_BLOCK:
         return None
     f = _HEADER.unpack(block)
-    computed = _checksum(block, f)
     try:  # the common case: every number NUL- or space-terminated octal
         mode = int(f[1].rstrip(b"\0 ") or b"0", 8)
         uid = int(f[2].rstrip(b"\0 ") or b"0", 8)
@@ -284,24 +290,23 @@ def parse_header(block: bytes) -> Member | None:
     except ValueError:
         mode, uid, gid = _num(f[1], "mode"), _num(f[2], "uid"), _num(f[3], "gid")
         size, mtime, stored = _num(f[4], "size"), _num(f[5], "mtime"), _num(f[6], "checksum")
-    if stored != computed:
+    if stored != _checksum(block):
         raise CorruptLayer("tar header checksum mismatch (corrupt layer)")
-    if min(mode, uid, gid, size, mtime) < 0:
+    if (mode | uid | gid | size | mtime) < 0:
         raise CorruptLayer("negative number in tar header")
     name = f[0].partition(b"\0")[0]
-    if f[9][:5] == b"ustar":
-        prefix = f[15].partition(b"\0")[0]
-        if prefix:
-            name = prefix + b"/" + name
+    if f[15][0] and f[9][:5] == b"ustar":  # a prefix to join
+        name = f[15].partition(b"\0")[0] + b"/" + name
+    link = f[8]
     return Member(
-        name=name.decode("utf-8", "surrogateescape"),
-        type=f[7],
-        mode=mode,
-        uid=uid,
-        gid=gid,
-        size=size,
-        mtime_ns=mtime * 1_000_000_000,
-        linkname=f[8].partition(b"\0")[0].decode("utf-8", "surrogateescape"),
+        name.decode("utf-8", "surrogateescape"),
+        f[7],
+        mode,
+        uid,
+        gid,
+        size,
+        mtime * 1_000_000_000,
+        link.partition(b"\0")[0].decode("utf-8", "surrogateescape") if link[0] else "",
     )
 
 
