@@ -1,10 +1,12 @@
 """Write a set of changes as one zstd-compressed PAX tar layer.
 
 One pass, no per-member objects: headers come from ``tarformat.encode_header``
-into a buffer that is handed to the (multi-threaded) zstd compressor in large
-slices, while the compressed bytes are hashed on their way to the file, so the
-layer's digest is known the moment it is written.  Memory stays bounded: small
-files are read whole, large ones in chunks, never a whole layer.
+into a buffer that is handed, in large slices, to a thread of its own that feeds
+the (multi-threaded) zstd compressor and hashes the compressed bytes on their
+way to the file, so the layer's digest is known the moment it is written.  As
+in ``tar | zstd``, reading files and compressing overlap.  Memory stays bounded:
+small files are read whole, large ones in chunks, a few slices are queued,
+never a whole layer.
 
 A file that changes while it is read is still written consistently (exactly
 the size its header declares) and its record is "poisoned" so the next
@@ -16,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import stat as st
 import threading
 from collections.abc import Callable
@@ -53,6 +56,9 @@ WHOLE_FILE_MAX = 1 << 20
 # machine of many CPUs; more are seldom faster (the reader is one thread).
 JOB_SIZE = 2 << 20
 MAX_THREADS = 4
+# Slices queued for the compressing thread: each holds at most FLUSH_AT plus one
+# small file, so a few MiB wait at most.
+QUEUE_DEPTH = 4
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 # (entries done, entries total, content bytes done, content bytes total)
@@ -93,6 +99,52 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self._f.flush()
+
+
+class _CompressThread:
+    """zstd's input side, the output's hash and the file write, on their own thread.
+
+    The caller, reading files and making headers, then runs beside them, as tar
+    runs beside zstd in ``tar | zstd``: on few cores that overlap is what keeps
+    the compressor's workers busy.  Slices given to ``write`` belong to the
+    thread from then on."""
+
+    def __init__(self, cctx: zstandard.ZstdCompressor, sink: _HashingWriter) -> None:
+        self._zw = cctx.stream_writer(sink, closefd=False, write_size=FLUSH_AT)  # type: ignore[arg-type]
+        self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._finish = False
+        self.uncompressed = 0
+        self._thread = threading.Thread(target=self._run, name="layer-compress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        get = self._queue.get
+        data = get()
+        try:
+            while data is not None:
+                self._zw.write(data)
+                data = get()
+            if self._finish:
+                self._zw.flush(zstandard.FLUSH_FRAME)
+        except BaseException as e:  # handed to the caller at its next write or close
+            self._error = e
+            while data is not None:  # drained, so the caller never blocks on a full queue
+                data = get()
+
+    def write(self, data: bytes | bytearray) -> None:
+        if self._error is not None:
+            raise self._error
+        self.uncompressed += len(data)
+        self._queue.put(data)
+
+    def close(self, finish: bool) -> None:
+        """Wait for the thread; ``finish`` ends the frame, otherwise the output is abandoned."""
+        self._finish = finish
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and finish:
+            raise self._error
 
 
 def poisoned(rec: Stat) -> Stat:
@@ -181,16 +233,15 @@ def write_layer(
                     by_inode.setdefault(r[INO], []).append(p)
         return [p for p in by_inode.get(ino, ()) if p != path and p not in upserted]
 
-    uncompressed = 0
-
-    with cctx.stream_writer(sink, closefd=False, write_size=FLUSH_AT) as zw:  # type: ignore[arg-type]
+    compressor = _CompressThread(cctx, sink)
+    finished = False
+    try:
         buf = bytearray()
 
         def flush() -> None:
-            nonlocal buf, uncompressed
+            nonlocal buf
             if buf:
-                uncompressed += len(buf)
-                zw.write(buf)  # taken whole by zstd: a new buffer follows, no copy
+                compressor.write(buf)  # the thread's from now on: a new buffer follows, no copy
                 buf = bytearray()
 
         for path in changes.deletions:
@@ -267,8 +318,7 @@ def write_layer(
                                 if not chunk:  # truncated while we read it
                                     dirty = True
                                     chunk = bytes(min(CHUNK, left))
-                                zw.write(chunk)
-                                uncompressed += len(chunk)
+                                compressor.write(chunk)
                                 left -= len(chunk)
                         except OSError as e:
                             # The header is out, so the layer can't be trusted:
@@ -337,9 +387,12 @@ def write_layer(
 
         buf += tf.end_of_archive()
         flush()
+        finished = True
+    finally:
+        compressor.close(finished)
     result.digest = "sha256:" + sink.sha.hexdigest()
     result.size = sink.size
-    result.uncompressed = uncompressed
+    result.uncompressed = compressor.uncompressed
     if progress is not None:
         progress(result.entries, total_entries, done_bytes, total_bytes)
     return result
