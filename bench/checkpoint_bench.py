@@ -1,6 +1,6 @@
 """Checkpoint and restore speed against ``tar | zstd`` and restic, same tree, same run.
 
-    python bench/checkpoint_bench.py [--source DIR] [--repeat 3] [--s3] [--scratch DIR]
+    python bench/checkpoint_bench.py [--source DIR] [--repeat 3] [--warmup 1] [--s3] [--scratch DIR]
 
 The tree is a copy of real installed packages (by default this interpreter's
 site-packages: tens of thousands of small and large files, like a session that
@@ -8,10 +8,12 @@ pip-installed a data-science stack).  Every step runs as its own process, as a
 user runs it (``studio-agent checkpoint``, ``studio-agent restore``, interpreter
 start-up included), measured by wall time.  The references run interleaved with
 ours in every round, who goes first alternating; what a step reads is read once
-beforehand and the disk is synced before each step.  Each figure is the best of
-``--repeat`` rounds, so a busy machine or disk penalises both sides alike, and
-the ratio of each round is shown too.  The peak RSS of our checkpoint process is
-reported too.
+beforehand and the disk is synced before each step.  ``--warmup`` untimed rounds
+come first, so that no side pays alone for what a first round meets (memory the
+host has not handed over yet, a cold disk).  Each figure is the best of
+``--repeat`` rounds, so a busy machine or disk penalises both sides alike; the
+ratio of each round and their median are shown too, as a pair measured minutes
+apart can meet a different disk.  The peak RSS of our processes is reported too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -65,6 +68,7 @@ class Bench:
         self.env = env
         self.times: dict[str, list[float]] = {}
         self.peak_rss_mb = 0.0
+        self.recording = True  # off in warm-up rounds
 
     def timed(
         self,
@@ -86,7 +90,8 @@ class Bench:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         _, err = proc.communicate()
-        self.times.setdefault(key, []).append(time.perf_counter() - t0)
+        if self.recording:
+            self.times.setdefault(key, []).append(time.perf_counter() - t0)
         if proc.returncode != 0:
             raise SystemExit(f"{key} failed: {err.decode()}")
         kb = peak_kb(err.decode())
@@ -129,6 +134,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--source", type=Path, default=Path(sysconfig.get_paths()["purelib"]))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     ap.add_argument(
         "--scratch", type=Path, default=None, help="work directory (default: a temp dir)"
     )
@@ -172,8 +178,9 @@ def main() -> int:
 
     out = scratch / "ref.tar.zst"
     try:
-        for i in range(args.repeat):
-            print(f"round {i + 1}/{args.repeat}", file=sys.stderr)
+        for i in range(-args.warmup, args.repeat):
+            b.recording = i >= 0
+            print(f"round {i + 1}/{args.repeat}" if i >= 0 else "warm-up", file=sys.stderr)
             # Delete the last round's trees first and let the disk settle, so that
             # no step pays for another's deletions.
             for old in scratch.iterdir():
@@ -203,7 +210,7 @@ def main() -> int:
             target = b.restore("restore", work, env)
             if ours_first:
                 untar()
-            if i == 0:
+            if i == -args.warmup:
                 sh(["diff", "-r", "--no-dereference", str(root / "data"), str(target / "data")])
             if restic:
                 repo = fresh(scratch / "restic-repo")
@@ -252,14 +259,21 @@ def main() -> int:
             ("restore through S3 (local moto)", "s3_restore", "local store", "restore"),
         ]
     cpus = os.cpu_count()
-    print(f"\nTree: {files} files, {size / 1e6:.0f} MB; {cpus} CPUs; best of {args.repeat}.\n")
-    print("| step | ours | reference | ratio (ours / reference) | ratio in each round |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        f"\nTree: {files} files, {size / 1e6:.0f} MB; {cpus} CPUs; best of {args.repeat} "
+        f"after {args.warmup} warm-up round(s).\n"
+    )
+    print("| step | ours | reference | ratio of the best times | ratio in each round | median |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for label, ours, ref_label, ref in rows:
         o, r = b.best(ours), b.best(ref)
         shown = ref_label.replace("|", "\\|")
-        rounds = ", ".join(f"{x / y:.2f}" for x, y in zip(b.times[ours], b.times[ref], strict=True))
-        print(f"| {label} | {o:.2f} s | {shown} {r:.2f} s | {o / r:.2f} | {rounds} |")
+        ratios = [x / y for x, y in zip(b.times[ours], b.times[ref], strict=True)]
+        rounds = ", ".join(f"{x:.2f}" for x in ratios)
+        median = statistics.median(ratios)
+        print(
+            f"| {label} | {o:.2f} s | {shown} {r:.2f} s | {o / r:.2f} | {rounds} | {median:.2f} |"
+        )
     layer = max(
         p.stat().st_size for p in (Path(work) / ".studios/checkpoints/blobs/sha256").iterdir()
     )
