@@ -288,13 +288,19 @@ class _ProgressLine:
 
     def _update(self, p: Progress) -> None:
         now = time.monotonic()
-        if now - self._last < 0.2 and p.bytes_done < p.bytes_total:
+        final = 0 < p.bytes_total <= p.bytes_done  # always shown
+        if now - self._last < 0.2 and not final:
             return
         self._last = now
-        pct = f"{100 * p.bytes_done / p.bytes_total:5.1f}%" if p.bytes_total else "     "
-        files = f"{p.files_done}/{p.files_total} entries" if p.files_total else ""
-        self.stream.write(
-            f"\r\033[K{p.phase:8} {pct} {_size(p.bytes_done)} of {_size(p.bytes_total)} {files}"
-        )
+        if p.bytes_total:
+            amount = f"{100 * p.bytes_done / p.bytes_total:5.1f}% {_size(p.bytes_done)} of "
+            amount += _size(p.bytes_total)
+        else:  # still walking: how much is to come is not known yet
+            amount = _size(p.bytes_done)
+        if p.files_total:
+            files = f"{p.files_done}/{p.files_total} entries"
+        else:
+            files = f"{p.files_done} entries" if p.files_done else ""
+        self.stream.write(f"\r\033[K{p.phase:8} {amount} {files}")
         self.stream.flush()
         self._shown = True

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.checkpoint import diff as diffmod
-from agent.checkpoint.layer_writer import LayerResult, write_layer
+from agent.checkpoint.layer_writer import LayerResult
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import auto_name, normalize_name
+from agent.checkpoint.pipeline import Pass, scan_and_write
 from agent.checkpoint.restore import LayerFile, RestoreStats, apply_layers
 from agent.checkpoint.scan import Excluder, Scan, Stat, scan
 from agent.checkpoint.state import load_state, save_state
@@ -266,15 +267,9 @@ class Session:
 
     def _scan(self, parent: dict[str, Stat] | None = None) -> Scan:
         result = scan(self.root, self._excluder())
-        if parent and result.unreadable_dirs:
-            # What could not be listed is unknown, not deleted: keep the parent's view.
-            for d in result.unreadable_dirs:
-                prefix = d + "/" if d else ""
-                for path, rec in parent.items():
-                    if path.startswith(prefix) and path not in result.entries:
-                        result.entries[path] = rec
-        for path, reason in result.skipped:
-            log.warning("scan.skipped", path=path, reason=reason)
+        if parent:
+            diffmod.keep_unlisted(result, parent)
+        _log_skipped(result)
         return result
 
     # -- starting a session -------------------------------------------------------------------
@@ -486,26 +481,30 @@ class Session:
             local = self._session()
             target = normalize_name(name) if name else local.name
             parent = await asyncio.to_thread(self._parent_entries, local)
-            current = await asyncio.to_thread(self._scan, parent)
-            changes = diffmod.diff(parent, current.entries)
-            t_scan = time.monotonic()
-            skipped = [Skipped(p, r) for p, r in current.skipped]
-            if not changes and skip_unchanged:
-                return None
-            chain = list(local.chain)
-            layer: LayerResult | None = None
-            if changes:
-                # The store readies itself (an S3 client takes a while) while the
-                # layer is compressed, mostly outside the GIL.
-                ready = asyncio.ensure_future(self.store.prepare())
+            # The store readies itself (an S3 client takes a while) while the root
+            # is walked and the layer compressed, mostly outside the GIL.
+            ready = asyncio.ensure_future(self.store.prepare())
+            tmp = self.spool / f"layer-{uuid.uuid4().hex}.tmp"
+            try:
                 try:
-                    layer = await self._write_layer(changes, current.entries, progress)
+                    done = await self._scan_and_write(parent, tmp, progress)
                 finally:
                     await ready
-                skipped.extend(Skipped(p, r) for p, r in layer.skipped)
-                for s in layer.skipped:
-                    log.warning("checkpoint.skipped", path=s[0], reason=s[1])
-                chain.append(LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed))
+                current, changes, layer = done.scan, done.changes, done.layer
+                skipped = [Skipped(p, r) for p, r in current.skipped]
+                if not changes and skip_unchanged:
+                    return None
+                chain = list(local.chain)
+                if layer is not None:
+                    skipped.extend(Skipped(p, r) for p, r in layer.skipped)
+                    for s in layer.skipped:
+                        log.warning("checkpoint.skipped", path=s[0], reason=s[1])
+                    await self._upload(tmp, layer, progress)
+                    chain.append(
+                        LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed)
+                    )
+            finally:
+                tmp.unlink(missing_ok=True)
             t_layer = time.monotonic()
             info = await self._publish(local, target, chain, state)
             new_entries = current.entries
@@ -523,8 +522,8 @@ class Session:
                 size=info.size,
                 layers=info.layers,
                 seconds=round(duration, 3),
-                scan_seconds=round(t_scan - t0, 3),
-                layer_seconds=round(t_layer - t_scan, 3),
+                walk_seconds=round(done.walk_seconds, 3),
+                layer_seconds=round(t_layer - t0, 3),
             )
             return CheckpointResult(
                 info=info,
@@ -534,44 +533,42 @@ class Session:
                 skipped=skipped,
             )
 
-    async def _write_layer(
-        self, changes: diffmod.Changes, current: dict[str, Stat], progress: ProgressFn | None
-    ) -> LayerResult:
-        tmp = self.spool / f"layer-{uuid.uuid4().hex}.tmp"
+    async def _scan_and_write(
+        self, parent: dict[str, Stat], tmp: Path, progress: ProgressFn | None
+    ) -> Pass:
+        """Walk the root and write its changes to the spool file ``tmp`` in one pass."""
 
-        def on_write(done: int, total: int, b_done: int, b_total: int) -> None:
+        def on_progress(phase: str, done: int, total: int, b_done: int, b_total: int) -> None:
             if progress is not None:
-                progress(Progress("write", b_done, b_total, done, total))
+                progress(Progress(phase, b_done, b_total, done, total))
 
-        def run() -> LayerResult:
+        def run() -> Pass:
             self.spool.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                return write_layer(
+                done = scan_and_write(
                     self.root,
-                    changes,
-                    current,
+                    self._excluder(),
+                    parent,
                     f,
                     level=self.settings.compression_level,
                     threads=self.settings.compression_threads,
-                    progress=on_write,
+                    progress=on_progress,
                     cancel=self._cancel,
                 )
+            _log_skipped(done.scan)
+            return done
 
         try:
-            try:
-                result = await asyncio.to_thread(run)
-            except OSError as e:  # the spool's disk is full or read-only
-                raise AgentError(
-                    f"cannot write the layer to {self.spool}: {e.strerror or e}"
-                ) from e
-            if progress is not None:
-                progress(Progress("upload", 0, result.size, 0, 1))
-            await self.store.put_blob(tmp, result.digest, result.size)
-            if progress is not None:
-                progress(Progress("upload", result.size, result.size, 1, 1))
-            return result
-        finally:
-            tmp.unlink(missing_ok=True)
+            return await asyncio.to_thread(run)
+        except OSError as e:  # the spool's disk is full or read-only
+            raise AgentError(f"cannot write the layer to {self.spool}: {e.strerror or e}") from e
+
+    async def _upload(self, tmp: Path, layer: LayerResult, progress: ProgressFn | None) -> None:
+        if progress is not None:
+            progress(Progress("upload", 0, layer.size, 0, 1))
+        await self.store.put_blob(tmp, layer.digest, layer.size)
+        if progress is not None:
+            progress(Progress("upload", layer.size, layer.size, 1, 1))
 
     async def mark(self, state: CheckpointState, name: str | None = None) -> CheckpointInfo:
         """Write this session's checkpoint with the current chain and ``state``, no scan."""
@@ -696,6 +693,11 @@ def _info(studio: str, name: str, ref: RefValue, manifest: Manifest) -> Checkpoi
         size=manifest.size,
         layers=len(manifest.layers),
     )
+
+
+def _log_skipped(result: Scan) -> None:
+    for path, reason in result.skipped:
+        log.warning("scan.skipped", path=path, reason=reason)
 
 
 def _next_parent(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -162,3 +163,23 @@ def test_bad_setting_is_one_line(tmp_path: Path) -> None:
     c = Cli(tmp_path)
     env = dict(os.environ, STUDIO_CHECKPOINT_INTERVAL="soon")
     one_line_error(c("checkpoints", ok=False, env=env), "checkpoint_interval")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_while_walking_then_writing() -> None:
+    """While the walk goes on nothing says how much is to come: no percentage, no
+    "of 0 B"; once it is known, the line shows it, and the last state always shows."""
+    from agent.cli import _ProgressLine
+    from agent.session import Progress
+
+    term = _Terminal()
+    line = _ProgressLine(term)
+    assert line.update is not None
+    line.update(Progress("scan", 1_500_000, 0, 300, 0))
+    assert term.getvalue().endswith("scan     1.5 MB 300 entries")
+    line.update(Progress("write", 4_000_000, 4_000_000, 800, 800))
+    assert term.getvalue().endswith("write    100.0% 4.0 MB of 4.0 MB 800/800 entries")

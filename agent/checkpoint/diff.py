@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat as st
 from dataclasses import dataclass, field
 
-from agent.checkpoint.scan import MODE, SIZE, Stat
+from agent.checkpoint.scan import MODE, SIZE, Scan, Stat
 
 
 @dataclass(slots=True)
@@ -36,17 +36,19 @@ def diff(parent: dict[str, Stat], current: dict[str, Stat]) -> Changes:
             added.add(path)
         elif old != rec:
             upserts.append(path)
-    if len(parent) + len(added) != len(current):  # something was deleted
-        changes.deletions = _top_deletions(parent, current)
+    changes.deletions = deletions(parent, current, len(added))
     return changes
 
 
-def _top_deletions(parent: dict[str, Stat], current: dict[str, Stat]) -> list[str]:
-    """Deleted paths whose parent directory still exists as a directory.
+def deletions(parent: dict[str, Stat], current: dict[str, Stat], added: int) -> list[str]:
+    """Deleted paths whose parent directory still exists as a directory, given
+    how many paths of ``current`` the parent lacks.
 
     Below a deleted directory one whiteout suffices; below a directory replaced
     by a file the new file's entry already hides everything.
     """
+    if len(parent) + added == len(current):  # nothing was deleted
+        return []
     out = []
     for path in parent:
         if path in current:
@@ -59,6 +61,16 @@ def _top_deletions(parent: dict[str, Stat], current: dict[str, Stat]) -> list[st
         out.append(path)
     out.sort()
     return out
+
+
+def keep_unlisted(scan: Scan, parent: dict[str, Stat]) -> None:
+    """Directories the scan could not list are unknown, not deleted: what the
+    parent recorded below them stands."""
+    for d in scan.unreadable_dirs:
+        prefix = d + "/" if d else ""
+        for path, rec in parent.items():
+            if path.startswith(prefix) and path not in scan.entries:
+                scan.entries[path] = rec
 
 
 @dataclass(frozen=True, slots=True)

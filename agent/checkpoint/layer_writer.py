@@ -1,6 +1,7 @@
 """Write a set of changes as one zstd-compressed PAX tar layer.
 
-One pass, no per-member objects: headers come from ``tarformat.encode_header``
+Entries come one at a time (``LayerWriter``), so a checkpoint writes each as its
+walk finds it.  No per-member objects: headers come from ``tarformat.encode_header``
 into a buffer that is handed, in large slices, to a thread of its own that feeds
 the (multi-threaded) zstd compressor and hashes the compressed bytes on their
 way to the file, so the layer's digest is known the moment it is written.  As
@@ -21,7 +22,7 @@ import os
 import queue
 import stat as st
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -61,8 +62,8 @@ MAX_THREADS = 4
 QUEUE_DEPTH = 4
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
-# (entries done, entries total, content bytes done, content bytes total)
-WriteProgress = Callable[[int, int, int, int], None]
+# (entries written, content bytes written)
+WriteProgress = Callable[[int, int], None]
 
 
 class Cancelled(AgentError):
@@ -140,6 +141,8 @@ class _CompressThread:
 
     def close(self, finish: bool) -> None:
         """Wait for the thread; ``finish`` ends the frame, otherwise the output is abandoned."""
+        if not self._thread.is_alive():
+            return
         self._finish = finish
         self._queue.put(None)
         self._thread.join()
@@ -194,6 +197,239 @@ def read_xattrs(path: str) -> dict[str, bytes]:
     return out
 
 
+class LayerWriter:
+    """One layer, entry by entry, in the order a walk finds changes.
+
+    ``add`` each new or changed path (parents first), ``whiteout`` each deletion,
+    ``link_unlisted`` once the walk is complete, then ``finish``, or ``abandon``
+    on failure.  Entries can be added while the walk is still going, so the
+    walk, the reading and the compression overlap."""
+
+    def __init__(
+        self,
+        root: Path,
+        out: BinaryIO,
+        *,
+        level: int = 3,
+        threads: int = 0,
+        progress: WriteProgress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self._root = str(root)
+        self._sink = _HashingWriter(out)
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level,
+            threads=threads or min(os.cpu_count() or 1, MAX_THREADS),
+            job_size=JOB_SIZE,
+            write_checksum=1,
+        )
+        self._compressor = _CompressThread(
+            zstandard.ZstdCompressor(compression_params=params), self._sink
+        )
+        self._progress = progress
+        self._cancel = cancel
+        self._buf = bytearray()
+        # inode -> (first path written, was it dirty, its xattrs)
+        self._links: dict[int, tuple[str, bool, dict[str, bytes]]] = {}
+        self.result = LayerResult(digest="", size=0, uncompressed=0, entries=0, files=0)
+        self.bytes_done = 0
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._compressor.write(self._buf)  # the thread's from now on: no copy
+            self._buf = bytearray()
+
+    def whiteout(self, path: str) -> None:
+        head, _, base = path.rpartition("/")
+        wh = f"{head}/{tf.WHITEOUT_PREFIX}{base}" if head else tf.WHITEOUT_PREFIX + base
+        self._buf += tf.encode_header(wh, tf.REGTYPE, 0o644, 0, 0, 0, 0)
+        self.result.entries += 1
+        if len(self._buf) >= FLUSH_AT:
+            self._flush()
+
+    def add(self, path: str, rec: Stat) -> None:
+        """Write ``path`` as the scan recorded it in ``rec`` (its content as it is now)."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled("checkpoint cancelled")
+        result = self.result
+        records = result.records
+        mode = rec[MODE]
+        abs_path = os.path.join(self._root, path)
+        try:
+            xattrs = read_xattrs(abs_path)
+        except FileNotFoundError:
+            result.reverted.append(path)
+            return
+        except OSError as e:
+            result.skipped.append((path, f"cannot read xattrs: {e.strerror}"))
+            result.reverted.append(path)
+            return
+        if st.S_ISREG(mode):
+            if not self._file(path, rec, abs_path, xattrs):
+                return
+        elif st.S_ISDIR(mode):
+            self._buf += tf.encode_header(
+                path + "/", tf.DIRTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
+            )
+            records[path] = rec
+        elif st.S_ISLNK(mode):
+            target = rec[TARGET]
+            records[path] = rec
+            if symlink_escapes(path, target):
+                result.skipped.append((path, f"symlink target climbs above the root: {target}"))
+                return
+            self._buf += tf.encode_header(
+                path, tf.SYMTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], target, xattrs
+            )
+        elif st.S_ISFIFO(mode):
+            self._buf += tf.encode_header(
+                path, tf.FIFOTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
+            )
+            records[path] = rec
+        else:
+            kind = "socket" if st.S_ISSOCK(mode) else "device node"
+            result.skipped.append((path, f"{kind} not checkpointed"))
+            records[path] = rec  # reported once, not at every checkpoint
+            return
+        result.entries += 1
+        if len(self._buf) >= FLUSH_AT:
+            self._flush()
+        if self._progress is not None and (result.entries & 255) == 0:
+            self._progress(result.entries, self.bytes_done)
+
+    def _file(self, path: str, rec: Stat, abs_path: str, xattrs: dict[str, bytes]) -> bool:
+        """A regular file's entry (a hardlink to a name already written, or the
+        content); False when nothing was written."""
+        result = self.result
+        mode = rec[MODE]
+        first = self._links.get(rec[INO]) if rec[NLINK] > 1 else None
+        if first is not None:
+            self._buf += tf.encode_header(
+                path, tf.LNKTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], first[0], xattrs
+            )
+            result.records[path] = poisoned(rec) if first[1] else rec
+            return True
+        try:
+            fd = os.open(abs_path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            result.reverted.append(path)
+            return False
+        except OSError as e:
+            result.skipped.append((path, f"unreadable: {e.strerror}"))
+            result.reverted.append(path)
+            return False
+        try:
+            if rec[SIZE] <= WHOLE_FILE_MAX:
+                got = _read_small(fd, rec)
+                if got is None:  # no longer a regular file: next time
+                    result.reverted.append(path)
+                    return False
+                data, dirty = got
+                size = rec[SIZE]
+                self._buf += tf.encode_header(
+                    path, tf.REGTYPE, mode, rec[UID], rec[GID], size, rec[MTIME], "", xattrs
+                )
+                self._buf += data
+                self._buf += tf.padding(size)
+                new_rec = rec
+            else:
+                got_large = self._large_file(path, abs_path, fd, xattrs)
+                if got_large is None:
+                    result.reverted.append(path)
+                    return False
+                new_rec, dirty = got_large
+                size = new_rec[SIZE]
+        except OSError as e:
+            result.skipped.append((path, f"unreadable: {e.strerror}"))
+            result.reverted.append(path)
+            return False
+        finally:
+            os.close(fd)
+        result.records[path] = poisoned(new_rec) if dirty else new_rec
+        self.bytes_done += size
+        result.files += 1
+        if new_rec[NLINK] > 1:
+            self._links[new_rec[INO]] = (path, dirty, xattrs)
+        return True
+
+    def _large_file(
+        self, path: str, abs_path: str, fd: int, xattrs: dict[str, bytes]
+    ) -> tuple[Stat, bool] | None:
+        """Stream a large file in chunks: its record as read and whether it changed
+        meanwhile; None when it is no longer a regular file."""
+        before = os.fstat(fd)
+        if not st.S_ISREG(before.st_mode):  # replaced since the scan
+            return None
+        size = before.st_size
+        self._buf += tf.encode_header(
+            path, tf.REGTYPE, before.st_mode, before.st_uid, before.st_gid, size,
+            before.st_mtime_ns, "", xattrs,
+        )  # fmt: skip
+        self._flush()
+        dirty = False
+        left = size
+        write = self._compressor.write
+        try:
+            while left:
+                chunk = os.read(fd, min(CHUNK, left))
+                if not chunk:  # truncated while we read it
+                    dirty = True
+                    chunk = bytes(min(CHUNK, left))
+                write(chunk)
+                left -= len(chunk)
+        except OSError as e:
+            # The header is out, so the layer can't be trusted:
+            # fail this checkpoint; the previous one stands.
+            raise AgentError(f"cannot read {abs_path}: {e.strerror}") from e
+        self._buf += tf.padding(size)
+        after = os.fstat(fd)
+        if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != (
+            before.st_mtime_ns,
+            before.st_ctime_ns,
+            before.st_size,
+        ):
+            dirty = True
+        return stat_record(before), dirty
+
+    def link_unlisted(self, current: dict[str, Stat], listed: Container[str]) -> None:
+        """Names of a written inode that are not ``listed`` (a new link to an
+        unchanged file) join it in this layer: hardlinks never cross layers."""
+        if not self._links:
+            return
+        result = self.result
+        for other, orec in current.items():
+            if orec[NLINK] < 2 or not st.S_ISREG(orec[MODE]):
+                continue
+            first = self._links.get(orec[INO])
+            if first is None or other == first[0] or other in listed:
+                continue
+            self._buf += tf.encode_header(
+                other, tf.LNKTYPE, orec[MODE], orec[UID], orec[GID], 0, orec[MTIME], first[0],
+                first[2],
+            )  # fmt: skip
+            result.records[other] = poisoned(orec) if first[1] else orec
+            result.entries += 1
+            if len(self._buf) >= FLUSH_AT:
+                self._flush()
+
+    def finish(self) -> LayerResult:
+        """End the archive and the frame; the result carries the layer's digest."""
+        self._buf += tf.end_of_archive()
+        self._flush()
+        self._compressor.close(finish=True)
+        result = self.result
+        result.digest = "sha256:" + self._sink.sha.hexdigest()
+        result.size = self._sink.size
+        result.uncompressed = self._compressor.uncompressed
+        if self._progress is not None:
+            self._progress(result.entries, self.bytes_done)
+        return result
+
+    def abandon(self) -> None:
+        """Stop without ending the frame: what was written is not a layer."""
+        self._compressor.close(finish=False)
+
+
 def write_layer(
     root: Path,
     changes: Changes,
@@ -205,194 +441,15 @@ def write_layer(
     progress: WriteProgress | None = None,
     cancel: threading.Event | None = None,
 ) -> LayerResult:
-    """Write ``changes`` (paths relative to ``root``) to ``out`` as a tar+zstd layer."""
-    root_s = str(root)
-    sink = _HashingWriter(out)
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level,
-        threads=threads or min(os.cpu_count() or 1, MAX_THREADS),
-        job_size=JOB_SIZE,
-        write_checksum=1,
-    )
-    cctx = zstandard.ZstdCompressor(compression_params=params)
-    result = LayerResult(digest="", size=0, uncompressed=0, entries=0, files=0)
-    records = result.records
-    total_entries = len(changes)
-    total_bytes = sum(current[p][SIZE] for p in changes.upserts if st.S_ISREG(current[p][MODE]))
-    done_bytes = 0
-    links: dict[int, tuple[str, bool]] = {}  # inode -> (first path written, was it dirty)
-    upserted = set(changes.upserts)
-    by_inode: dict[int, list[str]] | None = None
-
-    def siblings(ino: int, path: str) -> list[str]:
-        nonlocal by_inode
-        if by_inode is None:
-            by_inode = {}
-            for p, r in current.items():
-                if r[NLINK] > 1 and st.S_ISREG(r[MODE]):
-                    by_inode.setdefault(r[INO], []).append(p)
-        return [p for p in by_inode.get(ino, ()) if p != path and p not in upserted]
-
-    compressor = _CompressThread(cctx, sink)
-    finished = False
+    """Write ``changes`` (paths relative to ``root``, the diff complete) as one layer."""
+    writer = LayerWriter(root, out, level=level, threads=threads, progress=progress, cancel=cancel)
     try:
-        buf = bytearray()
-
-        def flush() -> None:
-            nonlocal buf
-            if buf:
-                compressor.write(buf)  # the thread's from now on: a new buffer follows, no copy
-                buf = bytearray()
-
+        for path in changes.upserts:
+            writer.add(path, current[path])
         for path in changes.deletions:
-            head, _, base = path.rpartition("/")
-            wh = f"{head}/{tf.WHITEOUT_PREFIX}{base}" if head else tf.WHITEOUT_PREFIX + base
-            buf += tf.encode_header(wh, tf.REGTYPE, 0o644, 0, 0, 0, 0)
-        result.entries += len(changes.deletions)
-
-        for i, path in enumerate(changes.upserts):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("checkpoint cancelled")
-            rec = current[path]
-            mode = rec[MODE]
-            abs_path = os.path.join(root_s, path)
-            try:
-                xattrs = read_xattrs(abs_path)
-            except FileNotFoundError:
-                result.reverted.append(path)
-                continue
-            except OSError as e:
-                result.skipped.append((path, f"cannot read xattrs: {e.strerror}"))
-                result.reverted.append(path)
-                continue
-
-            if st.S_ISREG(mode):
-                first = links.get(rec[INO]) if rec[NLINK] > 1 else None
-                if first is not None:
-                    buf += tf.encode_header(
-                        path, tf.LNKTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], first[0], xattrs
-                    )
-                    records[path] = poisoned(rec) if first[1] else rec
-                    result.entries += 1
-                    continue
-                try:
-                    fd = os.open(abs_path, _OPEN_FLAGS)
-                except FileNotFoundError:
-                    result.reverted.append(path)
-                    continue
-                except OSError as e:
-                    result.skipped.append((path, f"unreadable: {e.strerror}"))
-                    result.reverted.append(path)
-                    continue
-                try:
-                    if rec[SIZE] <= WHOLE_FILE_MAX:
-                        got = _read_small(fd, rec)
-                        if got is None:  # no longer a regular file: next time
-                            result.reverted.append(path)
-                            continue
-                        data, dirty = got
-                        size = rec[SIZE]
-                        buf += tf.encode_header(
-                            path, tf.REGTYPE, mode, rec[UID], rec[GID], size, rec[MTIME], "",
-                            xattrs,
-                        )  # fmt: skip
-                        buf += data
-                        buf += tf.padding(size)
-                        new_rec = rec
-                    else:
-                        before = os.fstat(fd)
-                        if not st.S_ISREG(before.st_mode):  # replaced since the scan
-                            result.reverted.append(path)
-                            continue
-                        size = before.st_size
-                        buf += tf.encode_header(
-                            path, tf.REGTYPE, before.st_mode, before.st_uid, before.st_gid, size,
-                            before.st_mtime_ns, "", xattrs,
-                        )  # fmt: skip
-                        flush()
-                        dirty = False
-                        left = size
-                        try:
-                            while left:
-                                chunk = os.read(fd, min(CHUNK, left))
-                                if not chunk:  # truncated while we read it
-                                    dirty = True
-                                    chunk = bytes(min(CHUNK, left))
-                                compressor.write(chunk)
-                                left -= len(chunk)
-                        except OSError as e:
-                            # The header is out, so the layer can't be trusted:
-                            # fail this checkpoint; the previous one stands.
-                            raise AgentError(f"cannot read {abs_path}: {e.strerror}") from e
-                        buf += tf.padding(size)
-                        after = os.fstat(fd)
-                        if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != (
-                            before.st_mtime_ns,
-                            before.st_ctime_ns,
-                            before.st_size,
-                        ):
-                            dirty = True
-                        new_rec = stat_record(before)
-                except OSError as e:
-                    result.skipped.append((path, f"unreadable: {e.strerror}"))
-                    result.reverted.append(path)
-                    continue
-                finally:
-                    os.close(fd)
-                records[path] = poisoned(new_rec) if dirty else new_rec
-                done_bytes += size
-                result.files += 1
-                if new_rec[NLINK] > 1:
-                    links[new_rec[INO]] = (path, dirty)
-                    # Names of this inode the diff did not list (a new link to an
-                    # unchanged file) join it here: hardlinks never cross layers.
-                    for other in siblings(new_rec[INO], path):
-                        orec = current[other]
-                        buf += tf.encode_header(
-                            other, tf.LNKTYPE, orec[MODE], orec[UID], orec[GID], 0,
-                            orec[MTIME], path, xattrs,
-                        )  # fmt: skip
-                        records[other] = poisoned(orec) if dirty else orec
-                        result.entries += 1
-            elif st.S_ISDIR(mode):
-                buf += tf.encode_header(
-                    path + "/", tf.DIRTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
-                )
-                records[path] = rec
-            elif st.S_ISLNK(mode):
-                target = rec[TARGET]
-                if symlink_escapes(path, target):
-                    result.skipped.append((path, f"symlink target climbs above the root: {target}"))
-                    records[path] = rec
-                    continue
-                buf += tf.encode_header(
-                    path, tf.SYMTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], target, xattrs
-                )
-                records[path] = rec
-            elif st.S_ISFIFO(mode):
-                buf += tf.encode_header(
-                    path, tf.FIFOTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
-                )
-                records[path] = rec
-            else:
-                kind = "socket" if st.S_ISSOCK(mode) else "device node"
-                result.skipped.append((path, f"{kind} not checkpointed"))
-                records[path] = rec  # reported once, not at every checkpoint
-                continue
-            result.entries += 1
-            if len(buf) >= FLUSH_AT:
-                flush()
-            if progress is not None and (i & 255) == 0:
-                progress(result.entries, total_entries, done_bytes, total_bytes)
-
-        buf += tf.end_of_archive()
-        flush()
-        finished = True
-    finally:
-        compressor.close(finished)
-    result.digest = "sha256:" + sink.sha.hexdigest()
-    result.size = sink.size
-    result.uncompressed = compressor.uncompressed
-    if progress is not None:
-        progress(result.entries, total_entries, done_bytes, total_bytes)
-    return result
+            writer.whiteout(path)
+        writer.link_unlisted(current, set(changes.upserts))
+        return writer.finish()
+    except BaseException:
+        writer.abandon()
+        raise

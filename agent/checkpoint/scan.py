@@ -14,7 +14,7 @@ import fnmatch
 import os
 import re
 import stat as st
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -118,6 +118,14 @@ def _unescape_mount(s: str) -> str:
 def scan(root: Path, excluder: Excluder) -> Scan:
     """Walk ``root`` depth-first with sorted names; never cross a filesystem boundary."""
     result = Scan()
+    for _ in walk(root, excluder, result):
+        pass
+    return result
+
+
+def walk(root: Path, excluder: Excluder, result: Scan) -> Iterator[str]:
+    """Record ``root``'s entries into ``result``, yielding each path once recorded,
+    so that a checkpoint can write it while the walk goes on."""
     entries = result.entries
     skipped = result.skipped
     root_s = str(root)
@@ -168,7 +176,7 @@ def scan(root: Path, excluder: Excluder) -> Scan:
                 if s.st_dev != root_dev:
                     continue
                 entries[rel] = stat_record(s)
+            yield rel
         # Depth-first, parents before children, names in order: push in reverse.
         for d in reversed(subdirs):
             stack.append(d)
-    return result

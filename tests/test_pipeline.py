@@ -1,0 +1,137 @@
+"""The checkpoint's one pass (walk, diff and layer together): the same layer as
+writing a finished diff, nothing written when nothing changed, deletions and
+late hardlink names at the end, progress that says which phase it is in."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+
+from fsutil import copy_tree, diff_snapshots, snapshot
+
+from agent.checkpoint.diff import diff
+from agent.checkpoint.layer_reader import LayerReader
+from agent.checkpoint.layer_writer import write_layer
+from agent.checkpoint.pipeline import scan_and_write
+from agent.checkpoint.restore import apply_layers
+from agent.checkpoint.scan import Excluder, Stat, scan
+
+
+def _entries(root: Path) -> dict[str, Stat]:
+    return scan(root, Excluder(root, [], [])).entries
+
+
+def _members(layer: bytes) -> list[tuple[str, bytes, str]]:
+    with LayerReader(io.BytesIO(layer)) as reader:
+        return [(m.name, m.type, m.linkname) for m in reader.members()]
+
+
+def _compress_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "layer-compress"]
+
+
+def _tree(root: Path) -> None:
+    for d in ("etc", "opt/tool", "home/u"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/old.conf").write_text("old\n")
+    (root / "etc/keep.conf").write_text("keep\n")
+    (root / "opt/tool/gone").mkdir()
+    (root / "opt/tool/gone/f").write_bytes(os.urandom(5000))
+    (root / "home/u/notes").write_text("notes\n")
+
+
+def _change(root: Path) -> None:
+    (root / "etc/old.conf").unlink()
+    (root / "opt/tool/gone/f").unlink()
+    (root / "opt/tool/gone").rmdir()
+    (root / "opt/tool/bin").mkdir()
+    (root / "opt/tool/bin/run").write_bytes(os.urandom(3 << 20))  # read in chunks
+    (root / "home/u/notes").write_text("notes, more\n")
+    os.symlink("../opt/tool/bin/run", root / "home/run")
+
+
+def test_one_pass_writes_what_a_finished_diff_writes(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _tree(root)
+    base = tmp_path / "base"
+    copy_tree(root, base)
+    parent = _entries(root)
+    _change(root)
+
+    out = io.BytesIO()
+    done = scan_and_write(root, Excluder(root, [], []), parent, out)
+    assert done.layer is not None and done.layer.size == len(out.getvalue())
+    batch = io.BytesIO()
+    current = _entries(root)
+    write_layer(root, diff(parent, current), current, batch)
+
+    assert done.scan.entries == current
+    assert done.changes.deletions == ["etc/old.conf", "opt/tool/gone"]
+    assert _members(out.getvalue()) == _members(batch.getvalue())
+    assert _members(out.getvalue())[-2:] == [
+        ("etc/.wh.old.conf", b"0", ""),
+        ("opt/tool/.wh.gone", b"0", ""),
+    ]
+    layer = tmp_path / "layer"
+    layer.write_bytes(out.getvalue())
+    apply_layers(base, [layer])
+    assert diff_snapshots(snapshot(root), snapshot(base)) == []
+    assert _compress_threads() == []
+
+
+def test_nothing_changed_writes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _tree(root)
+    out = io.BytesIO()
+    done = scan_and_write(root, Excluder(root, [], []), _entries(root), out)
+    assert done.layer is None and not done.changes
+    assert out.getvalue() == b""
+    assert _compress_threads() == []
+
+
+def test_only_deletions_make_a_layer_of_whiteouts(tmp_path: Path) -> None:
+    """Found only once the walk is over, and nothing else to write: the layer starts
+    then.  (Deleting a file changes its directory too; a parent that knows a path
+    no longer there is the way to have deletions alone.)"""
+    root = tmp_path / "root"
+    _tree(root)
+    parent = _entries(root)
+    parent["etc/old.conf.bak"] = parent["etc/old.conf"]
+    out = io.BytesIO()
+    done = scan_and_write(root, Excluder(root, [], []), parent, out)
+    assert done.layer is not None
+    assert _members(out.getvalue()) == [("etc/.wh.old.conf.bak", b"0", "")]
+
+
+def test_a_name_walked_before_its_inode_was_written_links_to_it(tmp_path: Path) -> None:
+    """``a`` is unchanged as the parent recorded it, ``b`` (same inode) is new: the
+    walk passes ``a`` first, so its link entry can only come at the end."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "b").write_text("shared\n")
+    os.link(root / "b", root / "a")
+    current = _entries(root)
+    parent = {"a": current["a"]}
+    out = io.BytesIO()
+    done = scan_and_write(root, Excluder(root, [], []), parent, out)
+    assert done.changes.upserts == ["b"]
+    assert _members(out.getvalue()) == [("b", b"0", ""), ("a", b"1", "b")]
+    assert done.layer is not None and set(done.layer.records) == {"a", "b"}
+
+
+def test_progress_reports_the_walk_then_the_write(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    for i in range(600):
+        (root / f"d/f{i:03}").write_bytes(b"x" * 100)
+    seen: list[tuple[str, int, int, int, int]] = []
+    scan_and_write(
+        root, Excluder(root, [], []), {}, io.BytesIO(), progress=lambda *p: seen.append(p)
+    )
+    phases = [p[0] for p in seen]
+    assert phases[0] == "scan" and phases[-1] == "write"
+    assert phases == sorted(phases)  # "scan" only before "write"
+    assert all(p[2] == 0 and p[4] == 0 for p in seen if p[0] == "scan")
+    assert seen[-1] == ("write", 601, 601, 60_000, 60_000)
