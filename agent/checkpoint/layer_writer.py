@@ -105,10 +105,10 @@ class _HashingWriter:
 class _CompressThread:
     """zstd's input side, the output's hash and the file write, on their own thread.
 
-    The caller, reading files and making headers, then runs beside them, as tar
-    runs beside zstd in ``tar | zstd``: on few cores that overlap is what keeps
-    the compressor's workers busy.  Slices given to ``write`` belong to the
-    thread from then on."""
+    The caller, walking, reading files and making headers, then runs beside them,
+    as tar runs beside zstd in ``tar | zstd``, and never waits for the compressor
+    unless the queue is full; on many cores that thread is what limits a
+    checkpoint.  Slices given to ``write`` belong to the thread from then on."""
 
     def __init__(self, cctx: zstandard.ZstdCompressor, sink: _HashingWriter) -> None:
         self._zw = cctx.stream_writer(sink, closefd=False, write_size=FLUSH_AT)  # type: ignore[arg-type]
