@@ -90,8 +90,10 @@ class Bench:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         _, err = proc.communicate()
+        elapsed = time.perf_counter() - t0
+        print(f"  {key} {elapsed:.2f} s", file=sys.stderr)  # what made a round's ratio
         if self.recording:
-            self.times.setdefault(key, []).append(time.perf_counter() - t0)
+            self.times.setdefault(key, []).append(elapsed)
         if proc.returncode != 0:
             raise SystemExit(f"{key} failed: {err.decode()}")
         kb = peak_kb(err.decode())
