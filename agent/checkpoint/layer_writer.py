@@ -22,7 +22,7 @@ import os
 import queue
 import stat as st
 import threading
-from collections.abc import Callable, Container
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -200,10 +200,9 @@ def read_xattrs(path: str) -> dict[str, bytes]:
 class LayerWriter:
     """One layer, entry by entry, in the order a walk finds changes.
 
-    ``add`` each new or changed path (parents first), ``whiteout`` each deletion,
-    ``link_unlisted`` once the walk is complete, then ``finish``, or ``abandon``
-    on failure.  Entries can be added while the walk is still going, so the
-    walk, the reading and the compression overlap."""
+    ``add`` each new or changed path (parents first), while the walk is still
+    going, so the walk, the reading and the compression overlap; then ``finish``
+    with what only the complete walk knows, or ``abandon`` on failure."""
 
     def __init__(
         self,
@@ -231,6 +230,7 @@ class LayerWriter:
         self._buf = bytearray()
         # inode -> (first path written, was it dirty, its xattrs)
         self._links: dict[int, tuple[str, bool, dict[str, bytes]]] = {}
+        self._added: set[str] = set()
         self.result = LayerResult(digest="", size=0, uncompressed=0, entries=0, files=0)
         self.bytes_done = 0
 
@@ -239,7 +239,7 @@ class LayerWriter:
             self._compressor.write(self._buf)  # the thread's from now on: no copy
             self._buf = bytearray()
 
-    def whiteout(self, path: str) -> None:
+    def _whiteout(self, path: str) -> None:
         head, _, base = path.rpartition("/")
         wh = f"{head}/{tf.WHITEOUT_PREFIX}{base}" if head else tf.WHITEOUT_PREFIX + base
         self._buf += tf.encode_header(wh, tf.REGTYPE, 0o644, 0, 0, 0, 0)
@@ -251,6 +251,7 @@ class LayerWriter:
         """Write ``path`` as the scan recorded it in ``rec`` (its content as it is now)."""
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled("checkpoint cancelled")
+        self._added.add(path)
         result = self.result
         records = result.records
         mode = rec[MODE]
@@ -391,9 +392,9 @@ class LayerWriter:
             dirty = True
         return stat_record(before), dirty
 
-    def link_unlisted(self, current: dict[str, Stat], listed: Container[str]) -> None:
-        """Names of a written inode that are not ``listed`` (a new link to an
-        unchanged file) join it in this layer: hardlinks never cross layers."""
+    def _link_unlisted(self, current: dict[str, Stat]) -> None:
+        """Names of a written inode that were not added (a new link to an unchanged
+        file) join it in this layer: hardlinks never cross layers."""
         if not self._links:
             return
         result = self.result
@@ -401,7 +402,7 @@ class LayerWriter:
             if orec[NLINK] < 2 or not st.S_ISREG(orec[MODE]):
                 continue
             first = self._links.get(orec[INO])
-            if first is None or other == first[0] or other in listed:
+            if first is None or other in self._added:
                 continue
             self._buf += tf.encode_header(
                 other, tf.LNKTYPE, orec[MODE], orec[UID], orec[GID], 0, orec[MTIME], first[0],
@@ -412,8 +413,12 @@ class LayerWriter:
             if len(self._buf) >= FLUSH_AT:
                 self._flush()
 
-    def finish(self) -> LayerResult:
-        """End the archive and the frame; the result carries the layer's digest."""
+    def finish(self, deletions: Iterable[str], current: dict[str, Stat]) -> LayerResult:
+        """Close the layer with the ``deletions`` (as whiteouts) and the hardlink
+        names the complete scan ``current`` shows; the result carries the digest."""
+        for path in deletions:
+            self._whiteout(path)
+        self._link_unlisted(current)
         self._buf += tf.end_of_archive()
         self._flush()
         self._compressor.close(finish=True)
@@ -446,10 +451,7 @@ def write_layer(
     try:
         for path in changes.upserts:
             writer.add(path, current[path])
-        for path in changes.deletions:
-            writer.whiteout(path)
-        writer.link_unlisted(current, set(changes.upserts))
-        return writer.finish()
+        return writer.finish(changes.deletions, current)
     except BaseException:
         writer.abandon()
         raise

@@ -88,10 +88,7 @@ def scan_and_write(
         total_bytes = sum(entries[p][SIZE] for p in upserts if st.S_ISREG(entries[p][MODE]))
         if writer is None:
             writer = start()
-        for path in changes.deletions:
-            writer.whiteout(path)
-        writer.link_unlisted(entries, set(upserts))
-        return Pass(result, changes, writer.finish(), walked)
+        return Pass(result, changes, writer.finish(changes.deletions, entries), walked)
     except BaseException:
         if writer is not None:
             writer.abandon()
