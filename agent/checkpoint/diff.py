@@ -22,21 +22,26 @@ class Changes:
     def __len__(self) -> int:
         return len(self.upserts) + len(self.deletions)
 
+    def note(self, path: str, old: Stat | None, rec: Stat) -> bool:
+        """The change test: record ``path`` if it is new or any field of its record
+        (ctime and inode included) differs from the parent's; whether it was."""
+        if old is None:
+            self.added.add(path)
+        elif old == rec:
+            return False
+        self.upserts.append(path)
+        return True
+
 
 def diff(parent: dict[str, Stat], current: dict[str, Stat]) -> Changes:
-    """Compare records; any differing field (ctime and inode included) is a change."""
+    """Compare a whole scan with the parent state (the one-pass checkpoint applies
+    the same test, ``Changes.note``, as its walk goes)."""
     changes = Changes()
-    upserts = changes.upserts
-    added = changes.added
+    note = changes.note
     get = parent.get
     for path, rec in current.items():
-        old = get(path)
-        if old is None:
-            upserts.append(path)
-            added.add(path)
-        elif old != rec:
-            upserts.append(path)
-    changes.deletions = deletions(parent, current, len(added))
+        note(path, get(path), rec)
+    changes.deletions = deletions(parent, current, len(changes.added))
     return changes
 
 

@@ -52,7 +52,7 @@ def scan_and_write(
     t0 = time.monotonic()
     result = Scan()
     changes = Changes()
-    upserts, added = changes.upserts, changes.added
+    note = changes.note
     entries = result.entries
     old_record = parent.get
     writer: LayerWriter | None = None
@@ -70,22 +70,18 @@ def scan_and_write(
     try:
         for path in walk(root, excluder, result):
             rec = entries[path]
-            old = old_record(path)
-            if old is None:
-                added.add(path)
-            elif old == rec:
+            if not note(path, old_record(path), rec):
                 continue
-            upserts.append(path)
             if writer is None:
                 writer = start()
             writer.add(path, rec)
         walked = time.monotonic() - t0
         keep_unlisted(result, parent)
-        changes.deletions = deletions(parent, entries, len(added))
+        changes.deletions = deletions(parent, entries, len(changes.added))
         if not changes:
             return Pass(result, changes, None, walked)
         phase, total_entries = "write", len(changes)
-        total_bytes = sum(entries[p][SIZE] for p in upserts if st.S_ISREG(entries[p][MODE]))
+        total_bytes = sum(entries[p][SIZE] for p in changes.upserts if st.S_ISREG(entries[p][MODE]))
         if writer is None:
             writer = start()
         return Pass(result, changes, writer.finish(changes.deletions, entries), walked)
