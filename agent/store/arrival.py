@@ -4,6 +4,7 @@
 final; a restore applies a layer from that file while the rest of it is still on
 the way, so a download and the apply overlap instead of adding up.  The store's
 callbacks run on the event loop; readers run in the apply thread and wait here.
+``agent.store.fetch`` keeps one per blob of the chain it fetches.
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ class Store(abc.ABC):
     """Blob and ref storage.  Every method is safe to call concurrently."""
 
     url: str
+    # How many blobs a fetch of several (a restore's chain) downloads at once.
+    fetch_concurrency: int = 4
 
     # -- blobs ----------------------------------------------------------------
 

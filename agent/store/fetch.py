@@ -1,0 +1,112 @@
+"""Fetching a list of blobs (a restore's chain): bounded, newest first, readable
+while each one still arrives.
+
+The number of downloads at once is the store's (``Store.fetch_concurrency``); the
+caller reads each blob from the file once it is complete, or through an
+``Arrival`` reader while it is still on the way, so the downloads and whatever
+consumes them overlap.  Nothing here knows what the blobs hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from agent.store.arrival import Arrival
+from agent.store.base import Store
+
+# (bytes fetched so far, bytes of all the blobs), after each blob is complete.
+FetchProgress = Callable[[int, int], None]
+
+
+class Fetch:
+    """The blobs ``(digest, size)`` of ``blobs`` fetched into a scratch directory
+    under ``parent_dir``, from the last to the first (a chain lists its oldest
+    layer first; a restore wants the newest first).
+
+    Use as ``async with``: entering starts the downloads, leaving cancels what is
+    still running, releases the readers and removes the scratch directory.  With
+    ``verify`` the store checks each blob's digest before it is complete;
+    without, only its size, and the reader is expected to hash the bytes itself.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        blobs: Sequence[tuple[str, int]],
+        parent_dir: Path,
+        *,
+        verify: bool,
+        progress: FetchProgress | None = None,
+    ) -> None:
+        self._store = store
+        self._blobs = list(blobs)
+        self._parent_dir = parent_dir
+        self._verify = verify
+        self._progress = progress
+        self._arrivals = [Arrival() for _ in self._blobs]
+        self._tasks: list[asyncio.Future[None]] = []
+        self._dir: Path | None = None
+        self._fetched = 0
+        self._total = sum(size for _, size in self._blobs)
+
+    async def __aenter__(self) -> Fetch:
+        self._parent_dir.mkdir(parents=True, exist_ok=True)
+        self._dir = Path(tempfile.mkdtemp(prefix="restore-", dir=self._parent_dir))
+        sem = asyncio.Semaphore(max(1, self._store.fetch_concurrency))
+        self._tasks = [
+            asyncio.ensure_future(self._fetch(i, self._dir, sem))
+            for i in reversed(range(len(self._blobs)))
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for arrival in self._arrivals:
+            arrival.close()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _fetch(self, index: int, workdir: Path, sem: asyncio.Semaphore) -> None:
+        (digest, size), arrival = self._blobs[index], self._arrivals[index]
+        try:
+            async with sem:
+                dest = workdir / digest.split(":")[-1]
+                dest.mkdir(exist_ok=True)
+                path = await self._store.get_blob(
+                    digest, size, dest, verify=self._verify, on_data=arrival.data
+                )
+        except BaseException as e:  # a reader, waiting for bytes, raises it too
+            arrival.fail(e)
+            raise
+        arrival.finish(path)
+        self._fetched += size
+        if self._progress is not None:
+            self._progress(self._fetched, self._total)
+
+    async def wait(self) -> None:
+        """Until every blob is complete; raises the first download's error."""
+        await asyncio.gather(*self._tasks)
+
+    # -- any thread -----------------------------------------------------------------
+
+    def complete(self, index: int) -> Path | None:
+        """The file of blob ``index`` if it has all arrived (read it directly)."""
+        return self._arrivals[index].complete()
+
+    def opener(self, index: int) -> Callable[[], BinaryIO]:
+        """Gives a fresh reader of blob ``index`` from its first byte; a read waits
+        for bytes still to arrive and raises the download's error if it failed."""
+        return self._arrivals[index].open
