@@ -1,0 +1,101 @@
+"""What a session's operations report and return."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.checkpoint.diff import DiffLine
+from agent.checkpoint.manifest import CheckpointState, Manifest
+from agent.checkpoint.restore import RestoreStats
+from agent.store.base import RefValue
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    phase: str  # "download" | "apply" | "scan" | "write" | "upload"
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    studio: str
+    name: str
+    digest: str
+    state: CheckpointState
+    session: str
+    created: datetime
+    updated: datetime
+    size: int
+    layers: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "studio": self.studio,
+            "name": self.name,
+            "digest": self.digest,
+            "state": self.state.value,
+            "session": self.session,
+            "created": _iso(self.created),
+            "updated": _iso(self.updated),
+            "size": self.size,
+            "layers": self.layers,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointResult:
+    info: CheckpointInfo
+    changed: int
+    layer_size: int
+    duration: float
+    skipped: list[Skipped]
+
+
+@dataclass(frozen=True, slots=True)
+class StartOutcome:
+    restored: CheckpointInfo | None
+    invalidated: list[CheckpointInfo]
+    stats: RestoreStats | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DiffReport:
+    lines: list[DiffLine]
+    skipped: list[Skipped]
+
+
+def info_of(studio: str, name: str, ref: RefValue, manifest: Manifest) -> CheckpointInfo:
+    """A checkpoint as listed: its ref and what its manifest says."""
+    return CheckpointInfo(
+        studio=studio,
+        name=name,
+        digest=ref.digest,
+        state=manifest.state,
+        session=manifest.session,
+        created=manifest.created,
+        updated=ref.updated,
+        size=manifest.size,
+        layers=len(manifest.layers),
+    )
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
