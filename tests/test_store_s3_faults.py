@@ -463,7 +463,7 @@ async def test_prepare_opens_the_clients_and_a_bad_endpoint_is_a_clear_error(
     store = S3Store.from_url(s3_workdir, store_settings)
     try:
         await store.prepare()
-        assert store._clients is not None
+        assert store._conn.is_open
         assert await store.list_refs("s") == {}
     finally:
         await store.close()
@@ -471,7 +471,7 @@ async def test_prepare_opens_the_clients_and_a_bad_endpoint_is_a_clear_error(
     store = S3Store.from_url(s3_workdir, store_settings)
     try:
         await store.prepare()
-        assert store._clients is None
+        assert not store._conn.is_open
         with pytest.raises(ConfigError, match=r"cannot set up S3 .*Invalid endpoint: not a url"):
             await store.list_refs("s")
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -20,33 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.errors import BlobMissing, DigestMismatch, PermissionDenied, RefConflict, StoreError
+from agent.errors import BlobMissing, DigestMismatch, PermissionDenied, StoreError
 from agent.store.base import CHECKPOINTS_DIR, RefValue, Store
+from agent.store.checks import check_expect, check_size, hex_of, verify_file
 from agent.store.refs import decode_ref, encode_ref, ref_path_parts
 
-_CHUNK = 1 << 20
 T = TypeVar("T")
-
-
-def hex_of(digest: str) -> str:
-    algo, _, hexpart = digest.partition(":")
-    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
-        raise DigestMismatch(f"not a sha256 digest: {digest!r}")
-    return hexpart
-
-
-def verify_file(path: Path, digest: str, size: int | None) -> None:
-    """Raise DigestMismatch unless the file's bytes hash to ``digest``."""
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    if size is not None and n != size:
-        raise DigestMismatch(f"blob {digest} has {n} bytes, expected {size}")
-    if "sha256:" + h.hexdigest() != digest:
-        raise DigestMismatch(f"blob {digest} is corrupt: its bytes hash to sha256:{h.hexdigest()}")
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:
@@ -63,6 +41,10 @@ class LocalStore(Store):
         self._blobs = self.root / "blobs" / "sha256"
         self._refs = self.root / "refs"
         self._tmp = self.root / "tmp"
+        # A local fetch waits on the disk and on hashing, not on round trips, so
+        # a few at a time keep both busy and more would not help.  4 is what a
+        # restore from a local store has always run (the S3 default).
+        self.fetch_concurrency = 4
 
     async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking file work off the event loop; an OS error becomes a store error
@@ -129,8 +111,7 @@ class LocalStore(Store):
         if st is None or not stat.S_ISREG(st.st_mode):
             raise BlobMissing(f"blob {digest} is missing from {self.root}")
         found = st.st_size
-        if size is not None and found != size:
-            raise DigestMismatch(f"blob {digest} has {found} bytes, expected {size}")
+        check_size(digest, found, size)
         if verify:
             await self._run(f"read blob {digest}", verify_file, path, digest, size)
         if on_data is not None:
@@ -166,7 +147,7 @@ class LocalStore(Store):
         fd = self._lock()
         try:
             current = self._get_ref(studio, name)
-            _check_expect(studio, name, current, expect)
+            check_expect(studio, name, current, expect)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
             tmp.write_bytes(encode_ref(RefValue(digest, datetime.now(UTC))))
@@ -183,7 +164,7 @@ class LocalStore(Store):
     def _delete_ref(self, studio: str, name: str, expect: str) -> None:
         fd = self._lock()
         try:
-            _check_expect(studio, name, self._get_ref(studio, name), expect)
+            check_expect(studio, name, self._get_ref(studio, name), expect)
             self._ref_file(studio, name).unlink()
         finally:
             os.close(fd)
@@ -206,15 +187,6 @@ class LocalStore(Store):
             except (FileNotFoundError, ValueError, json.JSONDecodeError):
                 continue
         return out
-
-
-def _check_expect(studio: str, name: str, current: RefValue | None, expect: str | None) -> None:
-    have = current.digest if current else None
-    if have != expect:
-        raise RefConflict(
-            f"checkpoint {studio}/{name} was changed by another writer "
-            f"(it points at {have or 'nothing'}, expected {expect or 'nothing'})"
-        )
 
 
 def _fsync_dir(d: Path) -> None:
