@@ -23,3 +23,12 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (README.parent / ".ci/run").read_text()
     assert ".venv/bin/python -m pytest" in README.read_text()
     assert "\n.venv/bin/python -m pytest\n" in ci
+
+
+def test_benchmark_commands_named_in_the_docs_exist() -> None:
+    docs = README.read_text() + (README.parent / "docs/benchmarks.md").read_text()
+    named = set(re.findall(r"\bbench/[\w.]+\.py\b", docs))
+    assert "bench/checkpoint_bench.py" in named
+    assert "bench/tarformat_bench.py" in named
+    missing = sorted(p for p in named if not (README.parent / p).is_file())
+    assert not missing, f"docs name benchmark scripts that do not exist: {missing}"
