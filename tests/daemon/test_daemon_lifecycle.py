@@ -112,9 +112,9 @@ async def test_a_crash_looping_ide_errors_the_session_with_its_last_output(
     assert "failed 3 times" in d.lifecycle.reason
     assert "fatal: cannot open workspace database" in d.lifecycle.reason
     assert d.supervisor is not None and d.supervisor.restarts == 2
-    ide = d._ide_json()
-    assert ide["state"] == "failed"
-    assert any("cannot open workspace database" in line for line in ide["last_output"])
+    ide = d._ide_doc()
+    assert ide.state == "failed"
+    assert any("cannot open workspace database" in line for line in ide.last_output)
     await eventually(lambda: "errored" in control_plane.statuses())
     errored = [e for e in control_plane.events() if e.get("status") == "errored"][-1]
     assert "cannot open workspace database" in errored["reason"]
@@ -269,7 +269,10 @@ async def test_a_failed_periodic_checkpoint_is_reported_and_retried_without_touc
     store.failing = True
     (root / "home" / "user" / "work.txt").write_text("unsaved work\n")
     await eventually(
-        lambda: h.daemon._ckpt.last_error and "unreachable" in h.daemon._ckpt.last_error,
+        lambda: (
+            h.daemon.own_checkpoint.last_error
+            and "unreachable" in h.daemon.own_checkpoint.last_error
+        ),
         what="a failed periodic checkpoint",
     )
     st = await h.status()
@@ -361,7 +364,7 @@ async def test_the_next_session_restores_the_last_checkpoint(
     (root / "etc" / "hostname").unlink()
     h1.daemon.request_stop("test")
     assert await h1.wait_exit() == 0
-    first = h1.daemon._ckpt.info
+    first = h1.daemon.own_checkpoint.info
     assert first is not None and first.state is CheckpointState.FINALIZED
 
     fresh = tmp_path / "root2"
