@@ -18,6 +18,7 @@ from typing import Any, TextIO, TypeVar, get_args, get_origin
 
 from agent import __version__
 from agent.checkpoint.manifest import CheckpointState
+from agent.daemon.checkpointer import Kind, state_for
 from agent.errors import AgentError
 from agent.log import setup_logging
 from agent.session import CheckpointInfo, Progress, ProgressFn, Session
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--state",
         dest="checkpoint_state",
         choices=[CheckpointState.INTERIM.value, CheckpointState.FINALIZED.value],
-        default=CheckpointState.FINALIZED.value,
+        default=state_for(Kind.COMMAND).value,
         help="state recorded in the checkpoint (default: finalized)",
     )
     rs = add("restore", "Apply a checkpoint to the root and make it the parent state.")

@@ -3,7 +3,8 @@
 Every route but /healthz wants ``Authorization: Bearer <token>``.  Errors are
 JSON ``{"error", "status"}`` with a 4xx for anything the caller can fix (or
 503 when the store is down); a 500 only ever means a bug in the agent.
-Request checks use the constants the OpenAPI document is built from.
+Answers are the models of ``models.py``; request checks use the constants
+the OpenAPI document is built from.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from pydantic import BaseModel
 
 from agent import __version__
 from agent.checkpoint.names import normalize_name
-from agent.daemon import openapi
+from agent.daemon import models, openapi
+from agent.daemon.lifecycle import Status
 from agent.daemon.metrics import CONTENT_TYPE, Metrics
 from agent.daemon.supervisor import RingBuffer
 from agent.errors import (
@@ -34,7 +37,7 @@ from agent.log import get_logger
 
 log = get_logger("daemon.api")
 
-_NAME = re.compile(openapi.NAME_PATTERN)
+_NAME = re.compile(models.NAME_PATTERN)
 _MAX_BODY = 64 << 10
 _PUBLIC = frozenset({"/healthz"})
 
@@ -52,13 +55,13 @@ class Backend(Protocol):
     @property
     def status_value(self) -> str: ...
 
-    async def status_json(self) -> dict[str, Any]: ...
+    async def status(self) -> models.Status: ...
 
-    async def checkpoint_now(self, name: str | None) -> dict[str, Any]: ...
+    async def checkpoint_now(self, name: str | None) -> models.CheckpointResult: ...
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]: ...
+    async def list_checkpoints(self) -> list[models.CheckpointInfo]: ...
 
-    async def rename_checkpoint(self, old: str, new: str) -> dict[str, Any]: ...
+    async def rename_checkpoint(self, old: str, new: str) -> models.CheckpointInfo: ...
 
     def request_stop(self, reason: str) -> None: ...
 
@@ -67,8 +70,12 @@ class BadRequest(AgentError):
     """The request is malformed."""
 
 
+def _json(doc: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(doc.model_dump(mode="json"), status=status, headers=headers)
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message, "status": status}, status=status, headers=headers)
+    return _json(models.Error(error=message, status=status), status, headers)
 
 
 def _status_for(e: AgentError) -> int:
@@ -182,17 +189,17 @@ def build_app(backend: Backend, token: str) -> web.Application:
     )
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "status": backend.status_value})
+        return _json(models.Health(ok=True, status=Status(backend.status_value)))
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(await backend.status_json())
+        return _json(await backend.status())
 
     async def list_checkpoints(request: web.Request) -> web.Response:
-        return web.json_response({"checkpoints": await backend.list_checkpoints()})
+        return _json(models.CheckpointList(checkpoints=await backend.list_checkpoints()))
 
     async def create_checkpoint(request: web.Request) -> web.Response:
         name = _name_field(await _json_body(request, required=False), required=False)
-        return web.json_response(await backend.checkpoint_now(name), status=201)
+        return _json(await backend.checkpoint_now(name), 201)
 
     async def rename_checkpoint(request: web.Request) -> web.Response:
         old = request.match_info["name"]
@@ -204,14 +211,14 @@ def build_app(backend: Backend, token: str) -> web.Application:
             if _NAME.fullmatch(new):  # the new name is fine, so the old one cannot exist
                 raise NotFound(f"no checkpoint named {old!r}: {e}") from None
             raise
-        return web.json_response(info)
+        return _json(info)
 
     async def stop(request: web.Request) -> web.Response:
         backend.request_stop("stop requested through the API")
-        return web.json_response({"status": backend.status_value}, status=202)
+        return _json(models.Stopping(status=Status(backend.status_value)), 202)
 
     async def logs(request: web.Request) -> web.StreamResponse:
-        n = _int_param(request, "lines", 200, 1, openapi.MAX_LOG_LINES)
+        n = _int_param(request, "lines", openapi.DEFAULT_LOG_LINES, 1, openapi.MAX_LOG_LINES)
         follow = request.query.get("follow", "0")
         if follow not in openapi.FOLLOW_VALUES:
             raise BadRequest(f"follow must be one of {', '.join(openapi.FOLLOW_VALUES)}")

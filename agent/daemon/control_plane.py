@@ -52,7 +52,7 @@ class ControlPlane:
         self._snapshot = snapshot
         self._metrics = metrics
         self._backoff = backoff or Backoff(1.0, 60.0)
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._request_timeout = request_timeout
         self._pending: dict[str, dict[str, Any]] = {}
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -81,7 +81,7 @@ class ControlPlane:
 
     async def run(self) -> None:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        async with aiohttp.ClientSession(timeout=self._timeout, headers=headers) as http:
+        async with aiohttp.ClientSession(headers=headers) as http:
             next_heartbeat = self._clock.monotonic()
             while True:
                 if self._pending:
@@ -142,20 +142,18 @@ class ControlPlane:
     ) -> tuple[bool | None, Any]:
         """(True, reply) on success, (False, None) to retry, (None, None) when refused for good."""
         try:
-            async with http.post(url, json=body) as resp:
-                if 200 <= resp.status < 300:
-                    reply: Any = None
-                    if resp.content_type == "application/json":
-                        with contextlib.suppress(ValueError, aiohttp.ClientError):
-                            reply = await resp.json()
-                    self._up()
-                    return True, reply
-                text = (await resp.text())[:200]
-                error = f"HTTP {resp.status}: {text}"
-                retry = resp.status >= 500 or resp.status in (408, 429)
+            status, reply, text = await with_timeout(
+                self._clock, self._request_timeout, _request(http, url, body)
+            )
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             error = f"{type(e).__name__}: {e}"
             retry = True
+        else:
+            if 200 <= status < 300:
+                self._up()
+                return True, reply
+            error = f"HTTP {status}: {text}"
+            retry = status >= 500 or status in (408, 429)
         self._down(what, url, error)
         if not retry and what == "event":
             log.error("control_plane.event_refused", url=url, error=error, kind=body.get("type"))
@@ -174,3 +172,17 @@ class ControlPlane:
             log.warning("control_plane.unreachable", what=what, url=url, error=error)
         self.reachable = False
         self.last_error = error
+
+
+async def _request(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[int, Any, str]:
+    """(status, JSON reply or None, start of the text of a refusal)."""
+    async with http.post(url, json=body) as resp:
+        if 200 <= resp.status < 300:
+            reply: Any = None
+            if resp.content_type == "application/json":
+                with contextlib.suppress(ValueError, aiohttp.ClientError):
+                    reply = await resp.json()
+            return resp.status, reply, ""
+        return resp.status, None, (await resp.text())[:200]

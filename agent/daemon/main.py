@@ -12,6 +12,10 @@ Everything from the stop request to exit fits in ``stop_grace`` (the platform
 sends SIGKILL 30 s after SIGTERM).  A final checkpoint that cannot finish in
 time is abandoned before its ref is written, so the last interim checkpoint
 stays the valid one, and the control plane is told.
+
+This module only wires the parts together: the checkpoint policy and the stop
+budget are ``checkpointer``'s, the documents ``models``', the token
+``api_token``'s.
 """
 
 from __future__ import annotations
@@ -19,27 +23,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 from agent import __version__
-from agent.checkpoint.manifest import CheckpointState
+from agent.daemon import models
 from agent.daemon.api import ApiServer, Busy
+from agent.daemon.api_token import api_token
+from agent.daemon.checkpointer import Checkpointer, OwnCheckpoint, StopBudget
 from agent.daemon.clock import Clock, SystemClock, with_timeout
 from agent.daemon.control_plane import ControlPlane
 from agent.daemon.lifecycle import Lifecycle, Status, Transition
 from agent.daemon.metrics import Metrics
 from agent.daemon.reaper import Reaper
 from agent.daemon.resources import read_resources
-from agent.daemon.supervisor import IdeFailed, RingBuffer, Supervisor
+from agent.daemon.supervisor import IdeFailed, IdeState, RingBuffer, Supervisor
 from agent.errors import AgentError, ConfigError
 from agent.log import get_logger, setup_logging
-from agent.session import CheckpointInfo, CheckpointResult, Progress, Session, StartOutcome
+from agent.session import CheckpointInfo, Progress, Session, StartOutcome
 from agent.settings import Settings
 from agent.store import Store, open_store
 
@@ -51,26 +55,9 @@ EXIT_OK = 0
 EXIT_ERRORED = 1
 EXIT_CONFIG = 2
 
-_MAX_SKIPPED_REPORTED = 100
+REPORT_BUDGET = 5.0  # for the last events when the session ends without a stop request
 
 SessionFactory = Callable[[Settings, Store], Session]
-
-
-def result_json(result: CheckpointResult) -> dict[str, Any]:
-    return {
-        "checkpoint": result.info.to_json(),
-        "changed": result.changed,
-        "layer_size": result.layer_size,
-        "duration": round(result.duration, 6),
-        "skipped": [
-            {"path": s.path, "reason": s.reason} for s in result.skipped[:_MAX_SKIPPED_REPORTED]
-        ],
-        "skipped_total": len(result.skipped),
-    }
-
-
-def _iso(t: datetime) -> str:
-    return t.isoformat().replace("+00:00", "Z")
 
 
 def probe_url(settings: Settings) -> str:
@@ -93,31 +80,6 @@ def ide_environment(settings: Settings, base: dict[str, str] | None = None) -> d
         CONNECT_TOOL_PATH_PREFIX=prefix,
     )
     return env
-
-
-@dataclass(slots=True)
-class _SessionCheckpoint:
-    """What the status says about the session's own checkpoint."""
-
-    info: CheckpointInfo | None = None
-    duration: float | None = None
-    changed: int | None = None
-    last_attempt: datetime | None = None
-    last_error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        i = self.info
-        return {
-            "name": i.name if i else None,
-            "state": CheckpointState(i.state).value if i else None,
-            "updated": _iso(i.updated) if i else None,
-            "duration": round(self.duration, 6) if self.duration is not None else None,
-            "size": i.size if i else None,
-            "layers": i.layers if i else None,
-            "changed": self.changed,
-            "last_attempt": _iso(self.last_attempt) if self.last_attempt else None,
-            "last_error": self.last_error,
-        }
 
 
 class Daemon:
@@ -150,6 +112,7 @@ class Daemon:
         self.control_plane: ControlPlane | None = None
         self.supervisor: Supervisor | None = None
         self.session: Session | None = None
+        self.checkpointer: Checkpointer | None = None
         self.outcome: StartOutcome | None = None
         self.token = ""
         # set once the final checkpoint or restore was abandoned mid-flight: its
@@ -159,12 +122,10 @@ class Daemon:
         self._started = False  # Session.start succeeded
         self._session_started_at: datetime | None = None
         self._progress: Progress | None = None  # written from worker threads
-        self._ckpt = _SessionCheckpoint()
         self._stop_requested = asyncio.Event()
         self._stop_reason = ""
-        self._stop_at: float | None = None
+        self._budget: StopBudget | None = None
         self._ide_failure: IdeFailed | None = None
-        self._periodic: asyncio.Task[CheckpointResult | None] | None = None
         self._ticker_task: asyncio.Task[None] | None = None
         self._reaper: Reaper | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -175,196 +136,155 @@ class Daemon:
     def status_value(self) -> str:
         return self.lifecycle.status.value
 
+    @property
+    def own_checkpoint(self) -> OwnCheckpoint:
+        return self.checkpointer.own if self.checkpointer else OwnCheckpoint()
+
     def request_stop(self, reason: str) -> None:
         if not self._stop_requested.is_set():
             log.info("daemon.stop_requested", reason=reason)
             self._stop_reason = reason
-            self._stop_at = self.clock.monotonic()
+            self._budget = StopBudget(self.clock, self.settings.stop_grace, self.clock.monotonic())
             self._stop_requested.set()
             self.lifecycle.move(Status.STOPPING, reason)  # at once: the user sees it stopping
 
-    async def status_json(self, *, with_control_plane: bool = True) -> dict[str, Any]:
+    async def heartbeat(self) -> models.Heartbeat:
         sup = self.supervisor
         resources = await asyncio.to_thread(
             read_resources, self.settings.root, sup.pid if sup else None
         )
-        doc: dict[str, Any] = {
-            "studio": self.settings.studio,
-            "status": self.lifecycle.status.value,
-            "reason": self.lifecycle.reason,
-            "since": _iso(self.lifecycle.since),
-            "ide": self._ide_json(),
-            "session": self._session_json(),
-            "restore": self._restore_json(),
-            "resources": resources.to_json(),
-        }
-        if with_control_plane:
-            cp = self.control_plane
-            doc["control_plane"] = (
-                {
-                    "url": self.settings.control_plane_url,
-                    "reachable": cp.reachable,
-                    "last_error": cp.last_error,
-                    "heartbeat_interval": cp.interval,
-                }
-                if cp
-                else None
+        return models.Heartbeat(
+            studio=self.settings.studio,
+            status=self.lifecycle.status,
+            reason=self.lifecycle.reason,
+            since=self.lifecycle.since,
+            ide=self._ide_doc(),
+            session=self._session_doc(),
+            restore=self._restore_doc(),
+            resources=resources,
+        )
+
+    async def status(self) -> models.Status:
+        cp = self.control_plane
+        return models.Status(
+            **dict(await self.heartbeat()),
+            control_plane=models.ControlPlane(
+                url=self.settings.control_plane_url,
+                reachable=cp.reachable,
+                last_error=cp.last_error,
+                heartbeat_interval=cp.interval,
             )
-        return doc
+            if cp
+            else None,
+        )
 
-    async def checkpoint_now(self, name: str | None) -> dict[str, Any]:
-        if self.lifecycle.status is not Status.RUNNING or self.session is None:
+    async def checkpoint_now(self, name: str | None) -> models.CheckpointResult:
+        ckpt = self.checkpointer
+        if self.lifecycle.status is not Status.RUNNING or ckpt is None:
             raise Busy(f"cannot checkpoint while the session is {self.lifecycle.status.value}")
-        own = name is None or name == self.session.auto_name
-        state = CheckpointState.INTERIM if own else CheckpointState.FINALIZED
-        result = await self._checkpoint("manual", state, name=name, raise_errors=True)
-        assert result is not None
-        return result_json(result)
+        return models.CheckpointResult.of(await ckpt.manual(name))
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]:
+    async def list_checkpoints(self) -> list[models.CheckpointInfo]:
         session = self.session
         if session is None:
             raise Busy("the session has not started yet")
-        return [i.to_json() for i in await session.list_checkpoints()]
+        return [models.CheckpointInfo.of(i) for i in await session.list_checkpoints()]
 
-    async def rename_checkpoint(self, old: str, new: str) -> dict[str, Any]:
-        session = self.session
-        if session is None or not self._started:
+    async def rename_checkpoint(self, old: str, new: str) -> models.CheckpointInfo:
+        session, ckpt = self.session, self.checkpointer
+        if session is None or ckpt is None or not self._started:
             raise Busy(f"cannot rename while the session is {self.lifecycle.status.value}")
         info = await session.rename(old, new)
-        if self._ckpt.info is not None and self._ckpt.info.name == old:
-            self._ckpt.info = info
+        ckpt.renamed(old, info)
         log.info("checkpoint.renamed", old=old, new=info.name)
-        return info.to_json()
+        return models.CheckpointInfo.of(info)
 
-    # -- status pieces ------------------------------------------------------------------
+    # -- documents ------------------------------------------------------------------------
 
-    def _ide_json(self) -> dict[str, Any]:
+    def _ide_doc(self) -> models.Ide:
         sup = self.supervisor
         failed = self._ide_failure
-        return {
-            "state": sup.state.value if sup else "pending",
-            "pid": sup.pid if sup else None,
-            "restarts": sup.restarts if sup else 0,
-            "last_exit": sup.last_exit if sup else None,
-            "command": self.argv,
-            "probe_url": probe_url(self.settings),
-            "last_output": failed.last_output if failed else [],
-        }
+        return models.Ide(
+            state=sup.state if sup else IdeState.PENDING,
+            pid=sup.pid if sup else None,
+            restarts=sup.restarts if sup else 0,
+            last_exit=sup.last_exit if sup else None,
+            command=self.argv,
+            probe_url=probe_url(self.settings),
+            last_output=failed.last_output if failed else [],
+        )
 
-    def _session_json(self) -> dict[str, Any]:
+    def _session_doc(self) -> models.Session:
         session, outcome = self.session, self.outcome
-        return {
-            "id": session.session_id if session is not None and self._started else None,
-            "started": _iso(self._session_started_at) if self._session_started_at else None,
-            "restored": outcome.restored.to_json() if outcome and outcome.restored else None,
-            "invalidated": [i.to_json() for i in outcome.invalidated] if outcome else [],
-            "checkpoint": self._ckpt.to_json(),
-        }
+        return models.Session(
+            id=session.session_id if session is not None and self._started else None,
+            started=self._session_started_at,
+            restored=models.CheckpointInfo.of(outcome.restored)
+            if outcome and outcome.restored
+            else None,
+            invalidated=[models.CheckpointInfo.of(i) for i in outcome.invalidated]
+            if outcome
+            else [],
+            checkpoint=models.SessionCheckpoint.of(self.own_checkpoint),
+        )
 
-    def _restore_json(self) -> dict[str, Any] | None:
+    def _restore_doc(self) -> models.Progress | None:
         p = self._progress
         if p is None or self._started:
             return None
-        return p.to_json()
+        return models.Progress.of(p)
 
     def _on_progress(self, p: Progress) -> None:
         self._progress = p  # one reference store: safe from any thread
 
-    def _event_body(self, t: Transition) -> dict[str, Any]:
-        return {
-            "studio": self.settings.studio,
-            "status": t.status.value,
-            "previous": t.previous.value if t.previous else None,
-            "reason": t.reason,
-            "time": _iso(t.at),
-            "session": self._session_json(),
-            "ide": self._ide_json(),
-        }
+    def _status_event(self, t: Transition) -> models.StatusEvent:
+        return models.StatusEvent(
+            studio=self.settings.studio,
+            status=t.status,
+            previous=t.previous,
+            reason=t.reason,
+            time=t.at,
+            session=self._session_doc(),
+            ide=self._ide_doc(),
+        )
 
     def _on_transition(self, t: Transition) -> None:
         self.metrics.status.state(t.status.value)
+        self._send(self._status_event(t))
+
+    def _send(self, event: models.Event) -> None:
         if self.control_plane is not None:
-            self.control_plane.event("status", self._event_body(t))
+            self.control_plane.event(event.type, event.model_dump(mode="json"))
 
-    def _notify(self, kind: str, reason: str, **extra: Any) -> None:
-        """A notice for the control plane besides a status change."""
-        if self.control_plane is None:
-            return
-        body = {
+    def _notice(self, kind: models.NoticeKind, reason: str) -> dict[str, Any]:
+        """The fields every notice carries besides a status change."""
+        return {
+            "type": kind,
             "studio": self.settings.studio,
-            "status": self.lifecycle.status.value,
+            "status": self.lifecycle.status,
             "reason": reason,
-            "time": _iso(self.clock.now()),
-            "session": self._session_json(),
-            **extra,
+            "time": self.clock.now(),
+            "session": self._session_doc(),
         }
-        self.control_plane.event(kind, body)
 
-    # -- checkpoints --------------------------------------------------------------------
+    # the checkpointer's reports (checkpointer.Reports)
 
-    async def _checkpoint(
-        self,
-        kind: str,
-        state: CheckpointState,
-        *,
-        name: str | None = None,
-        skip_unchanged: bool = False,
-        raise_errors: bool = False,
-    ) -> CheckpointResult | None:
-        session = self.session
-        assert session is not None
-        own = name is None or name == session.auto_name
-        if own:
-            self._ckpt.last_attempt = self.clock.now()
-        try:
-            result = await session.checkpoint(name, state, skip_unchanged=skip_unchanged)
-        except AgentError as e:
-            self.metrics.checkpoint_failures.labels(kind).inc()
-            log.error("checkpoint.failed", kind=kind, error=str(e))
-            if own:
-                self._ckpt.last_error = str(e)
-            if kind == "periodic":
-                self._notify("checkpoint_failed", f"periodic checkpoint failed: {e}")
-            if raise_errors:
-                raise
-            return None
-        if result is None:
-            self.metrics.checkpoint_unchanged.inc()
-            log.debug("checkpoint.unchanged", kind=kind)
-            if own:
-                self._ckpt.last_error = None
-            return None
-        self.metrics.checkpoint_duration.labels(kind).observe(result.duration)
-        self.metrics.checkpoint_layer_bytes.labels(kind).observe(result.layer_size)
-        if result.info.name == session.auto_name:
-            self.metrics.checkpoint_size.set(result.info.size)
-            self._ckpt.info = result.info
-            self._ckpt.duration = result.duration
-            self._ckpt.changed = result.changed
-            self._ckpt.last_error = None
-        log.info(
-            "checkpoint.done",
-            kind=kind,
-            name=result.info.name,
-            state=CheckpointState(result.info.state).value,
-            changed=result.changed,
-            layer_size=result.layer_size,
-            size=result.info.size,
-            seconds=round(result.duration, 3),
-            skipped=len(result.skipped),
-        )
-        return result
+    def checkpoint_failed(self, reason: str) -> None:
+        if self.control_plane is not None:
+            self._send(models.Notice(**self._notice("checkpoint_failed", reason)))
 
-    async def _ticker(self) -> None:
-        """Interim checkpoints every interval; a failure waits for the next tick, never more."""
-        while True:
-            await self.clock.sleep(self.settings.checkpoint_interval)
-            self._periodic = asyncio.create_task(
-                self._checkpoint("periodic", CheckpointState.INTERIM, skip_unchanged=True)
+    def final_checkpoint_failed(self, reason: str) -> None:
+        if self.control_plane is not None:
+            self._send(models.Notice(**self._notice("final_checkpoint_incomplete", reason)))
+
+    def final_checkpoint_abandoned(self, reason: str, kept: CheckpointInfo | None) -> None:
+        if self.control_plane is not None:
+            self._send(
+                models.FinalIncompleteNotice(
+                    **self._notice("final_checkpoint_incomplete", reason),
+                    checkpoint=models.CheckpointInfo.of(kept) if kept else None,
+                )
             )
-            # shielded: stopping the ticker must not abandon a checkpoint half-way
-            await asyncio.shield(self._periodic)
 
     # -- run ------------------------------------------------------------------------------
 
@@ -395,7 +315,14 @@ class Daemon:
         store = self._store or open_store(s)
         self._store = store
         self.session = self._session_factory(s, store)
-        self.token = self._api_token()
+        self.checkpointer = Checkpointer(
+            self.session,
+            clock=self.clock,
+            metrics=self.metrics,
+            interval=s.checkpoint_interval,
+            reports=self,
+        )
+        self.token = api_token(s)
         self.api = ApiServer(self, self.token, s.api_host, s.api_port)
         if s.control_plane_url:
             self.control_plane = ControlPlane(
@@ -404,11 +331,11 @@ class Daemon:
                 s.studio,
                 clock=self.clock,
                 interval=s.heartbeat_interval,
-                snapshot=lambda: self.status_json(with_control_plane=False),
+                snapshot=self._heartbeat_body,
                 metrics=self.metrics,
             )
             self._spawn(self.control_plane.run(), "control plane")
-            self.control_plane.event("status", self._event_body(self.lifecycle.history[0]))
+            self._send(self._status_event(self.lifecycle.history[0]))
         try:
             await self.api.start()
         except ConfigError as e:
@@ -452,7 +379,8 @@ class Daemon:
         sup_task = self._spawn(self.supervisor.run(), "ide supervisor")
         failure = await self._wait_ready(sup_task)
         if failure is None and not self._stop_requested.is_set():
-            self._ticker_task = self._spawn(self._ticker(), "checkpoint ticker")
+            ticker = self.checkpointer.run_periodic()
+            self._ticker_task = self._spawn(ticker, "checkpoint ticker")
             failure = await self._wait_running(sup_task)
         return await self._shutdown(failure)
 
@@ -491,20 +419,17 @@ class Daemon:
             invalidated=[i.name for i in self.outcome.invalidated],
             seconds=round(elapsed, 3),
         )
-        if self.outcome.invalidated:
+        if self.outcome.invalidated and self.control_plane is not None:
             names = ", ".join(i.name for i in self.outcome.invalidated)
-            self._notify(
-                "checkpoints_invalidated",
-                f"unsound interim checkpoints marked invalid: {names}",
-                invalidated=[i.to_json() for i in self.outcome.invalidated],
+            reason = f"unsound interim checkpoints marked invalid: {names}"
+            self._send(
+                models.InvalidatedNotice(
+                    **self._notice("checkpoints_invalidated", reason),
+                    invalidated=[models.CheckpointInfo.of(i) for i in self.outcome.invalidated],
+                )
             )
-        try:
-            self._ckpt.info = await session.mark(CheckpointState.EMPTY)
-        except AgentError as e:
-            # the IDE matters more than this marker; the next checkpoint writes the ref
-            log.error("checkpoint.mark_failed", error=str(e))
-            self._ckpt.last_error = str(e)
-            self._notify("checkpoint_failed", f"cannot write the session's checkpoint: {e}")
+        assert self.checkpointer is not None
+        await self.checkpointer.start()
         return True
 
     async def _wait_ready(self, sup_task: asyncio.Task[None]) -> str | None:
@@ -552,74 +477,33 @@ class Daemon:
 
     async def _shutdown(self, failure: str | None) -> int:
         """Stop the IDE, write the final checkpoint, settle the status: all within the grace."""
-        if self._stop_at is None:
-            self._stop_at = self.clock.monotonic()
+        if self._budget is None:
+            self._budget = StopBudget(self.clock, self.settings.stop_grace, self.clock.monotonic())
+        budget = self._budget
         reason = failure or self._stop_reason
         self.lifecycle.move(Status.STOPPING, reason)
-        s = self.settings
-        margin = min(2.0, s.stop_grace * 0.1)  # for the last event and the exit itself
-        deadline = self._stop_at + s.stop_grace - margin
-
-        def left() -> float:
-            return max(0.0, deadline - self.clock.monotonic())
 
         if self._ticker_task is not None:
             self._ticker_task.cancel()
         sup = self.supervisor
         if sup is not None:
-            # leave at least half the remaining time for the final checkpoint
-            await sup.stop(timeout=min(s.ide_stop_timeout, left() / 2))
+            await sup.stop(timeout=budget.ide_stop(self.settings.ide_stop_timeout))
             with contextlib.suppress(TimeoutError):
-                await with_timeout(self.clock, max(1.0, left() / 4), sup.wait_stopped())
+                await with_timeout(self.clock, budget.ide_wait(), sup.wait_stopped())
 
         note = ""
-        if self._started:
-            note = await self._final_checkpoint(left())
+        if self._started and self.checkpointer is not None:
+            note = await self.checkpointer.final(budget.left())
+            self.abandoned_work = self.abandoned_work or self.checkpointer.abandoned
         self.output.close()
         final = Status.ERRORED if failure else Status.STOPPED
         self.lifecycle.move(final, reason + note)
         return await self._finish()
 
-    async def _final_checkpoint(self, budget: float) -> str:
-        session = self.session
-        assert session is not None
-        task = asyncio.ensure_future(self._checkpoint("final", CheckpointState.FINALIZED))
-        try:
-            result = await with_timeout(self.clock, budget, asyncio.shield(task))
-        except TimeoutError:
-            cancel: Callable[[], None] | None = getattr(session, "cancel", None)
-            if cancel is not None:
-                cancel()
-            task.cancel()
-            self.abandoned_work = True
-            self.metrics.checkpoint_failures.labels("final").inc()
-            kept = self._ckpt.info
-            kept_desc = f"{kept.name} ({CheckpointState(kept.state).value})" if kept else "none"
-            msg = (
-                f"the final checkpoint did not finish within {budget:.1f}s; "
-                f"the last checkpoint stays valid: {kept_desc}"
-            )
-            log.error("checkpoint.final_incomplete", budget=round(budget, 3), kept=kept_desc)
-            self._notify(
-                "final_checkpoint_incomplete",
-                msg,
-                checkpoint=kept.to_json() if kept else None,
-            )
-            return f"; {msg}"
-        if result is None:
-            err = self._ckpt.last_error or "unknown error"
-            msg = f"the final checkpoint failed ({err}); the last checkpoint stays valid"
-            self._notify("final_checkpoint_incomplete", msg)
-            return f"; {msg}"
-        return ""
-
     async def _finish(self) -> int:
         """Tell the control plane the outcome (within the grace), and pick the exit code."""
         if self.control_plane is not None:
-            budget = 5.0
-            if self._stop_at is not None:
-                end = self._stop_at + self.settings.stop_grace - 0.5
-                budget = max(0.2, end - self.clock.monotonic())
+            budget = self._budget.report() if self._budget else REPORT_BUDGET
             await self.control_plane.flush(budget)
         status = self.lifecycle.status
         log.info("daemon.exit", status=status.value, reason=self.lifecycle.reason)
@@ -633,7 +517,8 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5.0)
+            with contextlib.suppress(TimeoutError):
+                await with_timeout(self.clock, 5.0, asyncio.wait(self._tasks))
         if self.api is not None:
             await self.api.stop()
         if self._reaper is not None:
@@ -660,22 +545,8 @@ class Daemon:
             return None  # a new IDE's pid is not known yet: it must not be taken for an orphan
         return [sup.pid] if sup.pid is not None else []
 
-    def _api_token(self) -> str:
-        token = self.settings.token()
-        if token:
-            return token
-        # no token configured: make one, readable only by root, for local tools
-        token = secrets.token_urlsafe(32)
-        path = self.settings.state_path / "api-token"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token + "\n")
-            log.info("api.token_generated", path=str(path))
-        except OSError as e:
-            log.warning("api.token_not_saved", path=str(path), error=str(e))
-        return token
+    async def _heartbeat_body(self) -> dict[str, Any]:
+        return (await self.heartbeat()).model_dump(mode="json")
 
     def _install_signals(self) -> None:
         if not self._handle_signals:

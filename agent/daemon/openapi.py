@@ -1,191 +1,234 @@
-"""The local API's contract, kept apart from its implementation.
+"""The local API's contract: generated from the models and a table of routes.
 
-Tests hold the two together: every route the app serves is documented here,
-every documented route is served, and a schema-driven fuzzer checks that
-responses match it.  Request validation in ``api.py`` uses the same
+Tests hold it and the app together: every route the app serves is documented
+here, every documented route is served, and a schema-driven fuzzer checks
+that responses match it.  Request validation in ``api.py`` uses the same
 constants, so what the document promises is what the server enforces.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, get_args
 
-NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.@+ -]{0,127}"
+from pydantic import BaseModel, Field, TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+
+from agent.daemon import models
+
+NAME_PATTERN = models.NAME_PATTERN
 MAX_LOG_LINES = 10_000
-FOLLOW_VALUES = ("0", "1", "true", "false")
+DEFAULT_LOG_LINES = 200
+Follow = Literal["0", "1", "true", "false"]
+FOLLOW_VALUES: tuple[str, ...] = get_args(Follow)
+LogLines = Annotated[int, Field(ge=1, le=MAX_LOG_LINES)]
 
-_NULLABLE_STR: dict[str, Any] = {"type": ["string", "null"]}
-_NULLABLE_INT: dict[str, Any] = {"type": ["integer", "null"]}
-_NULLABLE_NUM: dict[str, Any] = {"type": ["number", "null"]}
-_TIME: dict[str, Any] = {"type": "string", "format": "date-time"}
-_NULLABLE_TIME: dict[str, Any] = {"type": ["string", "null"], "format": "date-time"}
+_REF = "#/components/schemas/{model}"
 
-_STATUSES = ["starting", "running", "stopping", "stopped", "errored"]
-_STATES = ["empty", "interim", "finalized", "invalid"]
+
+class _Schema(GenerateJsonSchema):
+    """Pydantic's JSON schema, less the noise: no per-field titles, enums inline, plain nulls."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def generate_inner(self, schema: Any) -> JsonSchemaValue:
+        if schema.get("type") == "enum":  # inline, so an enum never competes for a model's name
+            inline = {k: v for k, v in schema.items() if k != "ref"}
+            out = super().generate_inner(inline)
+            out.pop("title", None)
+            out.pop("description", None)
+            return out
+        return super().generate_inner(schema)
+
+    def nullable_schema(self, schema: Any) -> JsonSchemaValue:
+        inner = self.generate_inner(schema["schema"])
+        if isinstance(inner.get("type"), str) and set(inner) <= {"type", "format"}:
+            return {**inner, "type": [inner["type"], "null"]}  # as OpenAPI 3.1 writes it
+        return {"anyOf": [inner, {"type": "null"}]}
+
+
+def _inline(t: Any) -> dict[str, Any]:
+    """The schema of a simple type, for a parameter."""
+    return TypeAdapter(t).json_schema(schema_generator=_Schema)
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+Answer = type[BaseModel] | Literal["text", "object"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    operation: str
+    summary: str
+    answers: dict[int, tuple[Answer, str]]
+    body: type | None = None
+    body_required: bool = False
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+    public: bool = False
+
+
+_E400 = (models.Error, "Malformed request.")
+_E401 = (models.Error, "Missing or wrong bearer token.")
+_E404 = (models.Error, "No such checkpoint.")
+_E409 = (models.Error, "Not possible in the session's current status, or the name is taken.")
+_E413 = (models.Error, "Request body too large.")
+_E503 = (models.Error, "The checkpoint store is unavailable.")
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "get",
+        "/healthz",
+        "health",
+        "Liveness of the agent (no token needed).",
+        {200: (models.Health, "The agent is up.")},
+        public=True,
+    ),
+    Route(
+        "get",
+        "/v1/status",
+        "getStatus",
+        "Session status, IDE, checkpoint, restore progress and resources.",
+        {200: (models.Status, "Current status."), 401: _E401},
+    ),
+    Route(
+        "get",
+        "/v1/checkpoints",
+        "listCheckpoints",
+        "This studio's checkpoints, most recently updated first.",
+        {200: (models.CheckpointList, "Checkpoints."), 401: _E401, 503: _E503},
+    ),
+    Route(
+        "post",
+        "/v1/checkpoints",
+        "createCheckpoint",
+        "Checkpoint now; answers once the checkpoint is written.",
+        {
+            201: (models.CheckpointResult, "Written."),
+            400: _E400,
+            401: _E401,
+            409: _E409,
+            413: _E413,
+            503: _E503,
+        },
+        body=models.OptionalNameBody,
+    ),
+    Route(
+        "patch",
+        "/v1/checkpoints/{name}",
+        "renameCheckpoint",
+        "Rename a checkpoint of this studio.",
+        {
+            200: (models.CheckpointInfo, "Renamed."),
+            400: _E400,
+            401: _E401,
+            404: _E404,
+            409: _E409,
+            413: _E413,
+            503: _E503,
+        },
+        body=models.NameBody,
+        body_required=True,
+        parameters=[
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "schema": _inline(Annotated[str, Field(min_length=1)]),
+            }
+        ],
+    ),
+    Route(
+        "post",
+        "/v1/stop",
+        "stop",
+        "Stop the session: IDE, final checkpoint, exit.",
+        {202: (models.Stopping, "Stopping."), 401: _E401},
+    ),
+    Route(
+        "get",
+        "/v1/logs",
+        "getLogs",
+        "The IDE's recent output; with follow, new lines as they come.",
+        {200: ("text", "Output lines."), 400: _E400, 401: _E401},
+        parameters=[
+            {
+                "name": "lines",
+                "in": "query",
+                "required": False,
+                "schema": {**_inline(LogLines), "default": DEFAULT_LOG_LINES},
+            },
+            {"name": "follow", "in": "query", "required": False, "schema": _inline(Follow)},
+        ],
+    ),
+    Route(
+        "get",
+        "/metrics",
+        "metrics",
+        "Prometheus metrics.",
+        {200: ("text", "Prometheus text format."), 401: _E401},
+    ),
+    Route(
+        "get",
+        "/v1/openapi.json",
+        "openapi",
+        "This document.",
+        {200: ("object", "OpenAPI 3 document."), 401: _E401},
+    ),
+)
+
+
+# -- the document ------------------------------------------------------------------------------
+
+
+def schemas() -> dict[str, Any]:
+    """Component schemas of every model the routes name (answers and request bodies)."""
+    inputs: list[tuple[str, Literal["validation", "serialization"], TypeAdapter[Any]]] = [
+        *((m.__name__, "serialization", TypeAdapter(m)) for m in models.API_MODELS),
+        *((t.__name__, "validation", TypeAdapter(t)) for t in models.API_REQUESTS),
+    ]
+    _, top = TypeAdapter.json_schemas(inputs, ref_template=_REF, schema_generator=_Schema)
+    defs: dict[str, Any] = top.get("$defs", {})
+    return defs
 
 
 def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
+    return {"$ref": _REF.format(model=name)}
 
 
-def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
+def _answer(answer: Answer, description: str) -> dict[str, Any]:
+    media, schema = "application/json", {"type": "object"}
+    if answer == "text":
+        media, schema = "text/plain", {"type": "string"}
+    elif not isinstance(answer, str):
+        schema = _ref(answer.__name__)
+    return {"description": description, "content": {media: {"schema": schema}}}
 
 
-def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
-    doc: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
-    req = list(props) if required is None else required
-    if req:
-        doc["required"] = req
-    return doc
-
-
-SCHEMAS: dict[str, Any] = {
-    "Error": _obj({"error": {"type": "string"}, "status": {"type": "integer"}}),
-    "Health": _obj({"ok": {"type": "boolean"}, "status": {"type": "string", "enum": _STATUSES}}),
-    "CheckpointName": {
-        "type": "string",
-        "pattern": f"^{NAME_PATTERN}$",
-        "minLength": 1,
-        "maxLength": 128,
-        "description": "Unique per studio; spaces become underscores.",
-    },
-    "NameBody": _obj({"name": _ref("CheckpointName")}),
-    "OptionalNameBody": _obj({"name": _ref("CheckpointName")}, required=[]),
-    "CheckpointInfo": _obj(
-        {
-            "studio": {"type": "string"},
-            "name": {"type": "string"},
-            "digest": {"type": "string"},
-            "state": {"type": "string", "enum": _STATES},
-            "session": {"type": "string"},
-            "created": _TIME,
-            "updated": _TIME,
-            "size": {"type": "integer", "minimum": 0},
-            "layers": {"type": "integer", "minimum": 0},
+def _operation(route: Route) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": route.operation, "summary": route.summary}
+    if route.public:
+        op["security"] = []
+    if route.parameters:
+        op["parameters"] = route.parameters
+    if route.body is not None:
+        op["requestBody"] = {
+            "required": route.body_required,
+            "content": {"application/json": {"schema": _ref(route.body.__name__)}},
         }
-    ),
-    "CheckpointList": _obj({"checkpoints": {"type": "array", "items": _ref("CheckpointInfo")}}),
-    "Skipped": _obj({"path": {"type": "string"}, "reason": {"type": "string"}}),
-    "CheckpointResult": _obj(
-        {
-            "checkpoint": _ref("CheckpointInfo"),
-            "changed": {"type": "integer", "minimum": 0},
-            "layer_size": {"type": "integer", "minimum": 0},
-            "duration": {"type": "number", "minimum": 0},
-            "skipped": {"type": "array", "items": _ref("Skipped")},
-            "skipped_total": {"type": "integer", "minimum": 0},
-        }
-    ),
-    "Progress": _obj(
-        {
-            "phase": {"type": "string"},
-            "bytes_done": {"type": "integer"},
-            "bytes_total": {"type": "integer"},
-            "files_done": {"type": "integer"},
-            "files_total": {"type": "integer"},
-        }
-    ),
-    "Ide": _obj(
-        {
-            "state": {
-                "type": "string",
-                "enum": [
-                    "pending",
-                    "starting",
-                    "ready",
-                    "backoff",
-                    "stopping",
-                    "stopped",
-                    "failed",
-                ],
-            },
-            "pid": _NULLABLE_INT,
-            "restarts": {"type": "integer", "minimum": 0},
-            "last_exit": _NULLABLE_STR,
-            "command": {"type": "array", "items": {"type": "string"}},
-            "probe_url": {"type": "string"},
-            "last_output": {"type": "array", "items": {"type": "string"}},
-        }
-    ),
-    "SessionCheckpoint": _obj(
-        {
-            "name": _NULLABLE_STR,
-            "state": {"type": ["string", "null"], "enum": [*_STATES, None]},
-            "updated": _NULLABLE_TIME,
-            "duration": _NULLABLE_NUM,
-            "size": _NULLABLE_INT,
-            "layers": _NULLABLE_INT,
-            "changed": _NULLABLE_INT,
-            "last_attempt": _NULLABLE_TIME,
-            "last_error": _NULLABLE_STR,
-        }
-    ),
-    "Session": _obj(
-        {
-            "id": _NULLABLE_STR,
-            "started": _NULLABLE_TIME,
-            "restored": _or_null(_ref("CheckpointInfo")),
-            "invalidated": {"type": "array", "items": _ref("CheckpointInfo")},
-            "checkpoint": _ref("SessionCheckpoint"),
-        }
-    ),
-    "Resources": _obj(
-        {
-            "cpu_percent": {"type": "number"},
-            "cpu_count": {"type": "integer"},
-            "cpu_limit": _NULLABLE_NUM,
-            "memory_used": {"type": "integer"},
-            "memory_limit": _NULLABLE_INT,
-            "memory_total": {"type": "integer"},
-            "root_used": {"type": "integer"},
-            "root_free": {"type": "integer"},
-            "ide_rss": {"type": "integer"},
-        }
-    ),
-    "ControlPlane": _obj(
-        {
-            "url": {"type": "string"},
-            "reachable": {"type": ["boolean", "null"]},
-            "last_error": {"type": "string"},
-            "heartbeat_interval": {"type": "number"},
-        }
-    ),
-    "Status": _obj(
-        {
-            "studio": {"type": "string"},
-            "status": {"type": "string", "enum": _STATUSES},
-            "reason": {"type": "string"},
-            "since": _TIME,
-            "ide": _ref("Ide"),
-            "session": _ref("Session"),
-            "restore": _or_null(_ref("Progress")),
-            "resources": _or_null(_ref("Resources")),
-            "control_plane": _or_null(_ref("ControlPlane")),
-        }
-    ),
-    "Stopping": _obj({"status": {"type": "string", "enum": _STATUSES}}),
-}
-
-
-def _json(schema: str, description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
-
-
-def _text(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
-
-
-_E400 = _json("Error", "Malformed request.")
-_E401 = _json("Error", "Missing or wrong bearer token.")
-_E404 = _json("Error", "No such checkpoint.")
-_E409 = _json("Error", "Not possible in the session's current status, or the name is taken.")
-_E413 = _json("Error", "Request body too large.")
-_E503 = _json("Error", "The checkpoint store is unavailable.")
+    op["responses"] = {str(code): _answer(a, d) for code, (a, d) in route.answers.items()}
+    return op
 
 
 def document(version: str = "0") -> dict[str, Any]:
     """The OpenAPI 3 document of the local API."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = _operation(route)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -196,130 +239,7 @@ def document(version: str = "0") -> dict[str, Any]:
         "security": [{"bearer": []}],
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": SCHEMAS,
+            "schemas": schemas(),
         },
-        "paths": {
-            "/healthz": {
-                "get": {
-                    "operationId": "health",
-                    "summary": "Liveness of the agent (no token needed).",
-                    "security": [],
-                    "responses": {"200": _json("Health", "The agent is up.")},
-                }
-            },
-            "/v1/status": {
-                "get": {
-                    "operationId": "getStatus",
-                    "summary": "Session status, IDE, checkpoint, restore progress and resources.",
-                    "responses": {"200": _json("Status", "Current status."), "401": _E401},
-                }
-            },
-            "/v1/checkpoints": {
-                "get": {
-                    "operationId": "listCheckpoints",
-                    "summary": "This studio's checkpoints, most recently updated first.",
-                    "responses": {
-                        "200": _json("CheckpointList", "Checkpoints."),
-                        "401": _E401,
-                        "503": _E503,
-                    },
-                },
-                "post": {
-                    "operationId": "createCheckpoint",
-                    "summary": "Checkpoint now; answers once the checkpoint is written.",
-                    "requestBody": {
-                        "required": False,
-                        "content": {"application/json": {"schema": _ref("OptionalNameBody")}},
-                    },
-                    "responses": {
-                        "201": _json("CheckpointResult", "Written."),
-                        "400": _E400,
-                        "401": _E401,
-                        "409": _E409,
-                        "413": _E413,
-                        "503": _E503,
-                    },
-                },
-            },
-            "/v1/checkpoints/{name}": {
-                "patch": {
-                    "operationId": "renameCheckpoint",
-                    "summary": "Rename a checkpoint of this studio.",
-                    "parameters": [
-                        {
-                            "name": "name",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "minLength": 1},
-                        }
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("NameBody")}},
-                    },
-                    "responses": {
-                        "200": _json("CheckpointInfo", "Renamed."),
-                        "400": _E400,
-                        "401": _E401,
-                        "404": _E404,
-                        "409": _E409,
-                        "413": _E413,
-                        "503": _E503,
-                    },
-                }
-            },
-            "/v1/stop": {
-                "post": {
-                    "operationId": "stop",
-                    "summary": "Stop the session: IDE, final checkpoint, exit.",
-                    "responses": {"202": _json("Stopping", "Stopping."), "401": _E401},
-                }
-            },
-            "/v1/logs": {
-                "get": {
-                    "operationId": "getLogs",
-                    "summary": "The IDE's recent output; with follow, new lines as they come.",
-                    "parameters": [
-                        {
-                            "name": "lines",
-                            "in": "query",
-                            "required": False,
-                            "schema": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": MAX_LOG_LINES,
-                                "default": 200,
-                            },
-                        },
-                        {
-                            "name": "follow",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string", "enum": list(FOLLOW_VALUES)},
-                        },
-                    ],
-                    "responses": {"200": _text("Output lines."), "400": _E400, "401": _E401},
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "operationId": "metrics",
-                    "summary": "Prometheus metrics.",
-                    "responses": {"200": _text("Prometheus text format."), "401": _E401},
-                }
-            },
-            "/v1/openapi.json": {
-                "get": {
-                    "operationId": "openapi",
-                    "summary": "This document.",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3 document.",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        },
-                        "401": _E401,
-                    },
-                }
-            },
-        },
+        "paths": paths,
     }

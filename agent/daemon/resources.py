@@ -9,30 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
+from agent.daemon.models import Resources
+
 CGROUP = Path("/sys/fs/cgroup")
 _V1_UNLIMITED = 1 << 60  # cgroup v1 spells "no limit" as a number near 2**63
-
-
-@dataclass(frozen=True, slots=True)
-class Resources:
-    cpu_percent: float  # of the whole machine's CPUs, since the previous reading
-    cpu_count: int
-    cpu_limit: float | None  # cores the cgroup allows, None when unlimited
-    memory_used: int
-    memory_limit: int | None  # bytes the cgroup allows, None when unlimited
-    memory_total: int  # the machine's memory
-    root_used: int
-    root_free: int
-    ide_rss: int  # resident memory of the IDE's process tree
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _read(path: Path) -> str | None:

@@ -27,6 +27,8 @@ from agent.log import get_logger
 log = get_logger("daemon.ide")
 
 _CHUNK = 64 << 10
+PROBE_TIMEOUT = 5.0  # an answer slower than this counts as none
+PIPE_GRACE = 1.0  # how long the output pumps may drain after the IDE exited
 
 
 class IdeState(StrEnum):
@@ -268,8 +270,9 @@ class Supervisor:
             # leftovers of the group (kernels, servers) would hold the port and the pipes
             _killpg(proc.pid, signal.SIGKILL)
             # a daemonized grandchild may still hold the pipes open: don't wait on it forever
-            _, pending = await asyncio.wait(pumps, timeout=1.0)
-            for p in pending:
+            with contextlib.suppress(TimeoutError):
+                await with_timeout(self._clock, PIPE_GRACE, asyncio.wait(pumps))
+            for p in pumps:
                 p.cancel()
             self._proc = None
             self.pid = None
@@ -317,10 +320,14 @@ class Supervisor:
     async def _probe(self, proc: asyncio.subprocess.Process) -> None:
         """Poll the IDE over HTTP until it answers; after a restart, bound that by ready_timeout."""
         deadline = self._clock.monotonic() + self._ready_timeout if self.ready.is_set() else None
-        timeout = aiohttp.ClientTimeout(total=5.0)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with aiohttp.ClientSession() as http:
             while proc.returncode is None:
-                status = await _probe_once(http, self.probe_url)
+                try:
+                    status = await with_timeout(
+                        self._clock, PROBE_TIMEOUT, _probe_once(http, self.probe_url)
+                    )
+                except TimeoutError:
+                    status = None
                 if status is not None and status < 500:
                     self.state = IdeState.READY
                     if not self.ready.is_set():

@@ -1,7 +1,9 @@
 """Helpers for the daemon's tests: a small root, a fake control plane, a harness.
 
 Every server binds 127.0.0.1 on a free port and is stopped by its fixture;
-waits are bounded polls on a condition, never fixed sleeps.
+waits are bounded polls on a condition, never fixed sleeps.  A daemon on a
+``ManualClock`` only sees time pass when its test moves the clock, so what a
+test asserts about timing is in the daemon's time, whatever the machine's load.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import inspect
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from agent.checkpoint.manifest import Manifest
+from agent.daemon.clock import ManualClock
 from agent.daemon.main import Daemon
 from agent.store.local import LocalStore
 
@@ -35,9 +38,16 @@ def free_port() -> int:
 
 
 async def eventually(
-    cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+    cond: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "",
+    tick: Callable[[], Awaitable[None]] | None = None,
 ) -> Any:
-    """Poll ``cond`` (sync or async) until it returns something truthy; fail after ``timeout``."""
+    """Poll ``cond`` (sync or async) until it returns something truthy; fail after ``timeout``.
+
+    ``tick``, if given, runs between polls (to move a manual clock on).
+    """
     end = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -48,6 +58,8 @@ async def eventually(
             return last
         if time.monotonic() > end:
             raise AssertionError(f"condition not met within {timeout}s: {what or cond} ({last!r})")
+        if tick is not None:
+            await tick()
         await asyncio.sleep(interval)
 
 
@@ -230,13 +242,59 @@ class Harness:
         return {"status": self.daemon.lifecycle.status.value}
 
     async def wait_exit(self, timeout: float = 60.0) -> int:
+        """The exit code; ``timeout`` (real seconds) only keeps a broken test from hanging."""
         assert self.task is not None
         return await asyncio.wait_for(asyncio.shield(self.task), timeout)
+
+    # -- a daemon on a manual clock
+
+    @property
+    def clock(self) -> ManualClock:
+        clock = self.daemon.clock
+        assert isinstance(clock, ManualClock), "this daemon runs on real time"
+        return clock
+
+    async def step_until(
+        self, cond: Callable[[], Any], *, within: float, timeout: float = 60.0, what: str = ""
+    ) -> Any:
+        """Let daemon time pass until ``cond`` holds: between polls, the clock jumps to the
+        next deadline if it is due within ``within`` seconds.
+
+        Time thus passes only for timers that are short enough (a probe, a backoff, a
+        kill), while work done in real time (a checkpoint, an HTTP request) sees the
+        clock stand still, however long it takes.
+        """
+        clock = self.clock
+
+        async def tick() -> None:
+            due = clock.next_deadline()
+            if due is not None and due <= within:
+                await clock.advance(max(0.0, due))
+
+        return await eventually(cond, timeout=timeout, what=what, tick=tick)
+
+    def said(self, text: str) -> bool:
+        """Whether the IDE's recent output holds ``text``."""
+        return any(text in line.text for line in self.daemon.output.tail(200))
+
+    async def wait_running(self, probe_interval: float = 0.5) -> None:
+        """Wait (in real time) until the IDE listens, then step the probe until it is seen."""
+        done = self.task is not None and self.task.done
+        await eventually(lambda: self.said("listening on") or done(), what="the IDE listening")
+        await self.step_until(
+            lambda: self.daemon.lifecycle.status.value != "starting",
+            within=probe_interval,
+            what="the IDE seen ready",
+        )
+        assert self.daemon.lifecycle.status.value == "running", self.daemon.lifecycle.reason
 
     async def close(self) -> None:
         if self.task is not None and not self.task.done():
             self.daemon.request_stop("test teardown")
             with contextlib.suppress(Exception):
+                if isinstance(self.daemon.clock, ManualClock):
+                    task = self.task
+                    await self.step_until(task.done, within=3600.0)
                 await asyncio.wait_for(self.task, 60)
         if self.http is not None:
             await self.http.close()

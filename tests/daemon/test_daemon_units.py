@@ -11,12 +11,14 @@ import pytest
 from daemon_helpers import eventually, fake_ide
 
 from agent.checkpoint.manifest import CheckpointState
+from agent.daemon.checkpointer import Checkpointer, Kind, StopBudget, state_for
 from agent.daemon.clock import Backoff, ManualClock, with_timeout
 from agent.daemon.lifecycle import Lifecycle, Status, Transition
-from agent.daemon.main import Daemon, ide_environment, probe_url
+from agent.daemon.main import ide_environment, probe_url
+from agent.daemon.metrics import Metrics
 from agent.daemon.resources import cgroup_cpu_limit, cgroup_memory, tree_rss
 from agent.daemon.supervisor import IdeFailed, IdeState, RingBuffer, Supervisor
-from agent.session import Session
+from agent.session import CheckpointInfo, Session
 from agent.settings import Settings
 from agent.store.local import LocalStore
 
@@ -151,17 +153,54 @@ def test_the_ide_gets_tool_variables_and_not_the_agents_secrets(
     }
 
 
+class _Reports:
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def checkpoint_failed(self, reason: str) -> None:
+        self.said.append(reason)
+
+    def final_checkpoint_failed(self, reason: str) -> None:
+        self.said.append(reason)
+
+    def final_checkpoint_abandoned(self, reason: str, kept: CheckpointInfo | None) -> None:
+        self.said.append(reason)
+
+
+def test_the_state_a_checkpoint_gets() -> None:
+    interim, final = CheckpointState.INTERIM, CheckpointState.FINALIZED
+    assert state_for(Kind.PERIODIC) is interim
+    assert state_for(Kind.MANUAL, own=True) is interim  # the final checkpoint follows
+    assert state_for(Kind.MANUAL, own=False) is final  # nothing will finalize another name
+    assert state_for(Kind.FINAL) is final
+    assert state_for(Kind.COMMAND) is final
+
+
+async def test_the_stop_budget_shares_the_grace_out() -> None:
+    clock = ManualClock()
+    budget = StopBudget(clock, 30.0, clock.monotonic())
+    assert budget.left() == 28.0  # a margin for the last event and the exit
+    assert budget.ide_stop(10.0) == 10.0 and budget.ide_stop(20.0) == 14.0
+    await clock.advance(10.0)
+    assert budget.left() == 18.0 and budget.ide_wait() == 4.5
+    assert budget.report() == 19.5
+    await clock.advance(30.0)
+    assert budget.left() == 0.0 and budget.ide_wait() == 1.0 and budget.report() == 0.2
+
+
 async def test_periodic_checkpoints_follow_the_interval_and_skip_when_unchanged(
     make_settings: Callable[..., Settings], root: Path, workdir: Path
 ) -> None:
     clock = ManualClock()
-    settings = make_settings(checkpoint_interval=300.0)
-    daemon = Daemon(settings, ["unused"], clock=clock, handle_signals=False)
+    settings = make_settings()
     session = Session(settings, LocalStore(workdir))
     await session.start()
-    await session.mark(CheckpointState.EMPTY)
-    daemon.session = session
-    registry = daemon.metrics.registry
+    metrics = Metrics()
+    reports = _Reports()
+    ckpt = Checkpointer(session, clock=clock, metrics=metrics, interval=300.0, reports=reports)
+    await ckpt.start()
+    assert ckpt.own.info is not None and ckpt.own.info.state is CheckpointState.EMPTY
+    registry = metrics.registry
 
     def unchanged() -> float:
         return registry.get_sample_value("studio_checkpoint_unchanged_total") or 0.0
@@ -172,7 +211,7 @@ async def test_periodic_checkpoints_follow_the_interval_and_skip_when_unchanged(
         )
         return v or 0.0
 
-    ticker = asyncio.create_task(daemon._ticker())
+    ticker = asyncio.create_task(ckpt.run_periodic())
     try:
         await clock.wait_for_sleepers()
         await clock.advance(299.0)
@@ -185,9 +224,10 @@ async def test_periodic_checkpoints_follow_the_interval_and_skip_when_unchanged(
         await clock.wait_for_sleepers()
         await clock.advance(300.0)
         await eventually(lambda: written() == 1, what="a checkpoint written")
-        info = daemon._ckpt.info
+        info = ckpt.own.info
         assert info is not None and info.state is CheckpointState.INTERIM
-        assert daemon._ckpt.changed and daemon._ckpt.changed >= 1
+        assert ckpt.own.changed and ckpt.own.changed >= 1
+        assert reports.said == []
     finally:
         ticker.cancel()
         await asyncio.gather(ticker, return_exceptions=True)
