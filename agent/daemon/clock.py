@@ -122,21 +122,3 @@ async def with_timeout(clock: Clock, seconds: float, aw: Awaitable[T]) -> T:
     with contextlib.suppress(BaseException):
         await task
     raise TimeoutError(f"timed out after {seconds:g}s")
-
-
-class Backoff:
-    """Exponential backoff with a cap: 1, 2, 4, ... seconds, reset on success."""
-
-    def __init__(self, initial: float = 1.0, maximum: float = 60.0, factor: float = 2.0) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.factor = factor
-        self._next = initial
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self.maximum, self._next * self.factor)
-        return min(delay, self.maximum)
-
-    def reset(self) -> None:
-        self._next = self.initial

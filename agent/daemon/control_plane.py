@@ -17,7 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from agent.daemon.clock import Backoff, Clock, with_timeout
+from agent.backoff import Backoff
+from agent.daemon.clock import Clock, with_timeout
 from agent.daemon.metrics import Metrics
 from agent.log import get_logger
 

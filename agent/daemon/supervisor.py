@@ -20,7 +20,8 @@ from enum import StrEnum
 
 import aiohttp
 
-from agent.daemon.clock import Backoff, Clock, with_timeout
+from agent.backoff import Backoff
+from agent.daemon.clock import Clock, with_timeout
 from agent.errors import AgentError
 from agent.log import get_logger
 
@@ -199,7 +200,7 @@ class Supervisor:
                         f"{self._window:g}s (last: {exit_desc})",
                         self.last_output(),
                     )
-                if now - started > self._backoff.maximum:
+                if now - started > self._backoff.cap:
                     self._backoff.reset()
                 delay = self._backoff.next()
                 self.state = IdeState.BACKOFF

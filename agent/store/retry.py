@@ -10,9 +10,7 @@ that both kinds of retry agree on what is transient.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from botocore.exceptions import (
@@ -25,6 +23,8 @@ from botocore.exceptions import (
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
+
+from agent.backoff import Backoff
 
 T = TypeVar("T")
 
@@ -95,23 +95,6 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, (*TRANSIENT_ERRORS, TruncatedBody, aiohttp.ClientError))
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with full jitter (as botocore's standard mode).
-
-    Full jitter spreads the retries of many clients throttled at once, so they
-    do not come back in step and get throttled again.
-    """
-
-    max_attempts: int = 6
-    base: float = 0.5
-    cap: float = 20.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed try number ``attempt`` (1-based)."""
-        return random.uniform(0.0, min(self.cap, self.base * 2 ** (attempt - 1)))
-
-
 async def retrying(backoff: Backoff, attempt_fn: Callable[[], Awaitable[T]]) -> T:
     """Run ``attempt_fn`` until it succeeds, fails for good, or tries run out.
 
@@ -125,7 +108,7 @@ async def retrying(backoff: Backoff, attempt_fn: Callable[[], Awaitable[T]]) -> 
         except Exception as e:
             if not is_transient(e):
                 raise
-            if attempt >= backoff.max_attempts:
+            if 0 < backoff.max_attempts <= attempt:
                 raise RetriesExhausted(attempt, e) from e
         await asyncio.sleep(backoff.delay(attempt))
         attempt += 1

@@ -8,7 +8,8 @@ from typing import Any
 
 from daemon_helpers import FakeControlPlane, Harness, eventually, fake_ide, free_port
 
-from agent.daemon.clock import Backoff, ManualClock
+from agent.backoff import Backoff
+from agent.daemon.clock import ManualClock
 from agent.daemon.control_plane import ControlPlane
 from agent.daemon.metrics import Metrics
 from agent.settings import Settings

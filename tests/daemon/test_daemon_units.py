@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from daemon_helpers import eventually, fake_ide
 
+from agent.backoff import Backoff
 from agent.checkpoint.manifest import CheckpointState
 from agent.daemon.checkpointer import Checkpointer, Kind, StopBudget, state_for
-from agent.daemon.clock import Backoff, ManualClock, with_timeout
+from agent.daemon.clock import ManualClock, with_timeout
 from agent.daemon.lifecycle import Lifecycle, Status, Transition
 from agent.daemon.main import ide_environment, probe_url
 from agent.daemon.metrics import Metrics

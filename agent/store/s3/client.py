@@ -8,8 +8,9 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from agent.backoff import Backoff
 from agent.errors import ConfigError
-from agent.store.retry import Backoff, RetriesExhausted, retrying
+from agent.store.retry import RetriesExhausted, retrying
 from agent.store.s3.errors import Missing, failure, location
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class Connection:
         self.concurrency = concurrency
         self.transfers = asyncio.Semaphore(concurrency)
         self._url = url
-        self._backoff = Backoff(max_attempts=max_attempts, base=backoff_base)
+        self._backoff = Backoff(backoff_base, 20.0, jitter=True, max_attempts=max_attempts)
         self._timeouts = (connect_timeout, read_timeout)
         self._clients: tuple[S3Client, S3Client] | None = None
         self._stack: contextlib.AsyncExitStack | None = None
