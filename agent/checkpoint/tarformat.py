@@ -382,7 +382,7 @@ def apply_pax(member: Member, pax: dict[bytes, bytes]) -> None:
 
 # What the system calls the restore makes take: a number outside would be an
 # OverflowError there (uid_t, off_t, time_t), never a value a real entry holds.
-MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "leave unchanged"
+MAX_ID = (1 << 32) - 1  # what uid_t holds
 MAX_SIZE = (1 << 63) - 1
 MAX_MTIME_NS = ((1 << 63) - 1) * 1_000_000_000
 MAX_XATTR_NAME = 255
