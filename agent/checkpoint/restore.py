@@ -600,8 +600,8 @@ def _set_xattrs(target: int | str, m: tf.Member, rel: str, follow: bool = True) 
         try:
             os.setxattr(target, k, v, follow_symlinks=follow)
         except OSError as e:
-            if e.errno not in _BAD_XATTR:
-                raise
+            if e.errno not in _BAD_XATTR:  # the filesystem's limits: say which xattr
+                raise OSError(e.errno, f"{e.strerror} (xattr {k!r}, {len(v)} bytes)") from e
             raise CorruptLayer(
                 f"refused xattr {k!r} ({len(v)} bytes) of {rel!r}: {e.strerror}"
             ) from None
