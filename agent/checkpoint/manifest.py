@@ -148,6 +148,7 @@ class Manifest:
 
 # -- the stored document's schema -------------------------------------------------------
 
+
 def _valid_digest(d: str) -> str:
     if not _DIGEST.fullmatch(d):
         raise ValueError(f"not a sha256 digest: {d[:100]!r}")
