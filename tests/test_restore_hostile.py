@@ -311,9 +311,14 @@ def test_layer_larger_than_free_space_stops_before_writing(env: dict[str, Path])
 
 def test_free_space_is_asked_rarely(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """The check stays off the hot path: a thousand entries, a look or two."""
-    looks = []
+    looks: list[int] = []
     real = os.fstatvfs
-    monkeypatch.setattr(os, "fstatvfs", lambda fd: looks.append(fd) or real(fd))
+
+    def counted(fd: int) -> os.statvfs_result:
+        looks.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fstatvfs", counted)
     layer = tar_bytes([Entry(f"etc/f{i}", data=b"x" * 100) for i in range(1000)])
     path = env["tmp"] / "many.tar.zst"
     path.write_bytes(zstd(layer))
