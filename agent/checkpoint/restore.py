@@ -475,7 +475,7 @@ def _make_dir(merge: _Merge, pfd: int, name: str, rel: str) -> None:
     except FileExistsError:
         s = os.lstat(name, dir_fd=pfd)
     if st.S_ISDIR(s.st_mode):
-        fd = merge.dirs.child(pfd, rel, rel)  # needed for its entries anyway
+        fd = merge.dirs.cached(rel) or merge.dirs.child(pfd, rel, rel)  # its entries need it
         if fd is not None and _inherits(s.st_mode, fd):
             merge.inherit.add(rel)
         return
@@ -666,11 +666,11 @@ def _hardlink(merge: _Merge, tfd: int, tname: str, pfd: int, name: str, rel: str
     )
 
 
-def _link_parent(merge: _Merge, path: str) -> int | None:
-    """The directory a hardlink made after its layer's pass goes in, as it is now:
-    None when something since removed it (and the link with it)."""
-    head = path.rpartition("/")[0]
-    return merge.dirs.get(head, path) if head else merge.dirs.root_fd
+def _link_parent(merge: _Merge, link: _DeferredLink) -> int:
+    """The directory of a hardlink made after its layer's pass, checked again now:
+    since the link was read, a later entry may have made it a symlink."""
+    head = link.path.rpartition("/")[0]
+    return _parent_fd(merge, link.path, head, link.layer) if head else merge.dirs.root_fd
 
 
 def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
@@ -681,9 +681,8 @@ def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
             f"hardlink {link.path!r} -> {link.target!r} refers to content a newer layer replaced"
         )
     tfd, tname = _link_target(merge, link.target, link.path)
-    pfd = _link_parent(merge, link.path)
-    if pfd is not None:
-        _hardlink(merge, tfd, tname, pfd, link.path.rpartition("/")[2], link.path)
+    pfd = _link_parent(merge, link)
+    _hardlink(merge, tfd, tname, pfd, link.path.rpartition("/")[2], link.path)
 
 
 def _relink_overridden(
@@ -715,9 +714,7 @@ def _relink(merge: _Merge, reader: LayerReader, m: tf.Member, links: list[_Defer
     """Write the content once, under the first link's name; link the others to it."""
     first = None
     for link in links:
-        pfd = _link_parent(merge, link.path)
-        if pfd is None:
-            continue
+        pfd = _link_parent(merge, link)
         name = link.path.rpartition("/")[2]
         if first is None:
             merge.space.charge(m.size, link.path)
