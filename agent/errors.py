@@ -56,3 +56,7 @@ class PermissionDenied(StoreError):
 
 class NoParentState(AgentError):
     """A checkpoint or diff was asked for before a baseline or restore."""
+
+
+class NoSpace(AgentError):
+    """The root's filesystem has too little free space for what a layer holds."""

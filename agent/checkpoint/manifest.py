@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import CorruptLayer
 
@@ -32,6 +35,22 @@ A_STATE = _A + "state"
 A_CREATED = "org.opencontainers.image.created"
 A_FILES = _A + "files"
 A_UNCOMPRESSED = _A + "uncompressed-size"
+
+# A manifest is small (a few hundred bytes per layer): anything much bigger is
+# not one of ours, and is refused before it is parsed.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_LAYERS = 10_000
+MAX_BLOB_SIZE = (1 << 63) - 1
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_digest(digest: str) -> str:
+    """``digest`` if it is ``sha256:`` and 64 lowercase hex digits, else ``CorruptLayer``:
+    a digest names files and keys, so nothing else may reach a path."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise CorruptLayer(f"not a sha256 digest: {str(digest)[:100]!r}")
+    return digest
 
 
 class CheckpointState(StrEnum):
@@ -57,16 +76,13 @@ class LayerDesc:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> LayerDesc:
-        ann = d.get("annotations") or {}
-        if d.get("mediaType") != LAYER_MEDIA_TYPE:
-            raise CorruptLayer(f"unsupported layer media type {d.get('mediaType')!r}")
-        return cls(
-            digest=str(d["digest"]),
-            size=int(d["size"]),
-            files=int(ann.get(A_FILES, 0)),
-            uncompressed=int(ann.get(A_UNCOMPRESSED, 0)),
-        )
+    def from_json(cls, d: Any) -> LayerDesc:
+        """One descriptor, validated like a manifest's (``CorruptLayer`` if not)."""
+        try:
+            desc = _Descriptor.model_validate(d)
+        except ValidationError as e:
+            raise CorruptLayer(f"malformed layer descriptor: {_first_error(e)}") from None
+        return _layer_desc(0, desc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,21 +120,81 @@ class Manifest:
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
+        """Parse and validate a stored manifest; anything else is ``CorruptLayer``
+        in one line (the manifest's bytes are anyone's with write access to the store)."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise CorruptLayer(
+                f"malformed checkpoint manifest: {len(data)} bytes, more than {MAX_MANIFEST_BYTES}"
+            )
         try:
-            doc = json.loads(data)
-            if (
-                doc.get("mediaType") != MANIFEST_MEDIA_TYPE
-                or doc.get("artifactType") != ARTIFACT_TYPE
-            ):
-                raise CorruptLayer("not a checkpoint manifest")
-            ann = doc["annotations"]
+            doc = _Document.model_validate_json(data)
+        except ValidationError as e:
+            raise CorruptLayer(f"malformed checkpoint manifest: {_first_error(e)}") from None
+        ann = doc.annotations
+        try:
             created = datetime.fromisoformat(ann[A_CREATED].replace("Z", "+00:00"))
             return cls(
-                studio=str(ann[A_STUDIO]),
-                session=str(ann[A_SESSION]),
+                studio=ann[A_STUDIO],
+                session=ann[A_SESSION],
                 state=CheckpointState(ann[A_STATE]),
                 created=created,
-                layers=tuple(LayerDesc.from_json(d) for d in doc["layers"]),
+                layers=tuple(_layer_desc(i, d) for i, d in enumerate(doc.layers)),
             )
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptLayer(f"malformed checkpoint manifest: {e}") from e
+        except KeyError as e:
+            raise CorruptLayer(f"malformed checkpoint manifest: no annotation {e}") from None
+        except ValueError as e:
+            raise CorruptLayer(f"malformed checkpoint manifest: {e}") from None
+
+
+# -- the stored document's schema -------------------------------------------------------
+
+
+def _valid_digest(d: str) -> str:
+    if not _DIGEST.fullmatch(d):
+        raise ValueError(f"not a sha256 digest: {d[:100]!r}")
+    return d
+
+
+_Digest = Annotated[str, AfterValidator(_valid_digest)]
+
+
+class _Descriptor(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    mediaType: str = Field(max_length=256)
+    digest: _Digest
+    size: int = Field(ge=0, le=MAX_BLOB_SIZE)
+    annotations: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    schemaVersion: Literal[2]
+    mediaType: Literal["application/vnd.oci.image.manifest.v1+json"]
+    artifactType: Literal["application/vnd.studio-agent.checkpoint.v1"]
+    config: _Descriptor
+    layers: list[_Descriptor] = Field(max_length=MAX_LAYERS)
+    annotations: dict[str, str] = Field(max_length=64)
+
+
+def _first_error(e: ValidationError) -> str:
+    """One line: where in the document, and what is wrong (never the input itself)."""
+    err = e.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else str(err["msg"])
+
+
+def _layer_desc(index: int, d: _Descriptor) -> LayerDesc:
+    if d.mediaType != LAYER_MEDIA_TYPE:
+        raise CorruptLayer(f"layer {index + 1}: unsupported layer media type {d.mediaType!r}")
+    return LayerDesc(
+        digest=d.digest,
+        size=d.size,
+        files=_count(d.annotations.get(A_FILES, "0"), index, A_FILES),
+        uncompressed=_count(d.annotations.get(A_UNCOMPRESSED, "0"), index, A_UNCOMPRESSED),
+    )
+
+
+def _count(value: str, index: int, key: str) -> int:
+    if not value.isdigit() or len(value) > 19:
+        raise CorruptLayer(f"layer {index + 1}: annotation {key} is not a count: {value[:40]!r}")
+    return int(value)

@@ -5,10 +5,14 @@ layer that has it; older entries at that path, or below a newer non-directory,
 whiteout or opaque directory, are skipped without touching the disk.  Directory
 metadata is applied last, deepest first, so creating children can't disturb it.
 
-Nothing is ever written through a symlink: every parent of an entry must be a
-real directory inside the root (entries below a symlink planted by the same or
-an older layer are refused), names with ``..`` or a leading ``/`` are refused,
-and so are device nodes and relative symlinks that climb above the root.
+Nothing is ever written, linked, removed or listed through a symlink: every
+system call names its entry by a directory fd and one name, and the fds come
+from ``RootDirs``, which opens each component without following a symlink, at
+the moment the entry is applied (a parent that an earlier entry or layer made a
+symlink is refused, however it got there).  Names with ``..`` or a leading
+``/`` are refused, and so are device nodes and relative symlinks that climb
+above the root.  What a layer declares is charged against the root's free space
+before it is written (``FreeSpace``).
 
 An entry that replaces something already there is written under a temporary
 name and renamed into place, so the old file stays whole until the new one is;
@@ -32,13 +36,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.checkpoint import tarformat as tf
+from agent.checkpoint.diskspace import FreeSpace
 from agent.checkpoint.layer_reader import LayerReader
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX as _TMP_PREFIX
 from agent.checkpoint.paths import clean_member_name, parents, symlink_escapes
+from agent.checkpoint.rootdirs import RootDirs, fd_path, open_dir_at
 from agent.errors import CorruptLayer, UnsafeLayer
 
 _DIR, _NONDIR, _WHITEOUT = 1, 2, 3
 _REG_TYPES = (tf.REGTYPE, tf.AREGTYPE, tf.CONTTYPE)
+# setxattr's answers to a name or value no filesystem takes: the layer's fault.
+_BAD_XATTR = (errno.E2BIG, errno.ERANGE, errno.EINVAL, errno.ENAMETOOLONG)
 
 # (entries done, entries total, uncompressed bytes done, uncompressed bytes total)
 ApplyProgress = Callable[[int, int, int, int], None]
@@ -83,8 +91,12 @@ class _DeferredLink:
 @dataclass(slots=True)
 class _Merge:
     root: str
+    dirs: RootDirs
+    space: FreeSpace
     decided: dict[str, tuple[int, int]] = field(default_factory=dict)
     opaque: dict[str, int] = field(default_factory=dict)
+    # Directories some layer writes below, with the newest such layer: merge
+    # bookkeeping only; that they are real directories is RootDirs' to check.
     used_dirs: dict[str, int] = field(default_factory=dict)
     dir_meta: dict[str, tf.Member] = field(default_factory=dict)
     # Times of existing directories we write into, put back at the end when no
@@ -126,6 +138,7 @@ def apply_layers(
     *,
     totals: tuple[int, int] = (0, 0),
     progress: ApplyProgress | None = None,
+    reserve: int | None = None,
 ) -> RestoreStats:
     """Apply a chain of layers (local verified files, oldest first) to ``root``.
 
@@ -133,7 +146,9 @@ def apply_layers(
     returning each file when it is ready (it may block while it downloads);
     a ``LayerFile`` with a digest is verified as it is read;
     they are asked for newest first.  ``totals`` is (entries, uncompressed
-    bytes) of the whole chain when known, for progress reports.
+    bytes) of the whole chain when known, for progress reports.  ``reserve``
+    is how many bytes of the root's filesystem are kept free (by default 2% of
+    it, at most 256 MiB): ``NoSpace`` before an entry would eat into them.
     """
     if isinstance(layers, int):
         if fetch is None:
@@ -142,10 +157,11 @@ def apply_layers(
     else:
         files = list(layers)
         count, get = len(files), files.__getitem__
-    merge = _Merge(root=str(root))
-    if _inherits(os.stat(root).st_mode, str(root)):
-        merge.inherit.add("")
-    return _apply_all(merge, count, get, totals, progress)
+    with RootDirs(str(root)) as dirs:
+        merge = _Merge(root=str(root), dirs=dirs, space=FreeSpace(dirs.root_fd, reserve))
+        if _inherits(os.fstat(dirs.root_fd).st_mode, dirs.root_fd):
+            merge.inherit.add("")
+        return _apply_all(merge, count, get, totals, progress)
 
 
 def _apply_all(
@@ -157,6 +173,7 @@ def _apply_all(
 ) -> RestoreStats:
     newest = count - 1
     base_bytes = 0
+    trim = merge.dirs.trim
     for index in range(newest, -1, -1):
         src = get(index)
         layer = src if isinstance(src, LayerFile) else LayerFile(src)
@@ -167,7 +184,11 @@ def _apply_all(
         entries = merge.stats.entries
         with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
             for m in reader.members():
-                _apply_member(merge, reader, m, index, older, pending, skipped_files)
+                try:
+                    _apply_member(merge, reader, m, index, older, pending, skipped_files)
+                except OSError as e:
+                    raise _entry_error(merge, e, m.name, name) from e
+                trim()
                 entries += 1
                 if progress is not None and not entries & 255:
                     progress(entries, totals[0], base_bytes + reader.consumed, totals[1])
@@ -176,7 +197,11 @@ def _apply_all(
         if pending:
             _relink_overridden(merge, layer, index, pending)
     for link in merge.deferred:
-        _finish_deferred_link(merge, link)
+        try:
+            _finish_deferred_link(merge, link)
+        except OSError as e:
+            raise _entry_error(merge, e, link.path, f"layer {link.layer + 1}") from e
+        trim()
     _apply_dir_metadata(merge)
     merge.stats.bytes = base_bytes
     if progress is not None:
@@ -187,6 +212,13 @@ def _apply_all(
             totals[1] or base_bytes,
         )
     return merge.stats
+
+
+def _entry_error(merge: _Merge, e: OSError, entry: str, layer: str) -> OSError:
+    """The machine's error (a full disk, a read-only mount...) naming the entry's
+    path: the calls name an fd and a bare name, which say nothing."""
+    where = f"{merge.root.rstrip('/')}/{entry}"
+    return OSError(e.errno, f"{e.strerror or e} (restoring {layer})", where)
 
 
 # -- the merge rules ----------------------------------------------------------------
@@ -247,25 +279,24 @@ def _apply_member(
                     "write through the link"
                 )
             raise CorruptLayer(f"{path!r} is not a directory but a newer layer writes below it")
-    if head:
-        _ensure_parents(merge, path, head, layer)
-    full = f"{merge.root}/{path}"
+    merge.space.charge(m.size, path)
+    pfd = _parent_fd(merge, path, head, layer) if head else merge.dirs.root_fd
     if kind in _REG_TYPES:
-        _write_file(merge, reader, m, full, path, head)
+        _write_file(merge, reader, m, pfd, base, path, head)
         merge.decided[path] = (layer, _NONDIR)
         merge.stats.files += 1
     elif kind == tf.DIRTYPE:
-        _make_dir(merge, full, path)
+        _make_dir(merge, pfd, base, path)
         merge.dir_meta[path] = m
         merge.decided[path] = (layer, _DIR)
-        if merge.used_dirs.get(path, -1) < layer:  # a real directory now: no lstat again
+        if merge.used_dirs.get(path, -1) < layer:
             merge.used_dirs[path] = layer
     elif kind == tf.LNKTYPE:
         target = clean_member_name(m.linkname)
         d = merge.decided.get(target)
         if d == (layer, _NONDIR):
-            _check_link_target(merge, target, path)
-            _hardlink(merge, os.path.join(merge.root, target), full, path)
+            tfd, tname = _link_target(merge, target, path)
+            _hardlink(merge, tfd, tname, pfd, base, path)
         elif target in skipped_files or (d is not None and d[0] > layer):
             # The target's content in this layer was overridden or hidden by a
             # newer one: read it again from this layer after the pass.
@@ -278,11 +309,13 @@ def _apply_member(
             raise UnsafeLayer(
                 f"refused symlink {path!r} -> {m.linkname!r}: it climbs above the root"
             )
-        _replace_with(merge, full, path, lambda tmp: os.symlink(m.linkname, tmp))
-        _set_meta_path(merge, full, m)
+        _replace_with(merge, pfd, base, path, lambda n: os.symlink(m.linkname, n, dir_fd=pfd))
+        _set_symlink_meta(merge, pfd, base, path, m)
         merge.decided[path] = (layer, _NONDIR)
     elif kind == tf.FIFOTYPE:
-        _replace_with(merge, full, path, lambda tmp: os.mkfifo(tmp, 0o600), meta=m)
+        _replace_with(
+            merge, pfd, base, path, lambda n: os.mkfifo(n, 0o600, dir_fd=pfd), fifo_meta=m
+        )
         merge.decided[path] = (layer, _NONDIR)
 
 
@@ -292,8 +325,7 @@ def _apply_whiteout(merge: _Merge, head: str, base: str, layer: int, older: bool
             raise UnsafeLayer("refused opaque whiteout of the root directory")
         if _hidden(merge, head, layer, older):
             return
-        if _check_existing_parents(merge, head, raw):
-            _prune_undecided(merge, head, layer)
+        _prune_undecided(merge, head, layer, raw)
         merge.opaque[head] = layer
         return
     name = base[len(tf.WHITEOUT_PREFIX) :]
@@ -307,98 +339,99 @@ def _apply_whiteout(merge: _Merge, head: str, base: str, layer: int, older: bool
         return
     if _hidden(merge, target, layer, older):
         return
-    if _check_existing_parents(merge, target, raw):
-        _remove(merge, os.path.join(merge.root, target), target)
+    pfd = merge.dirs.get(head, raw) if head else merge.dirs.root_fd
+    if pfd is not None:  # else nothing is there to delete
+        _remove(merge, pfd, name, target)
     merge.decided[target] = (layer, _WHITEOUT)
 
 
 def _hide_below(merge: _Merge, rel_dir: str, layer: int) -> None:
     """Everything below ``rel_dir`` from the image or layers older than ``layer`` is gone."""
-    if _check_existing_parents(merge, rel_dir, rel_dir):
-        _prune_undecided(merge, rel_dir, layer)
+    _prune_undecided(merge, rel_dir, layer, rel_dir)
     if merge.opaque.get(rel_dir, -1) < layer:
         merge.opaque[rel_dir] = layer
 
 
-def _prune_undecided(merge: _Merge, rel_dir: str, layer: int) -> None:
-    """Delete what lies below ``rel_dir`` unless this or a newer layer wrote it."""
-    full = os.path.join(merge.root, rel_dir)
-    try:
-        names = os.listdir(full)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for name in names:
+def _prune_undecided(merge: _Merge, rel_dir: str, layer: int, what: str) -> None:
+    """Delete what lies below ``rel_dir`` unless this or a newer layer wrote it.
+
+    ``rel_dir`` itself and its parents must be real directories (a symlink among
+    them is refused); the subdirectories a newer layer made are opened the same
+    way, outside the cache (a prune may visit many)."""
+    fd = merge.dirs.get(rel_dir, what)
+    if fd is not None:
+        _prune_in(merge, fd, rel_dir, layer, what)
+
+
+def _prune_in(merge: _Merge, fd: int, rel_dir: str, layer: int, what: str) -> None:
+    for name in os.listdir(fd):
         rel = f"{rel_dir}/{name}"
         d = merge.decided.get(rel)
         if d is None or d[0] < layer:
-            _remove(merge, os.path.join(full, name), rel)
+            _remove(merge, fd, name, rel)
         elif d[1] == _DIR:
-            _prune_undecided(merge, rel, layer)
+            sub = open_dir_at(fd, name, rel, what)
+            if sub is not None:
+                try:
+                    _prune_in(merge, sub, rel, layer, what)
+                finally:
+                    os.close(sub)
 
 
-# -- filesystem operations, never following a symlink ------------------------------------
+# -- filesystem operations: a directory fd and one name, never a path ---------------------
 
 
-def _ensure_parents(merge: _Merge, path: str, head: str, layer: int) -> None:
-    """Make ``head``, the directory ``path`` is in, and its parents exist as real
-    directories (never symlinks) and note that ``layer`` writes below them."""
+def _parent_fd(merge: _Merge, path: str, head: str, layer: int) -> int:
+    """The fd of ``head``, the directory ``path`` is in, made (with its parents) a
+    real directory where it is missing or image content; note that ``layer``
+    writes below them."""
     used = merge.used_dirs
+    dirs = merge.dirs
     prev = used.get(head)
-    if prev is not None:  # its own parents were checked when it was
+    fd = dirs.cached(head)
+    if prev is not None and fd is not None:  # the common case: the last entry's directory
         if layer > prev:
             for a in parents(path):
                 if used.get(a, -1) < layer:
                     used[a] = layer
-        return
+        return fd
+    pfd = dirs.root_fd
     for a in parents(path):
-        prev = used.get(a)
-        if prev is not None:
-            if layer > prev:
-                used[a] = layer
-            continue
-        full = os.path.join(merge.root, a)
-        try:
-            s = os.lstat(full)
-        except FileNotFoundError:
-            _mkdir(merge, full, a, 0o755)
-        else:
-            if st.S_ISLNK(s.st_mode):
-                raise UnsafeLayer(
-                    f"refused {path!r}: its parent {a!r} is a symlink, and restore never "
-                    "writes through a symlink"
-                )
-            if not st.S_ISDIR(s.st_mode):
-                if a in merge.decided:
-                    raise CorruptLayer(f"refused {path!r}: its parent {a!r} is not a directory")
-                # Content of the image that an older layer replaces by a directory.
-                os.unlink(full)
-                _mkdir(merge, full, a, 0o755)
-            else:
+        fd = dirs.cached(a)
+        if fd is None:
+            fd = dirs.child(pfd, a, path)
+            if fd is None:
+                fd = _make_parent(merge, pfd, a, path)
+            elif a not in used:
+                s = os.fstat(fd)
                 merge.dir_times[a] = (s.st_atime_ns, s.st_mtime_ns)
-                if _inherits(s.st_mode, full):
+                if _inherits(s.st_mode, fd):
                     merge.inherit.add(a)
-        used[a] = layer
+        if used.get(a, -1) < layer:
+            used[a] = layer
+        pfd = fd
+    return pfd
 
 
-def _check_existing_parents(merge: _Merge, path: str, what: str) -> bool:
-    """For deletions: whether the parents are real directories (nothing to delete if
-    one is missing or not a directory); a symlink among them is refused."""
-    for a in parents(path):
-        if a in merge.used_dirs:
-            continue
-        try:
-            s = os.lstat(os.path.join(merge.root, a))
-        except FileNotFoundError:
-            return False
-        if st.S_ISLNK(s.st_mode):
-            raise UnsafeLayer(f"refused {what!r}: its parent {a!r} is a symlink")
-        if not st.S_ISDIR(s.st_mode):
-            return False
-    return True
+def _make_parent(merge: _Merge, pfd: int, rel: str, path: str) -> int:
+    """Make ``rel`` (missing, or not a directory) a directory for ``path`` to go in."""
+    name = rel.rpartition("/")[2]
+    s = _lstat_or_none(pfd, name)
+    if s is not None:
+        if rel in merge.decided:
+            raise CorruptLayer(f"refused {path!r}: its parent {rel!r} is not a directory")
+        # Content of the image that an older layer replaces by a directory.
+        os.unlink(name, dir_fd=pfd)
+    _mkdir(merge, pfd, name, rel, 0o755)
+    fd = merge.dirs.child(pfd, rel, path)
+    if fd is None:
+        raise CorruptLayer(f"refused {path!r}: its parent {rel!r} vanished as it was made")
+    return fd
 
 
 def _forget_dirs_below(merge: _Merge, rel: str) -> None:
     prefix = rel + "/"
+    merge.dirs.forget(rel)
     if rel in merge.used_dirs:
         for k in [k for k in merge.used_dirs if k == rel or k.startswith(prefix)]:
             del merge.used_dirs[k]
@@ -406,105 +439,113 @@ def _forget_dirs_below(merge: _Merge, rel: str) -> None:
         merge.inherit -= {k for k in merge.inherit if k == rel or k.startswith(prefix)}
 
 
-def _remove(merge: _Merge, full: str, rel: str) -> None:
-    try:
-        s = os.lstat(full)
-    except FileNotFoundError:
+def _remove(merge: _Merge, pfd: int, name: str, rel: str) -> None:
+    s = _lstat_or_none(pfd, name)
+    if s is None:
         return
     if st.S_ISDIR(s.st_mode):
-        shutil.rmtree(full)
+        shutil.rmtree(name, dir_fd=pfd)  # fd-based, never follows a symlink
         _forget_dirs_below(merge, rel)
     else:
-        os.unlink(full)
+        os.unlink(name, dir_fd=pfd)
 
 
-def _inherits(mode: int, full: str) -> bool:
+def _inherits(mode: int, fd: int) -> bool:
     """Whether new entries in this directory get its group or an ACL's mode bits."""
     if mode & st.S_ISGID:
         return True
     try:
-        os.getxattr(full, "system.posix_acl_default", follow_symlinks=False)
+        os.getxattr(fd, "system.posix_acl_default")
     except OSError:  # none, or a filesystem without ACLs
         return False
     return True
 
 
-def _mkdir(merge: _Merge, full: str, rel: str, mode: int) -> None:
-    os.mkdir(full, mode)
+def _mkdir(merge: _Merge, pfd: int, name: str, rel: str, mode: int) -> None:
+    os.mkdir(name, mode, dir_fd=pfd)
     merge.made_dirs.add(rel)
     if merge.inherit and rel.rpartition("/")[0] in merge.inherit:
         merge.inherit.add(rel)  # the setgid bit and a default ACL are handed down
 
 
-def _make_dir(merge: _Merge, full: str, rel: str) -> None:
+def _make_dir(merge: _Merge, pfd: int, name: str, rel: str) -> None:
     try:
-        _mkdir(merge, full, rel, 0o700)
+        _mkdir(merge, pfd, name, rel, 0o700)
         return
     except FileExistsError:
-        s = os.lstat(full)
+        s = os.lstat(name, dir_fd=pfd)
     if st.S_ISDIR(s.st_mode):
-        if _inherits(s.st_mode, full):
+        fd = merge.dirs.cached(rel) or merge.dirs.child(pfd, rel, rel)  # its entries need it
+        if fd is not None and _inherits(s.st_mode, fd):
             merge.inherit.add(rel)
         return
-    os.unlink(full)
-    _mkdir(merge, full, rel, 0o700)
+    os.unlink(name, dir_fd=pfd)
+    _mkdir(merge, pfd, name, rel, 0o700)
 
 
-def _tmp_name(merge: _Merge, full: str) -> str:
+def _tmp_name(merge: _Merge) -> str:
     merge.seq += 1
-    return f"{full.rpartition('/')[0]}/{_TMP_PREFIX}{merge.pid}-{merge.seq}"
+    return f"{_TMP_PREFIX}{merge.pid}-{merge.seq}"
 
 
 def _replace_with(
     merge: _Merge,
-    full: str,
+    pfd: int,
+    name: str,
     rel: str,
     create: Callable[[str], None],
-    meta: tf.Member | None = None,
+    fifo_meta: tf.Member | None = None,
 ) -> None:
-    """Create a new entry at ``full``, or, when something is there already, under
-    a temporary name renamed over it."""
+    """Create a new entry ``name`` in ``pfd``, or, when something is there
+    already, under a temporary name renamed over it."""
     try:
-        create(full)
+        create(name)
         tmp = None
     except FileExistsError:
         while True:
-            tmp = _tmp_name(merge, full)
+            tmp = _tmp_name(merge)
             try:
                 create(tmp)
                 break
             except FileExistsError:
                 continue
     try:
-        if meta is not None:
-            _set_meta_path(merge, tmp or full, meta)
+        if fifo_meta is not None:
+            _set_fifo_meta(merge, pfd, tmp or name, rel, fifo_meta)
         if tmp is not None:
-            _rename_over(merge, tmp, full, rel)
+            _rename_over(merge, pfd, tmp, name, rel)
     except BaseException:
-        _unlink_quiet(tmp or full)
+        _unlink_quiet(pfd, tmp or name)
         raise
 
 
-def _rename_over(merge: _Merge, tmp: str, full: str, rel: str) -> None:
+def _rename_over(merge: _Merge, pfd: int, tmp: str, name: str, rel: str) -> None:
     try:
-        os.rename(tmp, full)
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
     except OSError as e:
         if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             raise
-        _remove(merge, full, rel)
-        os.rename(tmp, full)
+        _remove(merge, pfd, name, rel)
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
 
 
-def _unlink_quiet(path: str) -> None:
+def _unlink_quiet(pfd: int, name: str) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(path)
+        os.unlink(name, dir_fd=pfd)
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_OPEN_FIFO = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _write_file(
-    merge: _Merge, reader: LayerReader, m: tf.Member, full: str, rel: str, head: str
+    merge: _Merge,
+    reader: LayerReader,
+    m: tf.Member,
+    pfd: int,
+    name: str,
+    rel: str,
+    head: str,
 ) -> None:
     mode = m.mode & 0o7777
     # Special bits are set only after the owner (chown clears them); until then,
@@ -512,13 +553,13 @@ def _write_file(
     create_mode = mode if mode <= 0o777 else 0o600
     tmp = None
     try:
-        fd = os.open(full, _CREATE, create_mode)
+        fd = os.open(name, _CREATE, create_mode, dir_fd=pfd)
     except FileExistsError:
         create_mode = 0o600
         while True:
-            tmp = _tmp_name(merge, full)
+            tmp = _tmp_name(merge)
             try:
-                fd = os.open(tmp, _CREATE, create_mode)
+                fd = os.open(tmp, _CREATE, create_mode, dir_fd=pfd)
                 break
             except FileExistsError:
                 continue
@@ -529,70 +570,107 @@ def _write_file(
             inherited = merge.inherit and head in merge.inherit
             uid, gid = merge.ids
             if inherited or m.uid != uid or m.gid != gid:
-                _chown_fd(merge, fd, m)
+                _chown(merge, fd, m)
             if inherited or mode != create_mode & ~merge.umask:
                 os.fchmod(fd, mode)
             if m.xattrs:
-                for k, v in m.xattrs.items():
-                    os.setxattr(fd, k, v)
+                _set_xattrs(fd, m, rel)
             os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         finally:
             os.close(fd)
         if tmp is not None:
-            _rename_over(merge, tmp, full, rel)
+            _rename_over(merge, pfd, tmp, name, rel)
     except BaseException:
-        _unlink_quiet(tmp or full)
+        _unlink_quiet(pfd, tmp or name)
         raise
 
 
-def _chown_fd(merge: _Merge, fd: int, m: tf.Member) -> None:
+def _chown(merge: _Merge, target: int | str, m: tf.Member) -> None:
+    """``target``: an fd, or the ``/proc`` path of one (never a path that could
+    lead through a symlink of the root)."""
     try:
-        os.fchown(fd, m.uid, m.gid)
+        os.chown(target, m.uid, m.gid)
     except PermissionError:
         if merge.is_root:
             raise
 
 
-def _set_meta_path(merge: _Merge, full: str, m: tf.Member, chown: bool = True) -> None:
-    try:
-        if chown:
-            os.chown(full, m.uid, m.gid, follow_symlinks=False)
-    except PermissionError:
-        if merge.is_root:
-            raise
-    is_link = m.type == tf.SYMTYPE
-    if not is_link:
-        os.chmod(full, m.mode & 0o7777)
+def _set_xattrs(target: int | str, m: tf.Member, rel: str, follow: bool = True) -> None:
     for k, v in m.xattrs.items():
-        os.setxattr(full, k, v, follow_symlinks=False)
-    os.utime(full, ns=(m.mtime_ns, m.mtime_ns), follow_symlinks=False)
+        try:
+            os.setxattr(target, k, v, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno not in _BAD_XATTR:  # the filesystem's limits: say which xattr
+                raise OSError(e.errno, f"{e.strerror} (xattr {k!r}, {len(v)} bytes)") from e
+            raise CorruptLayer(
+                f"refused xattr {k!r} ({len(v)} bytes) of {rel!r}: {e.strerror}"
+            ) from None
 
 
-def _check_link_target(merge: _Merge, target: str, path: str) -> None:
-    for a in parents(target):
-        if a in merge.used_dirs:
-            continue
-        s = _lstat_or_none(os.path.join(merge.root, a))
-        if s is None or not st.S_ISDIR(s.st_mode):
-            raise UnsafeLayer(
-                f"refused hardlink {path!r} -> {target!r}: the target is not inside the root"
-            )
-    s = _lstat_or_none(os.path.join(merge.root, target))
+def _set_fifo_meta(merge: _Merge, pfd: int, name: str, rel: str, m: tf.Member) -> None:
+    fd = os.open(name, _OPEN_FIFO, dir_fd=pfd)  # the FIFO just made: no writer to wait for
+    try:
+        _chown(merge, fd, m)
+        os.fchmod(fd, m.mode & 0o7777)
+        _set_xattrs(fd, m, rel)
+        os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+    finally:
+        os.close(fd)
+
+
+def _set_symlink_meta(merge: _Merge, pfd: int, name: str, rel: str, m: tf.Member) -> None:
+    try:
+        os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+    except PermissionError:
+        if merge.is_root:
+            raise
+    if m.xattrs:  # no dir_fd form: /proc names the directory by its fd
+        _set_xattrs(fd_path(pfd, name), m, rel, follow=False)
+    os.utime(name, ns=(m.mtime_ns, m.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+
+def _link_target(merge: _Merge, target: str, path: str) -> tuple[int, str]:
+    """The directory fd and name of a hardlink's target: an existing non-directory
+    inside the root, reached without a symlink."""
+    head, _, name = target.rpartition("/")
+    try:
+        tfd = merge.dirs.get(head, path) if head else merge.dirs.root_fd
+    except UnsafeLayer:
+        tfd = None
+    if tfd is None:
+        raise UnsafeLayer(
+            f"refused hardlink {path!r} -> {target!r}: the target is not inside the root"
+        )
+    s = _lstat_or_none(tfd, name)
     if s is None:
         raise CorruptLayer(f"hardlink {path!r} -> {target!r}: the target does not exist")
     if st.S_ISDIR(s.st_mode):
         raise UnsafeLayer(f"refused hardlink {path!r} -> {target!r}: the target is a directory")
+    return tfd, name
 
 
-def _lstat_or_none(full: str) -> os.stat_result | None:
+def _lstat_or_none(pfd: int, name: str) -> os.stat_result | None:
     try:
-        return os.lstat(full)
+        return os.lstat(name, dir_fd=pfd)
     except FileNotFoundError:
         return None
 
 
-def _hardlink(merge: _Merge, src: str, full: str, rel: str) -> None:
-    _replace_with(merge, full, rel, lambda tmp: os.link(src, tmp, follow_symlinks=False))
+def _hardlink(merge: _Merge, tfd: int, tname: str, pfd: int, name: str, rel: str) -> None:
+    _replace_with(
+        merge,
+        pfd,
+        name,
+        rel,
+        lambda n: os.link(tname, n, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False),
+    )
+
+
+def _link_parent(merge: _Merge, link: _DeferredLink) -> int:
+    """The directory of a hardlink made after its layer's pass, checked again now:
+    since the link was read, a later entry may have made it a symlink."""
+    head = link.path.rpartition("/")[0]
+    return _parent_fd(merge, link.path, head, link.layer) if head else merge.dirs.root_fd
 
 
 def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
@@ -602,13 +680,9 @@ def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
         raise CorruptLayer(
             f"hardlink {link.path!r} -> {link.target!r} refers to content a newer layer replaced"
         )
-    _check_link_target(merge, link.target, link.path)
-    head = link.path.rpartition("/")[0]
-    if head:
-        _ensure_parents(merge, link.path, head, link.layer)
-    _hardlink(
-        merge, os.path.join(merge.root, link.target), os.path.join(merge.root, link.path), link.path
-    )
+    tfd, tname = _link_target(merge, link.target, link.path)
+    pfd = _link_parent(merge, link)
+    _hardlink(merge, tfd, tname, pfd, link.path.rpartition("/")[2], link.path)
 
 
 def _relink_overridden(
@@ -626,37 +700,77 @@ def _relink_overridden(
             links = pending.pop(name, None)
             if not links:
                 continue
-            first = links[0]
-            full_first = os.path.join(merge.root, first.path)
-            _write_file(merge, reader, m, full_first, first.path, first.path.rpartition("/")[0])
-            for other in links[1:]:
-                _hardlink(merge, full_first, os.path.join(merge.root, other.path), other.path)
+            try:
+                _relink(merge, reader, m, links)
+            except OSError as e:
+                raise _entry_error(merge, e, links[0].path, f"layer {layer + 1}") from e
+            merge.dirs.trim()
     if pending:
         missing = ", ".join(sorted(pending))
         raise CorruptLayer(f"layer {layer + 1}: hardlink targets not found: {missing}")
 
 
+def _relink(merge: _Merge, reader: LayerReader, m: tf.Member, links: list[_DeferredLink]) -> None:
+    """Write the content once, under the first link's name; link the others to it."""
+    first = None
+    for link in links:
+        pfd = _link_parent(merge, link)
+        name = link.path.rpartition("/")[2]
+        if first is None:
+            merge.space.charge(m.size, link.path)
+            _write_file(merge, reader, m, pfd, name, link.path, link.path.rpartition("/")[0])
+            first = link.path
+        else:
+            tfd, tname = _link_target(merge, first, link.path)
+            _hardlink(merge, tfd, tname, pfd, name, link.path)
+
+
+def _dir_fd_or_none(merge: _Merge, rel: str) -> int | None:
+    """A directory that a later entry may have removed or replaced (by a symlink
+    too): its metadata is then no longer ours to set."""
+    try:
+        return merge.dirs.get(rel, rel)
+    except UnsafeLayer:
+        return None
+
+
 def _apply_dir_metadata(merge: _Merge) -> None:
+    trim = merge.dirs.trim
     for rel, times in merge.dir_times.items():
         if rel not in merge.dir_meta:
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                os.utime(os.path.join(merge.root, rel), ns=times, follow_symlinks=False)
+            fd = _dir_fd_or_none(merge, rel)
+            if fd is not None:
+                try:
+                    os.utime(merge.dirs.meta_target(fd), ns=times)
+                except OSError as e:
+                    raise _entry_error(merge, e, rel, "directory times") from e
+                trim()
     for rel in sorted(merge.dir_meta, key=lambda p: p.count("/"), reverse=True):
         m = merge.dir_meta[rel]
-        full = os.path.join(merge.root, rel)
-        s = _lstat_or_none(full)
-        if s is None or not st.S_ISDIR(s.st_mode):
+        fd = _dir_fd_or_none(merge, rel)
+        if fd is None:
             continue  # removed again by a whiteout of the same layer
-        # A directory this restore made has nothing of its own, unless inherited.
-        made = rel in merge.made_dirs and rel not in merge.inherit
-        if not made:
-            try:
-                existing = os.listxattr(full, follow_symlinks=False)
-            except OSError:
-                existing = []
-            for k in existing:
-                if k not in m.xattrs:
-                    with contextlib.suppress(OSError):
-                        os.removexattr(full, k, follow_symlinks=False)
-        owned = made and (m.uid, m.gid) == merge.ids
-        _set_meta_path(merge, full, m, chown=not owned)
+        try:
+            _set_dir_meta(merge, merge.dirs.meta_target(fd), rel, m)
+        except OSError as e:
+            raise _entry_error(merge, e, rel, "directory metadata") from e
+        trim()
+
+
+def _set_dir_meta(merge: _Merge, target: int | str, rel: str, m: tf.Member) -> None:
+    # A directory this restore made has nothing of its own, unless inherited.
+    made = rel in merge.made_dirs and rel not in merge.inherit
+    if not made:
+        try:
+            existing = os.listxattr(target)
+        except OSError:
+            existing = []
+        for k in existing:
+            if k not in m.xattrs:
+                with contextlib.suppress(OSError):
+                    os.removexattr(target, k)
+    if not (made and (m.uid, m.gid) == merge.ids):
+        _chown(merge, target, m)
+    os.chmod(target, m.mode & 0o7777)
+    _set_xattrs(target, m, rel)
+    os.utime(target, ns=(m.mtime_ns, m.mtime_ns))

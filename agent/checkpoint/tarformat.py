@@ -287,9 +287,11 @@ def parse_header(block: bytes) -> Member | None:
         size = int(f[4].rstrip(b"\0 ") or b"0", 8)
         mtime = int(f[5].rstrip(b"\0 ") or b"0", 8)
         stored = int(f[6].rstrip(b"\0 ") or b"0", 8)
-    except ValueError:
+        wide = False
+    except ValueError:  # base-256 (GNU) numbers, possibly out of any range
         mode, uid, gid = _num(f[1], "mode"), _num(f[2], "uid"), _num(f[3], "gid")
         size, mtime, stored = _num(f[4], "size"), _num(f[5], "mtime"), _num(f[6], "checksum")
+        wide = True
     if stored != _checksum(block):
         raise CorruptLayer("tar header checksum mismatch (corrupt layer)")
     if (mode | uid | gid | size | mtime) < 0:
@@ -298,7 +300,7 @@ def parse_header(block: bytes) -> Member | None:
     if f[15][0] and f[9][:5] == b"ustar":  # a prefix to join
         name = f[15].partition(b"\0")[0] + b"/" + name
     link = f[8]
-    return Member(
+    m = Member(
         name.decode("utf-8", "surrogateescape"),
         f[7],
         mode,
@@ -308,6 +310,9 @@ def parse_header(block: bytes) -> Member | None:
         mtime * 1_000_000_000,
         link.partition(b"\0")[0].decode("utf-8", "surrogateescape") if link[0] else "",
     )
+    if wide:
+        check_ranges(m)
+    return m
 
 
 def parse_pax(data: bytes) -> dict[bytes, bytes]:
@@ -342,12 +347,15 @@ def apply_pax(member: Member, pax: dict[bytes, bytes]) -> None:
             member.mtime_ns = _parse_pax_time(pax[b"mtime"])
         except ValueError:
             raise CorruptLayer(f"malformed PAX mtime in entry {member.name!r}") from None
+        check_ranges(member)
         return
     try:
         for key, value in pax.items():
             if key == b"path":
                 member.name = os.fsdecode(value)
             elif key == b"linkpath":
+                if b"\0" in value:
+                    raise CorruptLayer(f"PAX linkpath of entry {member.name!r} holds a NUL")
                 member.linkname = os.fsdecode(value)
             elif key == b"size":
                 member.size = int(value)
@@ -358,15 +366,43 @@ def apply_pax(member: Member, pax: dict[bytes, bytes]) -> None:
             elif key == b"mtime":
                 member.mtime_ns = _parse_pax_time(value)
             elif key.startswith(b"SCHILY.xattr."):
-                member.xattrs[os.fsdecode(key[13:])] = value
+                name = key[13:]
+                if not name or b"\0" in name or len(name) > MAX_XATTR_NAME:
+                    raise CorruptLayer(f"invalid xattr name {name!r} in entry {member.name!r}")
+                if len(value) > MAX_XATTR_VALUE:
+                    raise CorruptLayer(
+                        f"xattr {os.fsdecode(name)!r} of entry {member.name!r} has "
+                        f"{len(value)} bytes, more than any filesystem takes ({MAX_XATTR_VALUE})"
+                    )
+                member.xattrs[os.fsdecode(name)] = value
     except ValueError:
         raise CorruptLayer(f"malformed PAX value in entry {member.name!r}") from None
-    if member.size < 0 or member.uid < 0 or member.gid < 0:
-        raise CorruptLayer(f"negative size or id in entry {member.name!r}")
+    check_ranges(member)
+
+
+# What the system calls the restore makes take: a number outside would be an
+# OverflowError there (uid_t, off_t, time_t), never a value a real entry holds.
+MAX_ID = (1 << 32) - 1  # what uid_t holds
+MAX_SIZE = (1 << 63) - 1
+MAX_MTIME_NS = ((1 << 63) - 1) * 1_000_000_000
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 65536
+
+
+def check_ranges(m: Member) -> None:
+    """Refuse numbers no file can have (``CorruptLayer``, naming the entry)."""
+    if not 0 <= m.size <= MAX_SIZE:
+        raise CorruptLayer(f"entry {m.name!r} has an impossible size ({m.size})")
+    if not (0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID):
+        raise CorruptLayer(f"entry {m.name!r} has an impossible owner ({m.uid}:{m.gid})")
+    if not -MAX_MTIME_NS <= m.mtime_ns <= MAX_MTIME_NS:
+        raise CorruptLayer(f"entry {m.name!r} has an impossible mtime ({m.mtime_ns} ns)")
 
 
 def _parse_pax_time(value: bytes) -> int:
     secs, _, frac = value.partition(b".")
+    if len(secs) > 20:  # more than any time_t: refused before int() reads it
+        raise ValueError("mtime out of range")
     neg = secs.startswith(b"-")
     ns = int(secs) * 1_000_000_000
     if frac:
