@@ -104,17 +104,7 @@ class CheckpointInfo(Doc):
 
     @classmethod
     def of(cls, i: InfoRecord) -> CheckpointInfo:
-        return cls(
-            studio=i.studio,
-            name=i.name,
-            digest=i.digest,
-            state=CheckpointState(i.state),
-            session=i.session,
-            created=i.created,
-            updated=i.updated,
-            size=i.size,
-            layers=i.layers,
-        )
+        return cls.model_validate(i, from_attributes=True)
 
 
 class CheckpointList(Doc):
@@ -158,13 +148,7 @@ class Progress(Doc):
 
     @classmethod
     def of(cls, p: ProgressRecord) -> Progress:
-        return cls(
-            phase=p.phase,
-            bytes_done=p.bytes_done,
-            bytes_total=p.bytes_total,
-            files_done=p.files_done,
-            files_total=p.files_total,
-        )
+        return cls.model_validate(p, from_attributes=True)
 
 
 class Ide(Doc):
