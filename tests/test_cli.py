@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.checkpoint.names import normalize_name
+from agent.checkpoint.names import NAME_RULE, normalize_name
 from agent.errors import InvalidName
 from agent.settings import load_settings
 
@@ -58,21 +58,71 @@ def cli(tmp_path: Path) -> Cli:
 
 def test_names_normalized_and_refused() -> None:
     assert normalize_name("my first try") == "my_first_try"
+    assert normalize_name("v1.2-rc+3@home") == "v1.2-rc+3@home"
     for bad, why in [
-        ("", "empty"),
-        ("x" * 129, "longer than 128"),
-        ("a/b", "'/'"),
-        ("a\tb", "control"),
+        ("", "checkpoint name is empty"),
+        ("x" * 129, "checkpoint name is longer than 128 characters"),
+        ("a/b", "checkpoint name 'a/b' contains '/'"),
+        ("a\tb", "checkpoint name 'a\\tb' contains '\\t'"),
+        ("a:b", "checkpoint name 'a:b' contains ':'"),
+        ("café", "checkpoint name 'café' contains 'é'"),
+        ("-x", "checkpoint name '-x' starts with '-'"),
+        (".hidden", "checkpoint name '.hidden' starts with '.'"),
+        (" x", "checkpoint name ' x' starts with ' '"),
     ]:
-        with pytest.raises(InvalidName, match=why):
+        with pytest.raises(InvalidName) as e:
             normalize_name(bad)
+        assert str(e.value).startswith(why), str(e.value)
     assert normalize_name("x" * 128) == "x" * 128
 
 
-def test_invalid_names_are_one_line_errors(cli: Cli) -> None:
-    one_line_error(cli("checkpoint", "--name", "a/b", ok=False), "'/'")
-    one_line_error(cli("checkpoint", "--name", "x" * 200, ok=False), "longer than 128")
+@pytest.mark.parametrize(
+    "name",
+    ["ok", "my work", "a:b", "café", "-x", "_x", ".x", "", " x", "x ", "a/b", "a\tb", "x" * 128,
+     "x" * 129, "ünïcode", "1.0", "a@b+c-d", "tab\there", "new\nline", "x\u00a0y"],
+)  # fmt: skip
+def test_the_cli_and_the_api_accept_the_same_names(name: str) -> None:
+    """One rule: the API's published schema accepts a name iff normalize_name does."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from agent.daemon.models import CheckpointName
+
+    try:
+        normalize_name(name)
+        cli_ok = True
+    except InvalidName:
+        cli_ok = False
+    try:
+        TypeAdapter(CheckpointName).validate_python(name)
+        api_ok = True
+    except ValidationError:
+        api_ok = False
+    assert cli_ok == api_ok
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", f"checkpoint name is empty: {NAME_RULE}"),
+        ("a:b", f"checkpoint name 'a:b' contains ':': {NAME_RULE}"),
+        ("café", f"checkpoint name 'café' contains 'é': {NAME_RULE}"),
+        ("-x", f"checkpoint name '-x' starts with '-': {NAME_RULE}"),
+        ("a/b", f"checkpoint name 'a/b' contains '/': {NAME_RULE}"),
+        ("x" * 200, f"checkpoint name is longer than 128 characters: {'x' * 40}..."),
+    ],
+)
+def test_invalid_names_are_one_line_errors(cli: Cli, name: str, message: str) -> None:
+    proc = cli("checkpoint", f"--name={name}", ok=False)
+    assert (proc.returncode, proc.stderr) == (1, f"studio-agent: error: {message}\n")
+    assert cli.listing() == []  # nothing written, not even under the automatic name
+
+
+def test_rename_of_a_missing_checkpoint_and_to_a_bad_name(cli: Cli) -> None:
     one_line_error(cli("rename", "missing", "other", ok=False), "no checkpoint 'missing'")
+    cli("checkpoint", "--name", "kept")
+    proc = cli("rename", "kept", "a:b", ok=False)
+    assert proc.stderr == f"studio-agent: error: checkpoint name 'a:b' contains ':': {NAME_RULE}\n"
+    assert [c["name"] for c in cli.listing()] == ["kept"]
 
 
 def test_second_name_leaves_first_as_it_was(cli: Cli) -> None:
@@ -124,7 +174,7 @@ def test_diff_largest_first(cli: Cli) -> None:
     (cli.root / "etc/large").write_bytes(b"x" * 5000)
     doc = json.loads(cli("diff", "--json").stdout)
     paths = [c["path"] for c in doc["changes"]]
-    assert paths[:2] == ["etc/large", "etc/small"]
+    assert paths[:2] == ["/etc/large", "/etc/small"]  # as the text output shows them
     assert doc["total_size"] == 5010
     text = cli("diff").stdout
     assert text.index("/etc/large") < text.index("/etc/small")
