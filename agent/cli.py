@@ -14,15 +14,25 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TextIO, TypeVar, get_args, get_origin
+from typing import Any, NoReturn, TextIO, TypeVar, get_args, get_origin
 
 from agent import __version__
 from agent.checkpoint.manifest import CheckpointState
+from agent.checkpoint.names import normalize_name
 from agent.daemon.checkpointer import Kind, state_for
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 from agent.log import setup_logging
 from agent.session import CheckpointInfo, Progress, ProgressFn, Session
-from agent.settings import Settings, env_name, load_settings
+from agent.settings import (
+    DEFAULT_STATE_DIR,
+    Settings,
+    check_paths,
+    choices,
+    env_name,
+    env_names,
+    flag_name,
+    load_settings,
+)
 from agent.store import open_store
 
 T = TypeVar("T")
@@ -30,14 +40,60 @@ T = TypeVar("T")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
+# the commands that write the state dir (made if missing, so it must be writable)
+_WRITES_STATE = frozenset({"run", "baseline", "checkpoint", "restore"})
 
-def _settings_parser() -> argparse.ArgumentParser:
+
+class UsageError(Exception):
+    """A mistake in the command line: one line on stderr, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line naming ``--help``.
+
+    Subcommands are made with this class too (argparse builds them with the
+    parent's class), so every command, present and future, errs the same way;
+    the namespace remembers which parser parsed it, so an unknown flag is
+    reported by its subcommand."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.set_defaults(_parser=self)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            culprit: argparse.ArgumentParser = getattr(ns, "_parser", self)
+            culprit.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
+
+def _default_text(name: str) -> str:
+    """A setting's default as help shows it ("" when it has none worth showing)."""
+    field = Settings.model_fields[name]
+    default = field.get_default(call_default_factory=True)
+    if name == "state_dir":
+        return "<root>/" + DEFAULT_STATE_DIR
+    return "" if default in ("", [], None) else str(default)
+
+
+def _settings_parser() -> Parser:
     """Flags for every settings field; unset flags stay absent so the environment counts."""
-    p = argparse.ArgumentParser(add_help=False)
-    group = p.add_argument_group("settings (flag, or environment variable STUDIO_<NAME>)")
+    p = Parser(add_help=False)
+    group = p.add_argument_group("settings (a flag wins over its environment variable)")
     for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_ = f"{field.description or ''} [{env_name(name)}]"
+        flag = flag_name(name)
+        default = _default_text(name)
+        help_ = (field.description or "").replace("%", "%%")
+        help_ += f" [{' or '.join(env_names(name))}"
+        help_ += f"; default: {default}]" if default else "]"
+        values = choices(name)
         if get_origin(field.annotation) is list or list in get_args(field.annotation):
             group.add_argument(
                 flag,
@@ -46,6 +102,15 @@ def _settings_parser() -> argparse.ArgumentParser:
                 default=argparse.SUPPRESS,
                 metavar="VALUE",
                 help=help_ + " (repeatable)",
+            )
+        elif values:
+            group.add_argument(
+                flag,
+                dest=name,
+                default=argparse.SUPPRESS,
+                type=str.lower,
+                choices=values,
+                help=help_,
             )
         else:
             group.add_argument(
@@ -56,7 +121,7 @@ def _settings_parser() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _settings_parser()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="studio-agent",
         description="Data studio session agent: supervises the IDE and checkpoints the root "
         "filesystem as OCI layers.",
@@ -65,70 +130,104 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"studio-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_, parents=[common])
+    def add(name: str, help_: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, parents=[common], **kwargs)
 
-    add("run", "Run the session daemon: restore, launch the IDE, checkpoint, serve the API.")
+    def json_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    add(
+        "run",
+        "Run the session daemon: restore, launch the IDE, checkpoint, serve the API.",
+        usage="%(prog)s [SETTINGS ...] [-- CMD [ARG ...]]",
+        epilog="CMD is the IDE's command line, run as the daemon's child; without it the "
+        "daemon runs ide_command.\nExit codes: 0 stopped, 1 errored, 2 bad configuration.",
+    )
     add("baseline", "Record the root as it is now as the parent state (a new session).")
     cp = add("checkpoint", "Write the changes since the parent state as a new checkpoint layer.")
-    cp.add_argument("--name", dest="checkpoint_name", help="checkpoint name (default: automatic)")
+    cp.add_argument(
+        "--name",
+        dest="checkpoint_name",
+        help="checkpoint name; spaces become underscores (default: the session's automatic "
+        "name, <studio>_<epoch>)",
+    )
     cp.add_argument(
         "--state",
         dest="checkpoint_state",
         choices=[CheckpointState.INTERIM.value, CheckpointState.FINALIZED.value],
         default=state_for(Kind.COMMAND).value,
-        help="state recorded in the checkpoint (default: finalized)",
+        help="state recorded in the checkpoint (default: %(default)s)",
     )
+    json_flag(cp)
     rs = add("restore", "Apply a checkpoint to the root and make it the parent state.")
     rs.add_argument(
         "--checkpoint",
         dest="checkpoint_ref",
         default="",
+        metavar="NAME",
         help="NAME or STUDIO/NAME (default: the studio's most recently written checkpoint)",
     )
+    json_flag(rs)
     ls = add("checkpoints", "List the studio's checkpoints, most recently written first.")
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    json_flag(ls)
     df = add("diff", "Show what changed since the parent state, largest first.")
-    df.add_argument("--json", action="store_true", help="print JSON")
-    df.add_argument("--limit", type=int, default=0, help="show at most this many lines")
-    rn = add("rename", "Rename a checkpoint.")
-    rn.add_argument("old")
-    rn.add_argument("new")
+    json_flag(df)
+    df.add_argument(
+        "--limit", type=int, default=0, help="show at most this many changes (default: all)"
+    )
+    rn = add("rename", "Rename a checkpoint (spaces in NEW become underscores).")
+    rn.add_argument("old", metavar="OLD")
+    rn.add_argument("new", metavar="NEW")
+    json_flag(rn)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_in = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit where it cannot be caught
+        return code
+    except BrokenPipeError:  # output piped into head and the like: the reader has enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except UsageError as e:
+        print(f"studio-agent: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("studio-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args_in: list[str]) -> int:
     ide_argv: list[str] = []
     if "--" in args_in:
         cut = args_in.index("--")
         args_in, ide_argv = args_in[:cut], args_in[cut + 1 :]
-    parser = build_parser()
-    args = parser.parse_args(args_in)
+    args = build_parser().parse_args(args_in)
+    if ide_argv and args.command != "run":
+        args._parser.error(f"'{args.command}' takes no command after '--'")
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = load_settings(**overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    try:
+        check_paths(settings, create_state=args.command in _WRITES_STATE)
         if args.command == "run":
             from agent.daemon.main import run
 
             return run(settings, ide_argv)
-        if ide_argv:
-            raise AgentError(f"'{args.command}' takes no command after '--'")
         explicit_level = "log_level" in overrides or env_name("log_level") in os.environ
         setup_logging(settings.log_level if explicit_level else "warning", sys.stderr)
         return asyncio.run(_one_shot(args, settings))
+    except BrokenPipeError:
+        raise
     except AgentError as e:
         print(f"studio-agent: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as e:  # the machine's, not ours: a full disk, a read-only mount...
         where = f": {e.filename}" if e.filename else ""
         print(f"studio-agent: error: {e.strerror or e}{where}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("studio-agent: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into head and the like
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
 
 
@@ -152,14 +251,25 @@ async def _baseline(args: argparse.Namespace, session: Session) -> int:
 
 
 async def _checkpoint(args: argparse.Namespace, session: Session) -> int:
+    # an empty --name is a mistake, not a request for the automatic name
+    name = None if args.checkpoint_name is None else normalize_name(args.checkpoint_name)
     with _ProgressLine(sys.stderr) as bar:
         result = await session.checkpoint(
-            args.checkpoint_name,
-            CheckpointState(args.checkpoint_state),
-            progress=bar.update,
+            name, CheckpointState(args.checkpoint_state), progress=bar.update
         )
     assert result is not None
     info = result.info
+    if args.json:
+        _print_json(
+            {
+                "checkpoint": info.to_json(),
+                "changed": result.changed,
+                "layer_size": result.layer_size,
+                "duration": round(result.duration, 6),
+                "skipped": _skipped_json(result.skipped),
+            }
+        )
+        return 0
     print(
         f"checkpoint {info.name} ({info.state.value}): {result.changed} changes, "
         f"new layer {_size(result.layer_size)}; {info.layers} layers, {_size(info.size)} in all "
@@ -177,6 +287,16 @@ async def _restore(args: argparse.Namespace, session: Session) -> int:
     info = outcome.restored
     assert info is not None
     files = outcome.stats.files if outcome.stats else 0
+    if args.json:
+        _print_json(
+            {
+                "restored": info.to_json(),
+                "files": files,
+                "invalidated": [bad.to_json() for bad in outcome.invalidated],
+                "session_checkpoint": session.auto_name,
+            }
+        )
+        return 0
     print(
         f"restored {info.studio}/{info.name} ({info.layers} layers, {files} files); "
         f"this session's checkpoint will be {session.auto_name}"
@@ -187,7 +307,7 @@ async def _restore(args: argparse.Namespace, session: Session) -> int:
 async def _checkpoints(args: argparse.Namespace, session: Session) -> int:
     infos = await session.list_checkpoints()
     if args.json:
-        print(json.dumps([i.to_json() for i in infos], indent=2))
+        _print_json([i.to_json() for i in infos])
         return 0
     if not infos:
         print(f"studio {session.studio} has no checkpoints")
@@ -217,12 +337,12 @@ async def _diff(args: argparse.Namespace, session: Session) -> int:
     lines = report.lines[: args.limit] if args.limit > 0 else report.lines
     if args.json:
         doc: dict[str, Any] = {
-            "changes": [{"path": x.path, "kind": x.kind, "size": x.size} for x in lines],
+            "changes": [{"path": "/" + x.path, "kind": x.kind, "size": x.size} for x in lines],
             "total_size": sum(x.size for x in report.lines),
             "count": len(report.lines),
-            "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
+            "skipped": _skipped_json(report.skipped),
         }
-        print(json.dumps(doc, indent=2))
+        _print_json(doc)
         return 0
     marks = {"added": "+", "modified": "~", "deleted": "-"}
     for x in lines:
@@ -235,6 +355,9 @@ async def _diff(args: argparse.Namespace, session: Session) -> int:
 
 async def _rename(args: argparse.Namespace, session: Session) -> int:
     info = await session.rename(args.old, args.new)
+    if args.json:
+        _print_json(info.to_json())
+        return 0
     print(f"renamed {args.old} to {info.name}")
     return 0
 
@@ -259,6 +382,15 @@ def _size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     return f"{n} B"
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2))
+
+
+def _skipped_json(skipped: Sequence[Any]) -> list[dict[str, str]]:
+    """Paths as the text output shows them: absolute in the root."""
+    return [{"path": "/" + s.path, "reason": s.reason} for s in skipped]
 
 
 def _report_skipped(skipped: Sequence[Any]) -> None:

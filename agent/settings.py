@@ -11,7 +11,7 @@ import json
 import os
 import shlex
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,8 +39,7 @@ class Settings(BaseSettings):
     studio: str = Field("studio", description="Studio id; names the studio's checkpoints.")
     state_dir: Path | None = Field(
         None,
-        description=f"The agent's local state (default <root>/{DEFAULT_STATE_DIR}); "
-        "never checkpointed.",
+        description="The agent's local state (never checkpointed).",
     )
     exclude: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -133,16 +132,25 @@ class Settings(BaseSettings):
             return v
         text = v.strip()
         if text.startswith("["):
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"{text!r} is not a JSON list ({e})") from None
         if info.field_name == "ide_command":
-            return shlex.split(text)
+            try:
+                return shlex.split(text)
+            except ValueError as e:
+                raise ValueError(f"{text!r} is not a shell command line ({e})") from None
         return [p.strip() for p in text.split(",") if p.strip()]
 
     @field_validator("studio")
     @classmethod
     def _studio_id(cls, v: str) -> str:
         if not v or "/" in v or v in (".", "..") or any(ord(c) < 32 for c in v):
-            raise ValueError(f"invalid studio id {v!r}")
+            raise ValueError(
+                f"a studio id may not be empty, '.' or '..', nor contain '/' or control "
+                f"characters, not {v!r}"
+            )
         return v
 
     @field_validator("log_level", mode="before")
@@ -179,13 +187,94 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+        raise ConfigError(_explain(e.errors()[0])) from None
+
+
+def _explain(err: Any) -> str:
+    """One pydantic error in our words: the setting, where it is set, what is wrong."""
+    loc = [str(p) for p in err["loc"]]
+    name = next((n for n in Settings.model_fields if n in loc or env_name(n) in loc), "")
+    if not name:
+        return f"invalid settings: {err['msg']}"
+    value = err.get("input")
+    shown = repr(value) if isinstance(value, str) else str(value)
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind in ("float_parsing", "float_type"):
+        what = f"{shown} is not a number"
+    elif kind in ("int_parsing", "int_type", "int_from_float"):
+        what = f"{shown} is not a whole number"
+    elif kind == "greater_than":
+        what = f"must be greater than {_num(ctx['gt'])}, not {value}"
+    elif kind == "greater_than_equal":
+        what = f"must be at least {_num(ctx['ge'])}, not {value}"
+    elif kind == "less_than_equal":
+        what = f"must be at most {_num(ctx['le'])}, not {value}"
+    elif kind == "literal_error":
+        what = f"must be one of {', '.join(choices(name))}, not {shown}"
+    elif kind == "value_error":
+        what = str(ctx.get("error", err["msg"]))
+    elif kind in ("list_type", "string_type") and len(loc) > 1:
+        what = f"must be a list of strings, not {err['input']!r} in it"
+    else:
+        what = err["msg"][0].lower() + err["msg"][1:]
+    return f"invalid setting {name} ({where_set(name)}): {what}"
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def env_name(field: str) -> str:
     return "STUDIO_" + field.upper()
+
+
+def env_names(field: str) -> list[str]:
+    """Every environment variable a setting is read from (``STUDIO_<NAME>`` first)."""
+    alias = Settings.model_fields[field].validation_alias
+    extra = [c for c in getattr(alias, "choices", []) if isinstance(c, str) and c.isupper()]
+    return [env_name(field), *(c for c in extra if c != env_name(field))]
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def where_set(field: str) -> str:
+    """``--flag or STUDIO_<NAME>``: where a user sets ``field``, for error messages."""
+    return " or ".join([flag_name(field), *env_names(field)])
+
+
+def choices(field: str) -> list[str]:
+    """The values a ``Literal`` setting takes; empty for any other."""
+    annotation = Settings.model_fields[field].annotation
+    return [str(a) for a in get_args(annotation)] if get_origin(annotation) is Literal else []
+
+
+def check_paths(settings: Settings, *, create_state: bool) -> None:
+    """Refuse a root that is not a directory (rather than creating one) and a state
+    dir that cannot be one, naming the setting at fault; with ``create_state`` the
+    state dir is made, and must be writable."""
+    root = settings.root
+    if not root.is_dir():
+        why = "is not a directory" if root.exists() else "does not exist"
+        raise ConfigError(f"the root {root} {why} (set by {where_set('root')})")
+    path = settings.state_path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"the state dir {path} is not a directory (set by {where_set('state_dir')})"
+        )
+    if not create_state:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create the state dir {path}: {e.strerror or e} "
+            f"(set by {where_set('state_dir')})"
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"the state dir {path} is not writable (set by {where_set('state_dir')})")
 
 
 def agent_install_dir() -> Path:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.checkpoint.names import normalize_name
+from agent.checkpoint.names import NAME_RULE, normalize_name
+from agent.cli import _COMMANDS
 from agent.errors import InvalidName
 from agent.settings import load_settings
 
@@ -58,21 +59,71 @@ def cli(tmp_path: Path) -> Cli:
 
 def test_names_normalized_and_refused() -> None:
     assert normalize_name("my first try") == "my_first_try"
+    assert normalize_name("v1.2-rc+3@home") == "v1.2-rc+3@home"
     for bad, why in [
-        ("", "empty"),
-        ("x" * 129, "longer than 128"),
-        ("a/b", "'/'"),
-        ("a\tb", "control"),
+        ("", "checkpoint name is empty"),
+        ("x" * 129, "checkpoint name is longer than 128 characters"),
+        ("a/b", "checkpoint name 'a/b' contains '/'"),
+        ("a\tb", "checkpoint name 'a\\tb' contains '\\t'"),
+        ("a:b", "checkpoint name 'a:b' contains ':'"),
+        ("café", "checkpoint name 'café' contains 'é'"),
+        ("-x", "checkpoint name '-x' starts with '-'"),
+        (".hidden", "checkpoint name '.hidden' starts with '.'"),
+        (" x", "checkpoint name ' x' starts with ' '"),
     ]:
-        with pytest.raises(InvalidName, match=why):
+        with pytest.raises(InvalidName) as e:
             normalize_name(bad)
+        assert str(e.value).startswith(why), str(e.value)
     assert normalize_name("x" * 128) == "x" * 128
 
 
-def test_invalid_names_are_one_line_errors(cli: Cli) -> None:
-    one_line_error(cli("checkpoint", "--name", "a/b", ok=False), "'/'")
-    one_line_error(cli("checkpoint", "--name", "x" * 200, ok=False), "longer than 128")
+@pytest.mark.parametrize(
+    "name",
+    ["ok", "my work", "a:b", "café", "-x", "_x", ".x", "", " x", "x ", "a/b", "a\tb", "x" * 128,
+     "x" * 129, "ünïcode", "1.0", "a@b+c-d", "tab\there", "new\nline", "x\u00a0y"],
+)  # fmt: skip
+def test_the_cli_and_the_api_accept_the_same_names(name: str) -> None:
+    """One rule: the API's published schema accepts a name iff normalize_name does."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from agent.daemon.models import CheckpointName
+
+    try:
+        normalize_name(name)
+        cli_ok = True
+    except InvalidName:
+        cli_ok = False
+    try:
+        TypeAdapter(CheckpointName).validate_python(name)
+        api_ok = True
+    except ValidationError:
+        api_ok = False
+    assert cli_ok == api_ok
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", f"checkpoint name is empty: {NAME_RULE}"),
+        ("a:b", f"checkpoint name 'a:b' contains ':': {NAME_RULE}"),
+        ("café", f"checkpoint name 'café' contains 'é': {NAME_RULE}"),
+        ("-x", f"checkpoint name '-x' starts with '-': {NAME_RULE}"),
+        ("a/b", f"checkpoint name 'a/b' contains '/': {NAME_RULE}"),
+        ("x" * 200, f"checkpoint name is longer than 128 characters: {'x' * 40}..."),
+    ],
+)
+def test_invalid_names_are_one_line_errors(cli: Cli, name: str, message: str) -> None:
+    proc = cli("checkpoint", f"--name={name}", ok=False)
+    assert (proc.returncode, proc.stderr) == (1, f"studio-agent: error: {message}\n")
+    assert cli.listing() == []  # nothing written, not even under the automatic name
+
+
+def test_rename_of_a_missing_checkpoint_and_to_a_bad_name(cli: Cli) -> None:
     one_line_error(cli("rename", "missing", "other", ok=False), "no checkpoint 'missing'")
+    cli("checkpoint", "--name", "kept")
+    proc = cli("rename", "kept", "a:b", ok=False)
+    assert proc.stderr == f"studio-agent: error: checkpoint name 'a:b' contains ':': {NAME_RULE}\n"
+    assert [c["name"] for c in cli.listing()] == ["kept"]
 
 
 def test_second_name_leaves_first_as_it_was(cli: Cli) -> None:
@@ -124,7 +175,7 @@ def test_diff_largest_first(cli: Cli) -> None:
     (cli.root / "etc/large").write_bytes(b"x" * 5000)
     doc = json.loads(cli("diff", "--json").stdout)
     paths = [c["path"] for c in doc["changes"]]
-    assert paths[:2] == ["etc/large", "etc/small"]
+    assert paths[:2] == ["/etc/large", "/etc/small"]  # as the text output shows them
     assert doc["total_size"] == 5010
     text = cli("diff").stdout
     assert text.index("/etc/large") < text.index("/etc/small")
@@ -183,3 +234,203 @@ def test_progress_line_while_walking_then_writing() -> None:
     assert term.getvalue().endswith("scan     1.5 MB 300 entries")
     line.update(Progress("write", 4_000_000, 4_000_000, 800, 800))
     assert term.getvalue().endswith("write    100.0% 4.0 MB of 4.0 MB 800/800 entries")
+
+
+# -- usage errors: one line, a pointer to --help, exit 2 ------------------------------------
+
+
+def _usage_error(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"studio-agent: error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "the following arguments are required: COMMAND (see 'studio-agent --help')"),
+        (["frob"], "argument COMMAND: invalid choice: 'frob' (choose from 'run', 'baseline', "
+         "'checkpoint', 'restore', 'checkpoints', 'diff', 'rename') (see 'studio-agent --help')"),
+        (["checkpoints", "--bogus"],
+         "unrecognized arguments: --bogus (see 'studio-agent checkpoints --help')"),
+        (["--bogus", "diff"], "unrecognized arguments: --bogus (see 'studio-agent diff --help')"),
+        (["checkpoint", "--state", "done"], "argument --state: invalid choice: 'done' (choose "
+         "from 'interim', 'finalized') (see 'studio-agent checkpoint --help')"),
+        (["checkpoint", "--name"],
+         "argument --name: expected one argument (see 'studio-agent checkpoint --help')"),
+        (["diff", "--limit", "many"],
+         "argument --limit: invalid int value: 'many' (see 'studio-agent diff --help')"),
+        (["rename", "a"],
+         "the following arguments are required: NEW (see 'studio-agent rename --help')"),
+        (["--log-level", "loud", "checkpoints"], "argument --log-level: invalid choice: 'loud' "
+         "(choose from 'debug', 'info', 'warning', 'error') (see 'studio-agent --help')"),
+        (["diff", "--", "ls"],
+         "'diff' takes no command after '--' (see 'studio-agent diff --help')"),
+    ],
+)  # fmt: skip
+def test_bad_flags_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    _usage_error(Cli(tmp_path)(*args, ok=False), message)
+
+
+@pytest.mark.parametrize("command", ["run", *_COMMANDS])
+def test_every_command_reports_an_unknown_flag_in_one_line(tmp_path: Path, command: str) -> None:
+    positionals = ["a", "b"] if command == "rename" else []
+    proc = Cli(tmp_path)(command, *positionals, "--no-such-flag", ok=False)
+    _usage_error(
+        proc, f"unrecognized arguments: --no-such-flag (see 'studio-agent {command} --help')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"STUDIO_CHECKPOINT_INTERVAL": "soon"}, "invalid setting checkpoint_interval "
+         "(--checkpoint-interval or STUDIO_CHECKPOINT_INTERVAL): 'soon' is not a number"),
+        ({"STUDIO_CHECKPOINT_INTERVAL": "0"}, "invalid setting checkpoint_interval "
+         "(--checkpoint-interval or STUDIO_CHECKPOINT_INTERVAL): must be greater than 0, not 0"),
+        ({"CONNECT_TOOL_PORT": "http"}, "invalid setting tool_port "
+         "(--tool-port or STUDIO_TOOL_PORT or CONNECT_TOOL_PORT): 'http' is not a whole number"),
+        ({"STUDIO_TOOL_PORT": "70000"}, "invalid setting tool_port (--tool-port or "
+         "STUDIO_TOOL_PORT or CONNECT_TOOL_PORT): must be at most 65535, not 70000"),
+        ({"STUDIO_S3_PART_SIZE": "1024"}, "invalid setting s3_part_size "
+         "(--s3-part-size or STUDIO_S3_PART_SIZE): must be at least 5242880, not 1024"),
+        ({"STUDIO_LOG_LEVEL": "loud"}, "invalid setting log_level (--log-level or "
+         "STUDIO_LOG_LEVEL): must be one of debug, info, warning, error, not 'loud'"),
+        ({"STUDIO_EXCLUDE": "[1"}, "invalid setting exclude (--exclude or STUDIO_EXCLUDE): "
+         "'[1' is not a JSON list (Expecting ',' delimiter: line 1 column 3 (char 2))"),
+        ({"STUDIO_IDE_COMMAND": "'jupyter"}, "invalid setting ide_command (--ide-command or "
+         "STUDIO_IDE_COMMAND): \"'jupyter\" is not a shell command line (No closing quotation)"),
+        ({"STUDIO_COMPRESSION_LEVEL": "20"}, "invalid setting compression_level "
+         "(--compression-level or STUDIO_COMPRESSION_LEVEL): must be at most 19, not 20"),
+    ],
+)  # fmt: skip
+def test_bad_settings_are_one_line_in_our_words(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    proc = Cli(tmp_path)("checkpoints", ok=False, env=dict(os.environ, **env))
+    _usage_error(proc, message)
+    assert "Input should" not in proc.stderr and "Value error" not in proc.stderr
+
+
+def test_a_bad_studio_id_is_one_line(tmp_path: Path) -> None:
+    c = Cli(tmp_path, studio="..")
+    _usage_error(
+        c("checkpoints", ok=False),
+        "invalid setting studio (--studio or STUDIO_STUDIO): a studio id may not be empty, "
+        "'.' or '..', nor contain '/' or control characters, not '..'",
+    )
+
+
+def test_run_reports_its_configuration_error_on_stderr(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STUDIO_")}
+    proc = Cli(tmp_path)("run", ok=False, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "studio-agent: error: no IDE command: pass it after '--' (studio-agent run -- CMD ...) "
+        "or set STUDIO_IDE_COMMAND\n"
+    )
+    logged = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["event"] for e in logged if e["level"] == "error"] == ["daemon.config_error"]
+
+
+# -- paths that point the wrong way ---------------------------------------------------------
+
+
+def test_a_root_that_does_not_exist_is_refused_not_created(tmp_path: Path) -> None:
+    c = Cli(tmp_path)
+    c.root = tmp_path / "typo"
+    proc = c("baseline", ok=False)
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"studio-agent: error: the root {c.root} does not exist (set by --root or STUDIO_ROOT)\n",
+    )
+    assert not c.root.exists()
+
+
+def test_a_state_dir_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    c = Cli(tmp_path)
+    c.state.write_text("not a directory")
+    for command in ("baseline", "checkpoint", "diff"):
+        proc = c(command, ok=False)
+        assert (proc.returncode, proc.stderr) == (
+            1,
+            f"studio-agent: error: the state dir {c.state} is not a directory "
+            "(set by --state-dir or STUDIO_STATE_DIR)\n",
+        )
+
+
+def test_a_state_dir_that_cannot_be_made_is_named_as_such(tmp_path: Path) -> None:
+    c = Cli(tmp_path)
+    c.state = Path("/proc/studio-agent-state")  # no one may create anything there
+    proc = c("baseline", ok=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(
+        "studio-agent: error: cannot create the state dir /proc/studio-agent-state: "
+    )
+    assert proc.stderr.endswith(" (set by --state-dir or STUDIO_STATE_DIR)\n")
+    assert proc.stderr.count("\n") == 1
+
+
+# -- output: --json everywhere, help that says what it does ---------------------------------
+
+
+def test_checkpoint_restore_and_rename_speak_json(cli: Cli, tmp_path: Path) -> None:
+    (cli.root / "etc/conf").write_text("x" * 100)
+    made = json.loads(cli("checkpoint", "--name", "first try", "--json").stdout)
+    assert made["checkpoint"]["name"] == "first_try" and made["checkpoint"]["layers"] == 1
+    assert made["changed"] >= 1 and made["layer_size"] > 0 and made["skipped"] == []
+    renamed = json.loads(cli("rename", "first_try", "kept", "--json").stdout)
+    assert (renamed["name"], renamed["digest"]) == ("kept", made["checkpoint"]["digest"])
+    (tmp_path / "o").mkdir()
+    other = Cli(tmp_path / "o")
+    other.work, other.studio = cli.work, cli.studio
+    restored = json.loads(other("restore", "--checkpoint", "kept", "--json").stdout)
+    assert restored["restored"]["name"] == "kept" and restored["files"] >= 1
+    assert restored["invalidated"] == []
+    assert restored["session_checkpoint"].startswith("st_")
+
+
+def test_help_shows_defaults_choices_and_the_ide_command(tmp_path: Path) -> None:
+    run_help = Cli(tmp_path)("run", "--help").stdout
+    assert run_help.startswith("usage: studio-agent run [SETTINGS ...] [-- CMD [ARG ...]]\n")
+    flat = " ".join(run_help.split())
+    assert "[STUDIO_CHECKPOINT_INTERVAL; default: 300.0]" in flat
+    assert "[STUDIO_TOOL_PORT or CONNECT_TOOL_PORT; default: 8080]" in flat
+    assert "--log-level {debug,info,warning,error}" in flat
+    cp_help = " ".join(Cli(tmp_path)("checkpoint", "--help").stdout.split())
+    assert "(default: finalized)" in cp_help and "--json" in cp_help
+
+
+# -- a closed pipe is no error ---------------------------------------------------------------
+
+
+def _through_head(cli: Cli, *args: str) -> tuple[int, str, bytes]:
+    """``studio-agent ARGS | head -1`` through a real pipe: the agent's exit code and
+    stderr, and what head printed."""
+    cmd = [
+        sys.executable, "-m", "agent", "--root", str(cli.root), "--workdir", str(cli.work),
+        "--studio", cli.studio, "--state-dir", str(cli.state), *args,
+    ]  # fmt: skip
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert agent.stdout is not None and agent.stderr is not None
+    head = subprocess.Popen(["head", "-1"], stdin=agent.stdout, stdout=subprocess.PIPE)
+    agent.stdout.close()  # head alone holds the read end: its exit breaks the pipe
+    out, _ = head.communicate(timeout=60)
+    err = agent.stderr.read().decode()
+    agent.stderr.close()
+    return agent.wait(timeout=60), err, out
+
+
+def test_output_into_head_exits_quietly(cli: Cli) -> None:
+    for name in ("a", "b", "c"):
+        cli("checkpoint", "--name", name)
+    for _ in range(12):
+        code, err, out = _through_head(cli, "checkpoints")
+        assert (code, err) == (0, "")
+        assert out.startswith(b"NAME ")
+    # more output than a pipe holds: the agent surely writes into a closed pipe
+    for i in range(3000):
+        (cli.root / "etc" / f"f{i:04}").write_bytes(b"x")
+    for args in (("diff",), ("diff", "--json"), ("checkpoints", "--json")):
+        code, err, out = _through_head(cli, *args)
+        assert (code, err) == (0, ""), args
+        assert out

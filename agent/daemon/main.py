@@ -569,6 +569,7 @@ async def _serve(daemon: Daemon) -> int:
         return await daemon.run()
     except ConfigError as e:
         log.error("daemon.config_error", error=str(e))
+        print(f"studio-agent: error: {e}", file=sys.stderr)  # the log may go unread
         return EXIT_CONFIG
 
 

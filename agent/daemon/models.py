@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSche
 from typing_extensions import TypeAliasType, TypedDict
 
 from agent.checkpoint.manifest import CheckpointState
+from agent.checkpoint.names import MAX_NAME
+from agent.checkpoint.names import NAME_PATTERN as NAME_PATTERN  # the schema states the rule
 from agent.daemon.lifecycle import Status as SessionStatus
 from agent.daemon.supervisor import IdeState
 from agent.session import CheckpointInfo as InfoRecord
@@ -25,7 +27,6 @@ from agent.session import Progress as ProgressRecord
 if TYPE_CHECKING:
     from agent.daemon.checkpointer import OwnCheckpoint
 
-NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.@+ -]{0,127}"
 MAX_SKIPPED_REPORTED = 100
 
 
@@ -48,7 +49,7 @@ CheckpointName = TypeAliasType(
         Field(
             pattern=f"^{NAME_PATTERN}$",
             min_length=1,
-            max_length=128,
+            max_length=MAX_NAME,
             description="Unique per studio; spaces become underscores.",
         ),
     ],

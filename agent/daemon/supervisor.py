@@ -29,6 +29,7 @@ log = get_logger("daemon.ide")
 
 _CHUNK = 64 << 10
 PROBE_TIMEOUT = 5.0  # an answer slower than this counts as none
+PROBE_NOTE_EVERY = 5.0  # how often a probe that gets no answer says so
 PIPE_GRACE = 1.0  # how long the output pumps may drain after the IDE exited
 
 
@@ -320,7 +321,10 @@ class Supervisor:
 
     async def _probe(self, proc: asyncio.subprocess.Process) -> None:
         """Poll the IDE over HTTP until it answers; after a restart, bound that by ready_timeout."""
-        deadline = self._clock.monotonic() + self._ready_timeout if self.ready.is_set() else None
+        started = self._clock.monotonic()
+        deadline = started + self._ready_timeout if self.ready.is_set() else None
+        note_at = started + PROBE_NOTE_EVERY
+        log.info("ide.probing", pid=proc.pid, url=self.probe_url)
         async with aiohttp.ClientSession() as http:
             while proc.returncode is None:
                 try:
@@ -329,6 +333,17 @@ class Supervisor:
                     )
                 except TimeoutError:
                     status = None
+                now = self._clock.monotonic()
+                if now >= note_at:
+                    # an IDE on another port than tool_port looks like this until ready_timeout
+                    log.info(
+                        "ide.not_answering",
+                        pid=proc.pid,
+                        url=self.probe_url,
+                        http_status=status,
+                        waited=round(now - started, 1),
+                    )
+                    note_at = now + PROBE_NOTE_EVERY
                 if status is not None and status < 500:
                     self.state = IdeState.READY
                     if not self.ready.is_set():
