@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, cast
 
 from agent.checkpoint.layer_reader import READ_SIZE, LayerReader
 from agent.checkpoint.manifest import EMPTY_DIGEST, Manifest
@@ -32,8 +32,6 @@ from agent.session.records import Progress, ProgressFn
 from agent.store.base import Store
 from agent.store.checks import hex_of
 from agent.store.fetch import Fetch
-
-T = TypeVar("T")
 
 
 class Kind(StrEnum):
@@ -363,11 +361,14 @@ def _parse(data: bytes) -> tuple[Manifest, tuple[tuple[Kind, str, int], ...]]:
         config = doc.get("config")
         if not isinstance(config, dict):
             raise CorruptLayer("malformed checkpoint manifest: no config descriptor")
-        blobs = [(Kind.CONFIG, config.get("digest"), config.get("size"))]
-        blobs += [(Kind.LAYER, x.digest, x.size) for x in manifest.layers]
+        named: list[tuple[Kind, object, object]] = [
+            (Kind.CONFIG, config.get("digest"), config.get("size"))
+        ]
+        named += [(Kind.LAYER, x.digest, x.size) for x in manifest.layers]
     except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise CorruptLayer(f"malformed checkpoint manifest: {e}") from e
-    for kind, digest, size in blobs:
+    blobs: list[tuple[Kind, str, int]] = []
+    for kind, digest, size in named:
         if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool):
             raise CorruptLayer(f"malformed checkpoint manifest: a {kind} descriptor is malformed")
         try:
@@ -376,7 +377,8 @@ def _parse(data: bytes) -> tuple[Manifest, tuple[tuple[Kind, str, int], ...]]:
             raise CorruptLayer(f"checkpoint manifest names a bad {kind} digest: {e}") from e
         if size < 0:
             raise CorruptLayer(f"checkpoint manifest gives {kind} {digest} a negative size")
-    return manifest, tuple(blobs)  # type: ignore[arg-type]
+        blobs.append((kind, digest, size))
+    return manifest, tuple(blobs)
 
 
 def _check_bytes(src: _Counting, blob: _Blob, size: int) -> None:
@@ -386,7 +388,7 @@ def _check_bytes(src: _Counting, blob: _Blob, size: int) -> None:
     hasher = _Hashing(src)
     try:
         if blob.kind is Kind.LAYER:
-            with LayerReader(hasher, f"layer {blob.digest}") as reader:  # type: ignore[arg-type]
+            with LayerReader(cast(BinaryIO, hasher), f"layer {blob.digest}") as reader:
                 for _ in reader.members():
                     pass
     except CorruptLayer as bad:
@@ -406,16 +408,15 @@ class _Hashing:
 
     def __init__(self, f: _Counting) -> None:
         self._f = f
-        self._lock = threading.Lock()  # the decompress thread reads, then ours drains
         self.hash = hashlib.sha256()
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
-        with self._lock:
-            data = self._f.read(n)
-            self.hash.update(data)
-            self.size += len(data)
-            return data
+        # The decompress thread reads, then (once it is joined) this one drains.
+        data = self._f.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
 
     def drain(self) -> None:
         while self.read(READ_SIZE):
