@@ -273,7 +273,7 @@ async def _verify(args: argparse.Namespace, session: Session) -> int:
             )
         how = "read and hashed" if report.read_data else "sizes checked (--read-data: hashes too)"
         print(
-            f"{len(report.checkpoints)} checkpoints, {report.blobs} blobs "
+            f"{_count(report.checkpoints, 'checkpoint')}, {report.blobs} blobs "
             f"({_size(report.size)}) {how}: {_count(report.problems, 'problem')}"
         )
     return 0 if report.sound else EXIT_ERROR
