@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence, Sized
 from typing import Any, NoReturn, TextIO, TypeVar, get_args, get_origin
 
 from agent import __version__
@@ -179,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("old", metavar="OLD")
     rn.add_argument("new", metavar="NEW")
     json_flag(rn)
+    vf = add("verify", "Check that every blob of a checkpoint is in the store, whole.")
+    which = vf.add_mutually_exclusive_group()
+    which.add_argument(
+        "--checkpoint",
+        dest="checkpoint_ref",
+        default="",
+        help="NAME or STUDIO/NAME (default: the studio's most recently written checkpoint)",
+    )
+    which.add_argument("--all", dest="every", action="store_true", help="every checkpoint")
+    vf.add_argument(
+        "--read-data",
+        action="store_true",
+        help="also read each blob, decompress each layer, and check their digests",
+    )
+    json_flag(vf)
     return parser
 
 
@@ -362,6 +377,31 @@ async def _rename(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+async def _verify(args: argparse.Namespace, session: Session) -> int:
+    with _ProgressLine(sys.stderr) as bar:
+        report = await session.verify(
+            args.checkpoint_ref, every=args.every, read_data=args.read_data, progress=bar.update
+        )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    elif not report.checkpoints:
+        print(f"studio {session.studio} has no checkpoints")
+    else:
+        for p in report.problems:
+            print(f"{p.status.value} {p.kind.value} {p.digest}: {p.detail}")
+            print(f"  breaks {', '.join(p.checkpoints)}")
+        for v in report.checkpoints:
+            print(
+                f"{v.label}: {'sound' if v.sound else 'BROKEN, ' + _count(v.problems, 'problem')}"
+            )
+        how = "read and hashed" if report.read_data else "sizes checked (--read-data: hashes too)"
+        print(
+            f"{_count(report.checkpoints, 'checkpoint')}, {report.blobs} blobs "
+            f"({_size(report.size)}) {how}: {_count(report.problems, 'problem')}"
+        )
+    return 0 if report.sound else EXIT_ERROR
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = {
     "baseline": _baseline,
     "checkpoint": _checkpoint,
@@ -369,6 +409,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = 
     "checkpoints": _checkpoints,
     "diff": _diff,
     "rename": _rename,
+    "verify": _verify,
 }
 
 
@@ -391,6 +432,10 @@ def _print_json(doc: Any) -> None:
 def _skipped_json(skipped: Sequence[Any]) -> list[dict[str, str]]:
     """Paths as the text output shows them: absolute in the root."""
     return [{"path": "/" + s.path, "reason": s.reason} for s in skipped]
+
+
+def _count(items: Sized, what: str) -> str:
+    return f"{len(items)} {what}{'' if len(items) == 1 else 's'}"
 
 
 def _report_skipped(skipped: Sequence[Any]) -> None:

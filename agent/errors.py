@@ -46,6 +46,10 @@ class StoreError(AgentError):
     """The store failed in a way retries did not fix (or must not retry)."""
 
 
+class InvalidRef(StoreError):
+    """An object where a ref should be that is not a ref document."""
+
+
 class StoreUnavailable(StoreError):
     """The store could not be reached, or kept failing transiently."""
 

@@ -248,8 +248,8 @@ def _usage_error(proc: subprocess.CompletedProcess[str], message: str) -> None:
     ("args", "message"),
     [
         ([], "the following arguments are required: COMMAND (see 'studio-agent --help')"),
-        (["frob"], "argument COMMAND: invalid choice: 'frob' (choose from 'run', 'baseline', "
-         "'checkpoint', 'restore', 'checkpoints', 'diff', 'rename') (see 'studio-agent --help')"),
+        (["frob"], "argument COMMAND: invalid choice: 'frob' (choose from "
+         f"{', '.join(map(repr, ['run', *_COMMANDS]))}) (see 'studio-agent --help')"),
         (["checkpoints", "--bogus"],
          "unrecognized arguments: --bogus (see 'studio-agent checkpoints --help')"),
         (["--bogus", "diff"], "unrecognized arguments: --bogus (see 'studio-agent diff --help')"),

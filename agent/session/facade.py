@@ -1,7 +1,7 @@
 """The Session: one studio's session on one root, its parts composed.
 
 Each concern has a module of its own (local state, scope, start, publish,
-catalog); this class wires them to one store and one state dir, and serialises
+catalog, verify); this class wires them to one store and one state dir, and serialises
 the operations that change the session or its checkpoints.
 """
 
@@ -30,6 +30,7 @@ from agent.session.records import (
 )
 from agent.session.scope import Scope
 from agent.session.start import Starter
+from agent.session.verify import Verifier, VerifyReport, resolve
 from agent.settings import Settings
 from agent.store.base import Store
 
@@ -76,6 +77,7 @@ class Session:
             self._cancel,
         )
         self._catalog = Catalog(settings.studio, store, self._local, manifests)
+        self._verifier = Verifier(store, self.spool)
 
     # -- identity -------------------------------------------------------------------
 
@@ -148,6 +150,25 @@ class Session:
     async def rename(self, old: str, new: str) -> CheckpointInfo:
         async with self._lock:
             return await self._catalog.rename(old, new)
+
+    async def verify(
+        self,
+        source: str = "",
+        *,
+        every: bool = False,
+        read_data: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> VerifyReport:
+        """Check checkpoints as stored: ``source`` (NAME or STUDIO/NAME), every one of
+        this studio (``every``), or else this studio's most recently written one."""
+        if source:
+            studio, name = self._starter.split_source(source)
+            targets = await resolve(self.store, studio, name)
+        else:
+            targets = await resolve(self.store, self.studio, None)
+            if not every:
+                targets = targets[:1]
+        return await self._verifier.verify(targets, read_data=read_data, progress=progress)
 
     # -- what changed ---------------------------------------------------------------
 

@@ -1,4 +1,9 @@
-"""A checkpoint's manifest read through its ref, or written and then pointed at."""
+"""A checkpoint's manifest read through its ref, or written and then pointed at.
+
+Write order: the blobs a manifest names (the layers, written before; the config
+here), then the manifest, then the ref, so every blob a listed checkpoint names
+is in the store.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.checkpoint.manifest import Manifest
-from agent.errors import AgentError, NotFound
+from agent.checkpoint.manifest import EMPTY_CONFIG, EMPTY_DIGEST, Manifest
+from agent.errors import AgentError, CorruptLayer, NotFound
 from agent.session.records import CheckpointInfo, info_of
 from agent.store.base import RefValue, Store
 
@@ -17,9 +22,16 @@ class Manifests:
         self._store = store
         self._spool = spool
         self._clock = clock
+        self._config_written = False
 
     async def read(self, digest: str) -> Manifest:
-        return Manifest.decode(await self._store.get_bytes(digest, self._spool))
+        """The manifest, verified; one that is not a checkpoint manifest, whatever
+        its shape, raises ``CorruptLayer`` (it is input, not our own memory)."""
+        data = await self._store.get_bytes(digest, self._spool)
+        try:
+            return Manifest.decode(data)
+        except (AttributeError, RecursionError) as e:  # shapes decode does not expect
+            raise CorruptLayer(f"malformed checkpoint manifest {digest}: {e}") from e
 
     async def resolve(self, studio: str, name: str) -> tuple[CheckpointInfo, Manifest]:
         ref = await self._store.get_ref(studio, name)
@@ -38,8 +50,11 @@ class Manifests:
     async def write(
         self, studio: str, name: str, manifest: Manifest, expect: str | None
     ) -> CheckpointInfo:
-        """The manifest blob, then the ref (compare-and-swap from ``expect``)."""
+        """The config blob, the manifest blob, then the ref (compare-and-swap from ``expect``)."""
         data, digest = manifest.encode()
+        if not self._config_written:  # content-addressed: once is enough for every manifest
+            await self._store.put_bytes(EMPTY_CONFIG, EMPTY_DIGEST, self._spool)
+            self._config_written = True
         await self._store.put_bytes(data, digest, self._spool)
         await self._store.set_ref(studio, name, digest, expect)
         updated = datetime.fromtimestamp(self._clock(), UTC)

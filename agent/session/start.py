@@ -1,9 +1,10 @@
 """Starting a session: choose the checkpoint to start from, restore it, begin.
 
 Without a named source the most recently updated valid checkpoint is restored.
-One its session never finalized (force stop, OOM, spot reclamation) is fetched
-and verified whole before anything is applied; if it is not sound it is marked
-invalid and the next one is tried.
+One its session never finalized (force stop, OOM, spot reclamation) is checked
+first (verify.py: every blob there, with its size), then fetched and verified
+whole before anything is applied; if it is not sound it is marked invalid and
+the next one is tried.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from agent.session.records import (
     info_of,
 )
 from agent.session.scope import Scope
+from agent.session.verify import Verifier
 from agent.store.base import Store
 from agent.store.fetch import Fetch
 
@@ -55,6 +57,7 @@ class Starter:
         self._local = local
         self._scope = scope
         self._manifests = manifests
+        self._verifier = Verifier(store, spool)
 
     async def begin(self, chain: list[LayerDesc]) -> None:
         """A new session on the root as it is now, carrying on from ``chain``."""
@@ -140,20 +143,23 @@ class Starter:
             if manifest.state is CheckpointState.INVALID:
                 continue
             unfinished = manifest.state is not CheckpointState.FINALIZED
-            try:
-                stats = await self.restore(manifest, progress, verify_first=unfinished)
-            except (BlobMissing, DigestMismatch) as e:
-                if not unfinished:
-                    raise
-                # Left by a session that never finalized (force stop, OOM, spot
-                # reclamation) and not sound: mark it, fall back to the next one.
-                log.warning("restore.invalid", checkpoint=name, error=str(e))
-                bad = await self._manifests.write(
-                    self._studio, name, manifest.with_state(CheckpointState.INVALID), ref.digest
-                )
-                invalidated.append(bad)
-                continue
-            return info, manifest, stats
+            # Left by a session that never finalized (force stop, OOM, spot
+            # reclamation): checked before use; if unsound, marked invalid and
+            # passed over for the next one.
+            why = await self._verifier.unsound(self._studio, name, ref.digest) if unfinished else ""
+            if not why:
+                try:
+                    stats = await self.restore(manifest, progress, verify_first=unfinished)
+                    return info, manifest, stats
+                except (BlobMissing, DigestMismatch) as e:
+                    if not unfinished:
+                        raise
+                    why = str(e)
+            log.warning("restore.invalid", checkpoint=name, error=why)
+            bad = await self._manifests.write(
+                self._studio, name, manifest.with_state(CheckpointState.INVALID), ref.digest
+            )
+            invalidated.append(bad)
         return None
 
     async def restore(

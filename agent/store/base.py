@@ -46,6 +46,11 @@ class Store(abc.ABC):
         """Whether a blob with this digest exists (its content is not checked)."""
 
     @abc.abstractmethod
+    async def blob_size(self, digest: str) -> int | None:
+        """The stored blob's size in bytes, or None when it does not exist: one
+        cheap lookup (a stat, a HEAD), so a check of many blobs reads none of them."""
+
+    @abc.abstractmethod
     async def put_blob(self, src: Path, digest: str, size: int) -> None:
         """Store the local file ``src`` whose bytes hash to ``digest``.
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.errors import BlobMissing, DigestMismatch, PermissionDenied, StoreError
+from agent.errors import BlobMissing, DigestMismatch, InvalidRef, PermissionDenied, StoreError
 from agent.store.base import CHECKPOINTS_DIR, RefValue, Store
 from agent.store.checks import check_expect, check_size, hex_of, verify_file
 from agent.store.refs import decode_ref, encode_ref, ref_path_parts
@@ -71,6 +71,10 @@ class LocalStore(Store):
 
     async def has_blob(self, digest: str) -> bool:
         return await self._run("look up a blob", self._blob_path(digest).is_file)
+
+    async def blob_size(self, digest: str) -> int | None:
+        st = await self._run("look up a blob", _stat_or_none, self._blob_path(digest))
+        return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
 
     async def put_blob(self, src: Path, digest: str, size: int) -> None:
         await self._run(f"write blob {digest}", self._put_blob, src, digest, size)
@@ -134,10 +138,13 @@ class LocalStore(Store):
         return await self._run(f"read ref {studio}/{name}", self._get_ref, studio, name)
 
     def _get_ref(self, studio: str, name: str) -> RefValue | None:
+        path = self._ref_file(studio, name)
         try:
-            return decode_ref(self._ref_file(studio, name).read_bytes())
+            return decode_ref(path.read_bytes())
         except FileNotFoundError:
             return None
+        except ValueError as e:
+            raise InvalidRef(f"checkpoint {studio}/{name} at {path} is not a valid ref: {e}") from e
 
     async def set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
         await self._run(f"write ref {studio}/{name}", self._set_ref, studio, name, digest, expect)

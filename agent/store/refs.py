@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 
 from agent.errors import InvalidName
 from agent.store.base import RefValue
@@ -14,8 +14,16 @@ def encode_ref(value: RefValue) -> bytes:
 
 
 def decode_ref(data: bytes) -> RefValue:
-    doc = json.loads(data)
-    return RefValue(digest=str(doc["digest"]), updated=datetime.fromisoformat(doc["updated"]))
+    """A ref document; anything else (a ref is hostile input) raises ``ValueError``."""
+    try:
+        doc = json.loads(data)
+        digest, updated = doc["digest"], datetime.fromisoformat(doc["updated"])
+        if not isinstance(digest, str):
+            raise TypeError(f"digest is {type(digest).__name__}, not a string")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"not a ref document ({e})") from e
+    # A time without a zone would not compare with the others: take it as UTC.
+    return RefValue(digest, updated if updated.tzinfo else updated.replace(tzinfo=UTC))
 
 
 def ref_path_parts(studio: str, name: str) -> tuple[str, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from agent.errors import StoreError
+from agent.errors import InvalidRef
 from agent.store.base import RefValue
 from agent.store.checks import check_expect
 from agent.store.refs import decode_ref, encode_ref, ref_path_parts
@@ -21,10 +21,6 @@ from agent.store.s3.errors import Missing, PreconditionFailed
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
-
-
-class InvalidRef(StoreError):
-    """An object under refs/ that is not a ref document."""
 
 
 @dataclass(frozen=True, slots=True)

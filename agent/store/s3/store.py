@@ -102,6 +102,9 @@ class S3Store(Store):
     async def has_blob(self, digest: str) -> bool:
         return await self._conn.size_of(self._blob_key(digest)) is not None
 
+    async def blob_size(self, digest: str) -> int | None:
+        return await self._conn.size_of(self._blob_key(digest))
+
     async def put_blob(self, src: Path, digest: str, size: int) -> None:
         key = self._blob_key(digest)
         try:
