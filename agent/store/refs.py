@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from agent.errors import InvalidName
+from agent.errors import InvalidName, StoreError
 from agent.store.base import RefValue
+
+
+class InvalidRef(StoreError):
+    """An object under refs/ that is not a ref document: what it protects is unknown."""
 
 
 def encode_ref(value: RefValue) -> bytes:
