@@ -4,6 +4,11 @@ Without a named source the most recently updated valid checkpoint is restored.
 One its session never finalized (force stop, OOM, spot reclamation) is fetched
 and verified whole before anything is applied; if it is not sound it is marked
 invalid and the next one is tried.
+
+The session lease names the checkpoint's manifest before its blobs are
+fetched, so deleting that checkpoint (or the other studio's it was cloned
+from) while the session runs never lets gc take the chain; a blob collected
+before the lease stood fails the restore, which reads every one.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
-from agent.checkpoint.names import auto_name, normalize_name
+from agent.checkpoint.names import auto_name
 from agent.checkpoint.restore import LayerFile, RestoreStats, apply_layers
 from agent.errors import AgentError, BlobMissing, CorruptLayer, DigestMismatch, NotFound
 from agent.log import get_logger
+from agent.session.catalog import split_source
+from agent.session.lease import SessionLease
 from agent.session.local import LocalSession, LocalState
 from agent.session.manifests import Manifests
 from agent.session.records import (
@@ -46,7 +53,9 @@ class Starter:
         local: LocalState,
         scope: Scope,
         manifests: Manifests,
+        lease: SessionLease,
     ) -> None:
+        self._lease = lease
         self._studio = studio
         self._store = store
         self._root = root
@@ -73,6 +82,9 @@ class Starter:
         self._local.state_dir.mkdir(parents=True, exist_ok=True)
         result = await asyncio.to_thread(self._scope.scan)
         await asyncio.to_thread(self._local.save, local, result.entries)
+        # The restored manifest (if any) stays the head; the lease now says whose.
+        head = self._lease.manifests if chain else []
+        await self._lease.hold(head, session=local.session, fence=False)
         log.info(
             "session.begin",
             session=local.session,
@@ -94,6 +106,7 @@ class Starter:
             restored, manifest = await self._manifests.resolve(studio, name)
             if manifest.state is CheckpointState.INVALID:
                 raise AgentError(f"checkpoint {studio}/{name} is marked invalid")
+            await self._lease.hold([restored.digest])
             unfinished = manifest.state is not CheckpointState.FINALIZED
             stats = await self.restore(manifest, progress, verify_first=unfinished)
             chain = list(manifest.layers)
@@ -119,12 +132,7 @@ class Starter:
 
     def split_source(self, source: str) -> tuple[str, str]:
         """``NAME`` (of this studio) or ``STUDIO/NAME``."""
-        studio, slash, name = source.partition("/")
-        if not slash:
-            return self._studio, normalize_name(source)
-        if not studio or "/" in name:
-            raise AgentError(f"invalid checkpoint reference {source!r}: use NAME or STUDIO/NAME")
-        return studio, normalize_name(name)
+        return split_source(self._studio, source)
 
     async def _restore_latest(
         self, progress: ProgressFn | None, invalidated: list[CheckpointInfo]
@@ -139,6 +147,8 @@ class Starter:
             info = info_of(self._studio, name, ref, manifest)
             if manifest.state is CheckpointState.INVALID:
                 continue
+            invalid = manifest.with_state(CheckpointState.INVALID)
+            await self._lease.hold([ref.digest], [invalid.encode()[1]])
             unfinished = manifest.state is not CheckpointState.FINALIZED
             try:
                 stats = await self.restore(manifest, progress, verify_first=unfinished)
@@ -148,9 +158,7 @@ class Starter:
                 # Left by a session that never finalized (force stop, OOM, spot
                 # reclamation) and not sound: mark it, fall back to the next one.
                 log.warning("restore.invalid", checkpoint=name, error=str(e))
-                bad = await self._manifests.write(
-                    self._studio, name, manifest.with_state(CheckpointState.INVALID), ref.digest
-                )
+                bad = await self._manifests.write(self._studio, name, invalid, ref.digest)
                 invalidated.append(bad)
                 continue
             return info, manifest, stats
