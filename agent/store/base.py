@@ -21,6 +21,7 @@ restic's ``internal/backend``).
 from __future__ import annotations
 
 import abc
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -119,7 +120,8 @@ class Store(abc.ABC):
 
     async def put_bytes(self, data: bytes, digest: str, dest_dir: Path) -> None:
         """Store a small blob (a manifest) held in memory."""
-        tmp = dest_dir / f"put-{digest.split(':')[-1]}.tmp"
+        # Unique: two puts of one blob at once (equal manifests) must not share a file.
+        tmp = dest_dir / f"put-{digest.split(':')[-1][:16]}-{uuid.uuid4().hex[:8]}.tmp"
         try:
             dest_dir.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)

@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 class Listing:
     """Listings under ``<root>``: blobs, studios, and the names under a prefix."""
 
-    def __init__(self, conn: Connection, root: str) -> None:
+    def __init__(self, conn: Connection, root: str, page_size: int = 1000) -> None:
         self._conn = conn
         self._root = root
+        self.page_size = page_size  # S3's own maximum; smaller only to test paging
 
     async def pages(
         self, prefix: str, *, delimiter: bool = False
@@ -32,7 +33,11 @@ class Listing:
         """The pages of a listing of ``prefix``, one request each."""
         token: str | None = None
         while True:
-            args: dict[str, Any] = {"Bucket": self._conn.bucket, "Prefix": prefix}
+            args: dict[str, Any] = {
+                "Bucket": self._conn.bucket,
+                "Prefix": prefix,
+                "MaxKeys": self.page_size,
+            }
             if delimiter:
                 args["Delimiter"] = "/"
             if token:

@@ -39,6 +39,7 @@ class S3Store(Store):
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         backoff_base: float = 0.5,
+        list_page_size: int = 1000,
     ) -> None:
         self.bucket = bucket
         prefix = prefix.strip("/")
@@ -61,7 +62,7 @@ class S3Store(Store):
         )
         self._upload = Uploader(self._conn, part_size)
         self._download = Downloader(self._conn, part_size)
-        self._listing = Listing(self._conn, self._root)
+        self._listing = Listing(self._conn, self._root, list_page_size)
         self._refs = Refs(self._conn, self._root, self._listing)
         self._leases = Leases(self._conn, self._root, self._listing)
         self._cleanup = Cleanup(self._conn, self._root)
