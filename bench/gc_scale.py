@@ -89,8 +89,10 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         await store.close()
     finally:
         stop()
-    assert report.deleted == len(dead) and report.refs == args.studios * args.checkpoints
-    assert report.blobs == len(reached) + len(dead)
+    expect = (len(dead), args.studios * args.checkpoints, len(reached) + len(dead))
+    found = (report.deleted, report.refs, report.blobs)
+    if found != expect or report.refused or report.stopped:
+        raise SystemExit(f"gc went wrong: (deleted, refs, blobs) {found} != {expect}: {report}")
     return {
         "studios": args.studios,
         "checkpoints": report.refs,

@@ -94,8 +94,11 @@ class GcReport:
 class _Marker:
     """The marked set and the manifests followed, filled from roots."""
 
-    def __init__(self, store: Store, scratch: Path, report: GcReport) -> None:
+    def __init__(
+        self, store: Store, scratch: Path, report: GcReport, lease: GcLease | None
+    ) -> None:
         self._store = store
+        self._lease = lease
         self._reader = ManifestReader(store, scratch)
         self._report = report
         self.marked: set[str] = set()
@@ -143,6 +146,10 @@ class _Marker:
             nonlocal done
             try:
                 await self._studio(studio)
+                if self._lease is not None:
+                    await self._lease.keep()
+            except GcLeaseLost as e:
+                self._report.stopped = str(e)
             except AgentError as e:
                 self.refuse(f"the refs of studio {studio} cannot be listed: {e}")
             done += 1
@@ -231,8 +238,10 @@ async def collect(
         start = clock()
         cutoff = start - grace.total_seconds()
         candidates = await _list(store, cutoff, report, lease, say)
-        marker = _Marker(store, scratch, report)
+        marker = _Marker(store, scratch, report, lease)
         await marker.refs(say)
+        if report.stopped is not None:
+            return report  # the lease lapsed while marking: nothing was deleted
         expired = await marker.leases(clock())
         say(
             f"marked {len(marker.marked)} blobs from {report.refs} refs of {report.studios} "
@@ -245,6 +254,8 @@ async def collect(
         if not dry_run:
             assert lease is not None
             await _sweep(store, report, marker, lease, clock, batch, say)
+            # What a lease read during the sweep saved was not doomed after all.
+            report.doomed = [(d, s) for d, s in report.doomed if d not in marker.marked]
         before = min(cutoff, start - leftover_age.total_seconds())
         if report.stopped is None and report.refused is None:
             await _leftovers(store, report, lease, before, say)

@@ -338,6 +338,7 @@ class GcLease:
     _tag: str | None = None
     _doc: GcLeaseDoc | None = None
     _renewed: float = 0.0
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one renewal at a time
 
     @property
     def expires(self) -> float:
@@ -393,6 +394,10 @@ class GcLease:
     async def renew(self, phase: str) -> None:
         """Before a batch of deletes (and now and then while listing): a new tag,
         a new expiry.  ``GcLeaseLost`` when it expired first or is not ours now."""
+        async with self._lock:
+            await self._renew(phase)
+
+    async def _renew(self, phase: str) -> None:
         if self._tag is None or self._doc is None:
             raise GcLeaseLost("the gc lease is not held")
         if self.clock() >= self._doc.expires:
@@ -408,9 +413,10 @@ class GcLease:
         self._tag, self._doc, self._renewed = tag, doc, self.clock()
 
     async def keep(self) -> None:
-        """Renew when a third of the lease has gone by (long listings)."""
-        if self._doc is not None and self.clock() - self._renewed >= self.ttl / 3:
-            await self.renew(self._doc.phase)
+        """Renew when a third of the lease has gone by (long listings and marks)."""
+        async with self._lock:
+            if self._doc is not None and self.clock() - self._renewed >= self.ttl / 3:
+                await self._renew(self._doc.phase)
 
     async def release(self) -> None:
         tag, self._tag = self._tag, None
