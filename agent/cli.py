@@ -11,9 +11,13 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence, Sized
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, NoReturn, TextIO, TypeVar, get_args, get_origin
 
 from agent import __version__
@@ -194,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read each blob, decompress each layer, and check their digests",
     )
     json_flag(vf)
+    _add_storage_commands(add)
     return parser
 
 
@@ -251,7 +256,11 @@ async def _one_shot(args: argparse.Namespace, settings: Settings) -> int:
     try:
         session = Session(settings, store)
         handler: Callable[[argparse.Namespace, Session], Awaitable[int]] = _COMMANDS[args.command]
-        return await handler(args, session)
+        try:
+            return await handler(args, session)
+        finally:
+            # A one-shot command's lease (a checkpoint's, a restore's) ends with it.
+            await session.release_lease()
     finally:
         await store.close()
 
@@ -320,7 +329,7 @@ async def _restore(args: argparse.Namespace, session: Session) -> int:
 
 
 async def _checkpoints(args: argparse.Namespace, session: Session) -> int:
-    infos = await session.list_checkpoints()
+    infos = await session.list_checkpoints(sizes=True)
     if args.json:
         _print_json([i.to_json() for i in infos])
         return 0
@@ -328,14 +337,14 @@ async def _checkpoints(args: argparse.Namespace, session: Session) -> int:
         print(f"studio {session.studio} has no checkpoints")
         return 0
     rows = [_row(i) for i in infos]
-    header = ("NAME", "STATE", "CREATED", "UPDATED", "SIZE", "LAYERS")
+    header = ("NAME", "STATE", "CREATED", "UPDATED", "SIZE", "FREES", "LAYERS")
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
-def _row(i: CheckpointInfo) -> tuple[str, str, str, str, str, str]:
+def _row(i: CheckpointInfo) -> tuple[str, ...]:
     fmt = "%Y-%m-%d %H:%M:%S"
     return (
         i.name,
@@ -343,6 +352,7 @@ def _row(i: CheckpointInfo) -> tuple[str, str, str, str, str, str]:
         i.created.strftime(fmt),
         i.updated.strftime(fmt),
         _size(i.size),
+        _size(i.frees or 0),
         str(i.layers),
     )
 
@@ -402,6 +412,109 @@ async def _verify(args: argparse.Namespace, session: Session) -> int:
     return 0 if report.sound else EXIT_ERROR
 
 
+# -- storage: delete, delete-studio, gc --------------------------------------------------
+
+
+def _add_storage_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    dl = add("delete", "Delete a checkpoint (its ref; gc removes the blobs nothing else needs).")
+    dl.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="NAME of this studio's, or STUDIO/NAME"
+    )
+    ds = add("delete-studio", "Delete every checkpoint of a studio (refs; blobs go through gc).")
+    ds.add_argument("studio_id", metavar="ID")
+    gc = add("gc", "Delete the blobs no checkpoint or running session needs, and leftovers.")
+    gc.add_argument(
+        "--grace",
+        default="24h",
+        metavar="DURATION",
+        help="keep blobs written more recently than this (24h, 30m, 1h30m, 0s; default 24h)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
+
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``1d``, ``24h``, ``30m``, ``0s``, ``1h30m``: a number and a unit, largest first."""
+    m = _DURATION.fullmatch(text.strip())
+    if not text.strip() or m is None:
+        raise ValueError(
+            f"invalid duration {text!r}: use a number and a unit (24h, 30m, 1h30m, 0s)"
+        )
+    d, h, mi, s = (int(g or 0) for g in m.groups())
+    return timedelta(days=d, hours=h, minutes=mi, seconds=s)
+
+
+async def _delete(args: argparse.Namespace, session: Session) -> int:
+    info = await session.delete(args.checkpoint)
+    studio, _, name = args.checkpoint.rpartition("/")
+    where = f"{studio or session.studio}/{info.name if info else name}"
+    print(f"deleted checkpoint {where}; gc removes its blobs that no other checkpoint needs")
+    return 0
+
+
+async def _delete_studio(args: argparse.Namespace, session: Session) -> int:
+    done = await session.delete_studio(args.studio_id)
+    print(f"deleted {len(done.deleted)} checkpoints of studio {done.studio}")
+    for why in done.failed:
+        print(f"studio-agent: error: not deleted: {why}", file=sys.stderr)
+    return EXIT_ERROR if done.failed else 0
+
+
+async def _gc(args: argparse.Namespace, session: Session) -> int:
+    from agent.session.gc import collect
+
+    try:
+        grace = parse_duration(args.grace)
+    except ValueError as e:
+        print(f"studio-agent: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    with tempfile.TemporaryDirectory(prefix="studio-agent-gc-") as scratch:
+        report = await collect(
+            session.store,
+            Path(scratch),
+            grace=grace,
+            dry_run=args.dry_run,
+            progress=_Throttled(sys.stderr).line,
+        )
+    for problem in report.problems:
+        print(f"studio-agent: warning: {problem}", file=sys.stderr)
+    if report.refused is not None:
+        print(f"studio-agent: error: gc deleted nothing: {report.refused}", file=sys.stderr)
+        return report.exit_code
+    if report.dry_run:
+        for digest, size in report.doomed:
+            print(f"would delete {digest} ({_size(size)})")
+        for what, size in report.leftovers:
+            print(f"would remove {what} ({_size(size)})")
+        freed = report.doomed_bytes + sum(size for _, size in report.leftovers)
+        print(
+            f"dry run: would free {_size(freed)}: {len(report.doomed)} of {report.blobs} blobs "
+            f"unreachable and older than {args.grace}, {len(report.leftovers)} leftovers"
+        )
+        return report.exit_code
+    for digest in report.left:
+        print(f"left behind {digest}")
+    leftover_bytes = sum(size for _, size in report.leftovers)
+    print(
+        f"gc: deleted {report.deleted} of {report.blobs} blobs, freed {_size(report.freed)}; "
+        f"removed {len(report.leftovers)} leftovers ({_size(leftover_bytes)}) "
+        f"in {report.seconds:.1f} s"
+    )
+    if report.left:
+        print(
+            f"studio-agent: warning: {len(report.left)} blobs ({_size(report.left_bytes)}) "
+            "were left behind",
+            file=sys.stderr,
+        )
+    for error in report.errors:
+        print(f"studio-agent: warning: {error}", file=sys.stderr)
+    if report.stopped is not None:
+        print(f"studio-agent: warning: gc stopped early: {report.stopped}", file=sys.stderr)
+    return report.exit_code
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = {
     "baseline": _baseline,
     "checkpoint": _checkpoint,
@@ -410,6 +523,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = 
     "diff": _diff,
     "rename": _rename,
     "verify": _verify,
+    "delete": _delete,
+    "delete-studio": _delete_studio,
+    "gc": _gc,
 }
 
 
@@ -441,6 +557,21 @@ def _count(items: Sized, what: str) -> str:
 def _report_skipped(skipped: Sequence[Any]) -> None:
     for s in skipped:
         print(f"skipped /{s.path}: {s.reason}", file=sys.stderr)
+
+
+class _Throttled:
+    """Progress lines of a long run, one every few seconds; a short run prints none."""
+
+    def __init__(self, stream: TextIO, every: float = 2.0) -> None:
+        self.stream = stream
+        self.every = every
+        self._last = time.monotonic()
+
+    def line(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self._last = now
+            print(f"gc: {text}", file=self.stream, flush=True)
 
 
 class _ProgressLine:

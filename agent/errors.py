@@ -47,7 +47,7 @@ class StoreError(AgentError):
 
 
 class InvalidRef(StoreError):
-    """An object where a ref should be that is not a ref document."""
+    """An object where a ref should be that is not a ref document: what it protects is unknown."""
 
 
 class StoreUnavailable(StoreError):

@@ -46,6 +46,8 @@ class Request:
             return "CompleteMultipartUpload"
         if self.method == "PUT" and "partNumber" in q:
             return "UploadPart"
+        if self.method == "PUT" and "x-amz-copy-source" in self.headers:
+            return "CopyObject"
         if self.method == "DELETE" and "uploadId" in q:
             return "AbortMultipartUpload"
         if self.method == "GET" and "list-type" in q:

@@ -287,9 +287,11 @@ async def test_existing_blob_is_not_uploaded_again(
     await store.put_blob(src_file(tmp_path, data), digest, size)
     uploads = ("PutObject", "UploadPart", "CreateMultipartUpload")
     before = {op: fault_proxy.count(op) for op in uploads}
+    copies = fault_proxy.count("CopyObject")
     src = src_file(tmp_path, data)
     await store.put_blob(src, digest, size)
     assert {op: fault_proxy.count(op) for op in uploads} == before
+    assert fault_proxy.count("CopyObject") == copies + 1  # refreshed in place instead
     assert not src.exists()  # consumed, as a put that uploads consumes it
 
 

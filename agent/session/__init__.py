@@ -17,6 +17,7 @@ from agent.session.records import (
     ProgressFn,
     Skipped,
     StartOutcome,
+    StudioDeletion,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "Session",
     "Skipped",
     "StartOutcome",
+    "StudioDeletion",
 ]

@@ -17,6 +17,7 @@ from pathlib import Path
 from agent.checkpoint.diff import report
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
 from agent.session.catalog import Catalog
+from agent.session.lease import SessionLease
 from agent.session.local import LocalState
 from agent.session.manifests import Manifests
 from agent.session.publish import Publisher
@@ -27,6 +28,7 @@ from agent.session.records import (
     ProgressFn,
     Skipped,
     StartOutcome,
+    StudioDeletion,
 )
 from agent.session.scope import Scope
 from agent.session.start import Starter
@@ -55,6 +57,7 @@ class Session:
         self._local = LocalState(self.state_dir, settings.studio, self.root)
         self._scope = Scope(settings, self.root, self.state_dir)
         manifests = Manifests(store, self.spool, clock)
+        self._lease = SessionLease(store, settings.studio, clock)
         self._starter = Starter(
             settings.studio,
             store,
@@ -64,6 +67,7 @@ class Session:
             self._local,
             self._scope,
             manifests,
+            self._lease,
         )
         self._publisher = Publisher(
             settings,
@@ -75,8 +79,9 @@ class Session:
             self._scope,
             manifests,
             self._cancel,
+            self._lease,
         )
-        self._catalog = Catalog(settings.studio, store, self._local, manifests)
+        self._catalog = Catalog(settings.studio, store, self._local, manifests, self.spool)
         self._verifier = Verifier(store, self.spool)
 
     # -- identity -------------------------------------------------------------------
@@ -141,11 +146,37 @@ class Session:
         """Abandon a checkpoint in progress (its ref is never written)."""
         self._cancel.set()
 
+    # -- the session lease ----------------------------------------------------------
+
+    async def renew_lease(self) -> None:
+        """Push the session lease's expiry out (``lease.SESSION_RENEW`` apart at
+        most), so gc keeps the chain while nothing changes to checkpoint.  A
+        lease that had lapsed is written again; the next checkpoint checks the
+        chain.  Does nothing before the session started or after a release."""
+        await self._lease.renew()
+
+    async def release_lease(self) -> None:
+        """Remove the session lease, at a clean stop after the last checkpoint:
+        from then on only refs keep this session's blobs."""
+        await self._lease.release()
+
     # -- the catalog ----------------------------------------------------------------
 
-    async def list_checkpoints(self) -> list[CheckpointInfo]:
-        """This studio's checkpoints, most recently updated first."""
-        return await self._catalog.list_checkpoints()
+    async def list_checkpoints(self, *, sizes: bool = False) -> list[CheckpointInfo]:
+        """This studio's checkpoints, most recently updated first; with ``sizes``
+        each says what deleting it would free (which reads every studio's refs)."""
+        return await self._catalog.list_checkpoints(sizes=sizes)
+
+    async def delete(self, checkpoint: str) -> CheckpointInfo | None:
+        """Remove a checkpoint's ref (``NAME`` or ``STUDIO/NAME``); its blobs go
+        at the next gc if nothing else reaches them."""
+        async with self._lock:
+            return await self._catalog.delete(checkpoint)
+
+    async def delete_studio(self, studio: str) -> StudioDeletion:
+        """Remove every ref of a studio: its checkpoints, not its blobs."""
+        async with self._lock:
+            return await self._catalog.delete_studio(studio)
 
     async def rename(self, old: str, new: str) -> CheckpointInfo:
         async with self._lock:

@@ -7,6 +7,10 @@ the previous checkpoint listed and restorable; a half-written one is never
 listed because nothing names it until its ref is written.  A session stopped
 after its ref was written but before it recorded so finds its own manifest at
 the ref and carries on from it.
+
+Before the first blob is stored the session lease names it, the new manifest
+and the chain's head, so gc keeps them until the ref reaches them
+(``lease.py``); then the lease names the new manifest as the head.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from agent.checkpoint.pipeline import Pass, scan_and_write
 from agent.checkpoint.scan import Stat
 from agent.errors import AgentError, RefConflict
 from agent.log import get_logger
+from agent.session.lease import SessionLease
 from agent.session.local import LocalSession, LocalState
 from agent.session.manifests import Manifests
 from agent.session.records import (
@@ -54,6 +59,7 @@ class Publisher:
         scope: Scope,
         manifests: Manifests,
         cancel: threading.Event,
+        lease: SessionLease,
     ) -> None:
         self._settings = settings
         self._studio = settings.studio
@@ -65,6 +71,7 @@ class Publisher:
         self._scope = scope
         self._manifests = manifests
         self._cancel = cancel
+        self._lease = lease
 
     async def checkpoint(
         self,
@@ -97,12 +104,15 @@ class Publisher:
                 skipped.extend(Skipped(p, r) for p, r in layer.skipped)
                 for s in layer.skipped:
                     log.warning("checkpoint.skipped", path=s[0], reason=s[1])
-                await self._upload(tmp, layer, progress)
                 chain.append(LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed))
+            manifest = self._manifest(local, target, chain, state)
+            await self.cover(local, [layer.digest] if layer else [], manifest)
+            if layer is not None:
+                await self._upload(tmp, layer, progress)
         finally:
             tmp.unlink(missing_ok=True)
         t_layer = time.monotonic()
-        info = await self.publish(local, target, chain, state)
+        info = await self.publish(local, target, manifest)
         new_entries = current.entries
         if layer is not None:
             new_entries = next_parent(parent, current.entries, layer)
@@ -170,23 +180,46 @@ class Publisher:
         """Write this session's checkpoint with the current chain and ``state``, no scan."""
         local = self._local.current()
         target = normalize_name(name) if name else local.name
-        info = await self.publish(local, target, list(local.chain), state)
+        manifest = self._manifest(local, target, list(local.chain), state)
+        await self.cover(local, [], manifest)
+        info = await self.publish(local, target, manifest)
         await asyncio.to_thread(self._local.save, local, None)
         return info
 
-    async def publish(
+    def _manifest(
         self, local: LocalSession, name: str, chain: list[LayerDesc], state: CheckpointState
-    ) -> CheckpointInfo:
-        """Manifest blob, then the ref: the moment the checkpoint exists."""
+    ) -> Manifest:
         now = datetime.fromtimestamp(self._clock(), UTC)
         created = datetime.fromisoformat(local.created.get(name, now.isoformat()))
-        manifest = Manifest(self._studio, local.session, state, created, tuple(chain))
+        return Manifest(self._studio, local.session, state, created, tuple(chain))
+
+    async def cover(self, local: LocalSession, blobs: list[str], manifest: Manifest) -> None:
+        """Name the blobs about to be stored in the lease, beside what the chain
+        needs, and make sure gc cannot take them (``SessionLease.hold``).
+
+        Without a head manifest (a one-shot command knows none) the lease names
+        the chain's layers themselves.  A lease that was not standing protected
+        nothing: the chain is checked for every blob before it is extended.
+        """
+        head = self._lease.manifests
+        chain = [layer.digest for layer in local.chain]
+        pending = [*blobs, manifest.encode()[1], *([] if head else chain)]
+        if await self._lease.hold(head, pending, session=local.session):
+            await check_chain(self._store, head, chain)
+
+    async def publish(self, local: LocalSession, name: str, manifest: Manifest) -> CheckpointInfo:
+        """Manifest blob, then the ref: the moment the checkpoint exists."""
         expect = local.refs.get(name)
         try:
             info = await self._manifests.write(self._studio, name, manifest, expect)
         except RefConflict:
             current = await self._store.get_ref(self._studio, name)
-            if current is None or not await self._manifests.written_by(
+            if current is None and expect is not None:
+                # Deleted while the session ran: the session's work goes on, and
+                # its checkpoint with it.
+                log.info("checkpoint.recreated", checkpoint=name)
+                info = await self._manifests.write(self._studio, name, manifest, None)
+            elif current is None or not await self._manifests.written_by(
                 current.digest, local.session
             ):
                 if expect is None:
@@ -195,11 +228,33 @@ class Publisher:
                         "names are unique per studio"
                     ) from None
                 raise
-            # We wrote it but were stopped before recording so: carry on from it.
-            info = await self._manifests.write(self._studio, name, manifest, current.digest)
+            else:
+                # We wrote it but were stopped before recording so: carry on from it.
+                info = await self._manifests.write(self._studio, name, manifest, current.digest)
         local.refs[name] = info.digest
-        local.created.setdefault(name, created.isoformat())
+        local.created.setdefault(name, manifest.created.isoformat())
+        # The new manifest reaches all the lease named: it is the head now.
+        await self._lease.hold([info.digest], session=local.session, fence=False)
         return info
+
+
+async def check_chain(store: Store, manifests: list[str], layers: list[str]) -> None:
+    """Refuse to extend a chain that lost a blob while no lease protected it."""
+    limit = asyncio.Semaphore(16)
+
+    async def present(digest: str) -> bool:
+        async with limit:
+            return await store.has_blob(digest)
+
+    wanted = [*manifests, *layers]
+    found = await asyncio.gather(*(present(d) for d in wanted))
+    missing = [d for d, ok in zip(wanted, found, strict=True) if not ok]
+    if missing:
+        raise AgentError(
+            f"the chain this session extends lost {len(missing)} blob(s), e.g. {missing[0]} "
+            "(its checkpoint was deleted and collected while no session lease kept it); "
+            "restore a checkpoint to start a new session"
+        )
 
 
 def next_parent(

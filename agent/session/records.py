@@ -43,11 +43,14 @@ class CheckpointInfo:
     session: str
     created: datetime
     updated: datetime
-    size: int
+    size: int  # of its layers
     layers: int
+    # Bytes deleting it would free: what no other ref of any studio reaches.
+    # None when not computed (it reads every studio's refs).
+    frees: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "studio": self.studio,
             "name": self.name,
             "digest": self.digest,
@@ -58,6 +61,9 @@ class CheckpointInfo:
             "size": self.size,
             "layers": self.layers,
         }
+        if self.frees is not None:
+            doc["frees"] = self.frees
+        return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,15 @@ class StartOutcome:
     restored: CheckpointInfo | None
     invalidated: list[CheckpointInfo]
     stats: RestoreStats | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StudioDeletion:
+    """What deleting a studio removed, and the refs it could not (unreadable ones)."""
+
+    studio: str
+    deleted: list[str]
+    failed: list[str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,11 @@ One its session never finalized (force stop, OOM, spot reclamation) is checked
 first (verify.py: every blob there, with its size), then fetched and verified
 whole before anything is applied; if it is not sound it is marked invalid and
 the next one is tried.
+
+The session lease names the checkpoint's manifest before its blobs are
+fetched, so deleting that checkpoint (or the other studio's it was cloned
+from) while the session runs never lets gc take the chain; a blob collected
+before the lease stood fails the restore, which reads every one.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
-from agent.checkpoint.names import auto_name, normalize_name
+from agent.checkpoint.names import auto_name
 from agent.checkpoint.restore import LayerFile, RestoreStats, apply_layers
 from agent.errors import AgentError, BlobMissing, CorruptLayer, DigestMismatch, NotFound
 from agent.log import get_logger
+from agent.session.catalog import split_source
+from agent.session.lease import SessionLease
 from agent.session.local import LocalSession, LocalState
 from agent.session.manifests import Manifests
 from agent.session.records import (
@@ -48,7 +55,9 @@ class Starter:
         local: LocalState,
         scope: Scope,
         manifests: Manifests,
+        lease: SessionLease,
     ) -> None:
+        self._lease = lease
         self._studio = studio
         self._store = store
         self._root = root
@@ -76,6 +85,9 @@ class Starter:
         self._local.state_dir.mkdir(parents=True, exist_ok=True)
         result = await asyncio.to_thread(self._scope.scan)
         await asyncio.to_thread(self._local.save, local, result.entries)
+        # The restored manifest (if any) stays the head; the lease now says whose.
+        head = self._lease.manifests if chain else []
+        await self._lease.hold(head, session=local.session, fence=False)
         log.info(
             "session.begin",
             session=local.session,
@@ -97,6 +109,7 @@ class Starter:
             restored, manifest = await self._manifests.resolve(studio, name)
             if manifest.state is CheckpointState.INVALID:
                 raise AgentError(f"checkpoint {studio}/{name} is marked invalid")
+            await self._lease.hold([restored.digest])
             unfinished = manifest.state is not CheckpointState.FINALIZED
             stats = await self.restore(manifest, progress, verify_first=unfinished)
             chain = list(manifest.layers)
@@ -122,12 +135,7 @@ class Starter:
 
     def split_source(self, source: str) -> tuple[str, str]:
         """``NAME`` (of this studio) or ``STUDIO/NAME``."""
-        studio, slash, name = source.partition("/")
-        if not slash:
-            return self._studio, normalize_name(source)
-        if not studio or "/" in name:
-            raise AgentError(f"invalid checkpoint reference {source!r}: use NAME or STUDIO/NAME")
-        return studio, normalize_name(name)
+        return split_source(self._studio, source)
 
     async def _restore_latest(
         self, progress: ProgressFn | None, invalidated: list[CheckpointInfo]
@@ -142,6 +150,8 @@ class Starter:
             info = info_of(self._studio, name, ref, manifest)
             if manifest.state is CheckpointState.INVALID:
                 continue
+            invalid = manifest.with_state(CheckpointState.INVALID)
+            await self._lease.hold([ref.digest], [invalid.encode()[1]])
             unfinished = manifest.state is not CheckpointState.FINALIZED
             # Left by a session that never finalized (force stop, OOM, spot
             # reclamation): checked before use; if unsound, marked invalid and
@@ -156,9 +166,7 @@ class Starter:
                         raise
                     why = str(e)
             log.warning("restore.invalid", checkpoint=name, error=why)
-            bad = await self._manifests.write(
-                self._studio, name, manifest.with_state(CheckpointState.INVALID), ref.digest
-            )
+            bad = await self._manifests.write(self._studio, name, invalid, ref.digest)
             invalidated.append(bad)
         return None
 

@@ -4,7 +4,14 @@ A store keeps two kinds of object under ``<workdir>/.studios/checkpoints``:
 
 * blobs, write-once and content-addressed: ``blobs/sha256/<hex>``;
 * refs, small mutable JSON documents naming a studio's checkpoints:
-  ``refs/<studio>/<name>``, updated only by compare-and-swap.
+  ``refs/<studio>/<name>``, updated only by compare-and-swap;
+* leases, small objects created exclusively and replaced or removed only by
+  their holder (``leases/<name>``): how a running session tells the garbage
+  collector what it still needs, and how one collector keeps others out.
+
+Blobs are deleted only by the garbage collector (``agent/session/gc.py``),
+which is why a store can list them with their ages, list every studio, and
+find the leftovers of uploads that never finished.
 
 The checkpoint engine works on local files; a store only moves verified files
 in and out, so the engine never knows which store it talks to (the model is
@@ -14,7 +21,8 @@ restic's ``internal/backend``).
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +38,35 @@ class RefValue:
 
     digest: str
     updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """A stored blob as a listing shows it: what gc needs to judge it, no more."""
+
+    digest: str
+    size: int
+    modified: datetime  # last written or refreshed (``put_blob`` of a present blob)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease object's bytes and the tag a conditional replace or delete must name."""
+
+    body: bytes
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """Something an interrupted write left behind that nothing will finish: an
+    incomplete multipart upload, a temporary file.  ``handle`` is the store's own
+    name for it, for ``remove_leftover``."""
+
+    what: str
+    size: int
+    started: datetime
+    handle: str
 
 
 class Store(abc.ABC):
@@ -55,8 +92,10 @@ class Store(abc.ABC):
         """Store the local file ``src`` whose bytes hash to ``digest``.
 
         The caller computed ``digest`` and ``size`` while writing ``src``.  A blob
-        that already exists is not written again.  The store may move or delete
-        ``src``; the caller must not use it afterwards.
+        that already exists is not written again but refreshed (its modified
+        time becomes now), so a garbage collector's grace period counts from the
+        last writer that needed it.  The store may move or delete ``src``; the
+        caller must not use it afterwards.
         """
 
     @abc.abstractmethod
@@ -86,7 +125,8 @@ class Store(abc.ABC):
 
     async def put_bytes(self, data: bytes, digest: str, dest_dir: Path) -> None:
         """Store a small blob (a manifest) held in memory."""
-        tmp = dest_dir / f"put-{digest.split(':')[-1]}.tmp"
+        # Unique: two puts of one blob at once (equal manifests) must not share a file.
+        tmp = dest_dir / f"put-{digest.split(':')[-1][:16]}-{uuid.uuid4().hex[:8]}.tmp"
         try:
             dest_dir.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
@@ -111,6 +151,16 @@ class Store(abc.ABC):
             if path.parent == dest_dir:
                 path.unlink(missing_ok=True)
 
+    @abc.abstractmethod
+    def iter_blobs(self) -> AsyncIterator[list[BlobInfo]]:
+        """Every blob, a page at a time, so a listing of any size is held a page
+        at a time.  Blobs written while it runs may or may not be listed."""
+
+    @abc.abstractmethod
+    async def delete_blob(self, digest: str) -> None:
+        """Remove a blob (gone already is fine).  Only gc calls this: nothing
+        else knows that no checkpoint needs it."""
+
     # -- refs -----------------------------------------------------------------
 
     @abc.abstractmethod
@@ -132,6 +182,57 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_refs(self, studio: str) -> dict[str, RefValue]:
         """All refs of a studio, by name."""
+
+    @abc.abstractmethod
+    async def list_studios(self) -> list[str]:
+        """Every studio that has (or had) refs in this work directory."""
+
+    @abc.abstractmethod
+    async def list_ref_names(self, studio: str) -> list[str]:
+        """The names of a studio's refs, none of them read: gc reads each and
+        must tell an unreadable ref from a vanished one, which ``list_refs`` hides."""
+
+    # -- leases ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_lease(self, name: str, body: bytes) -> str | None:
+        """Create the lease ``name`` (``gc``, ``sessions/<studio>/<id>``) if no
+        lease of that name exists; return its tag, or None when one exists.
+
+        Exclusive, so two collectors cannot both believe they hold the lease.
+        """
+
+    @abc.abstractmethod
+    async def get_lease(self, name: str) -> Lease | None:
+        """The lease as stored now, or None."""
+
+    @abc.abstractmethod
+    async def replace_lease(self, name: str, body: bytes, expect: str) -> str:
+        """Replace the lease if its tag is still ``expect``; return the new tag.
+
+        Raises ``RefConflict`` when it changed or vanished: the caller no longer
+        holds it (a stale lease taken over, say) and must not act as if it did.
+        """
+
+    @abc.abstractmethod
+    async def delete_lease(self, name: str, expect: str) -> None:
+        """Remove the lease if its tag is still ``expect`` (gone already is fine);
+        ``RefConflict`` when someone else's lease stands there now."""
+
+    @abc.abstractmethod
+    async def list_leases(self, prefix: str) -> list[str]:
+        """The names of the leases under ``prefix`` (``sessions``), at any depth."""
+
+    # -- leftovers ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def iter_leftovers(self, before: datetime) -> AsyncIterator[Leftover]:
+        """Incomplete uploads and temporary files started before ``before``:
+        what a writer killed mid-write left, which no one will finish."""
+
+    @abc.abstractmethod
+    async def remove_leftover(self, leftover: Leftover) -> None:
+        """Remove one leftover (gone already is fine)."""
 
     async def prepare(self) -> None:
         """Get ready for the first request (load the SDK, open clients) while the

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from agent.errors import DigestMismatch, RefConflict
+from agent.errors import DigestMismatch, InvalidName, RefConflict
 from agent.store.base import RefValue
 
 # Bytes read from disk per step when hashing: what one check holds in memory.
@@ -65,3 +65,23 @@ def check_expect(
             f"checkpoint {studio}/{name} was changed by another writer "
             f"(it points at {have or 'nothing'}, expected {expect or 'nothing'})"
         )
+
+
+def lease_parts(name: str) -> list[str]:
+    """The path parts of a lease name; refused when one could leave the leases."""
+    parts = name.split("/")
+    for part in parts:
+        if not part or part in (".", "..") or part.startswith(".") or "\0" in part:
+            raise InvalidName(f"invalid lease name: {name!r}")
+    return parts
+
+
+def lease_tag(body: bytes) -> str:
+    """A local lease's tag: its bytes' hash (a lease body is unique to one write)."""
+    return hashlib.sha256(body).hexdigest()
+
+
+def is_blob_name(name: str) -> bool:
+    """Whether a listed name is a blob's (64 hex digits): anything else under the
+    blobs is not ours to judge, and never deleted."""
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)

@@ -1,8 +1,10 @@
 """The embedded default store: a directory on a local (or mounted) filesystem.
 
 Blobs are written under a temporary name and renamed into place, so a reader
-never sees a partial blob; refs are replaced atomically under an exclusive
-``flock`` so compare-and-swap holds between processes on one machine.
+never sees a partial blob; refs and leases are replaced atomically under an
+exclusive ``flock`` so compare-and-swap holds between processes on one machine.
+A lease is created by ``link(2)``, which like ``O_EXCL`` fails when the name
+exists, and publishes the lease whole.
 """
 
 from __future__ import annotations
@@ -14,17 +16,28 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.errors import BlobMissing, DigestMismatch, InvalidRef, PermissionDenied, StoreError
-from agent.store.base import CHECKPOINTS_DIR, RefValue, Store
-from agent.store.checks import check_expect, check_size, hex_of, verify_file
-from agent.store.refs import decode_ref, encode_ref, ref_path_parts
+from agent.errors import BlobMissing, DigestMismatch, PermissionDenied, RefConflict, StoreError
+from agent.store.base import CHECKPOINTS_DIR, BlobInfo, Lease, Leftover, RefValue, Store
+from agent.store.checks import (
+    check_expect,
+    check_size,
+    hex_of,
+    is_blob_name,
+    lease_parts,
+    lease_tag,
+    verify_file,
+)
+from agent.store.refs import InvalidRef, decode_ref, encode_ref, ref_path_parts
 
 T = TypeVar("T")
+
+# Blobs listed per page: what a listing holds at a time.
+PAGE = 1000
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:
@@ -41,6 +54,7 @@ class LocalStore(Store):
         self._blobs = self.root / "blobs" / "sha256"
         self._refs = self.root / "refs"
         self._tmp = self.root / "tmp"
+        self._leases = self.root / "leases"
         # A local fetch waits on the disk and on hashing, not on round trips, so
         # a few at a time keep both busy and more would not help.  4 is what a
         # restore from a local store has always run (the S3 default).
@@ -82,8 +96,13 @@ class LocalStore(Store):
     def _put_blob(self, src: Path, digest: str, size: int) -> None:
         final = self._blob_path(digest)
         if final.is_file():
-            src.unlink(missing_ok=True)
-            return
+            try:
+                os.utime(final)  # refreshed: gc's grace period starts again
+            except FileNotFoundError:  # collected between the two calls: write it
+                pass
+            else:
+                src.unlink(missing_ok=True)
+                return
         self._ensure_layout()
         tmp = self._tmp / f"{final.name}.{uuid.uuid4().hex}"
         try:
@@ -122,6 +141,46 @@ class LocalStore(Store):
             on_data(path, found)
         return path
 
+    def iter_blobs(self) -> AsyncIterator[list[BlobInfo]]:
+        return self._pages(self._blob_pages())
+
+    def _blob_pages(self) -> Iterator[list[BlobInfo]]:
+        try:
+            it = os.scandir(self._blobs)
+        except FileNotFoundError:
+            return
+        page: list[BlobInfo] = []
+        with it:
+            for entry in it:
+                if not is_blob_name(entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                modified = datetime.fromtimestamp(st.st_mtime, UTC)
+                page.append(BlobInfo("sha256:" + entry.name, st.st_size, modified))
+                if len(page) >= PAGE:
+                    yield page
+                    page = []
+        if page:
+            yield page
+
+    async def _pages(self, pages: Iterator[T]) -> AsyncIterator[T]:
+        """A blocking iterator's items, each fetched off the event loop."""
+        done = object()
+        while True:
+            item = await self._run("list the store", next, pages, done)
+            if item is done:
+                return
+            yield item
+
+    async def delete_blob(self, digest: str) -> None:
+        path = self._blob_path(digest)
+        await self._run(f"delete blob {digest}", path.unlink, True)
+
     # -- refs -----------------------------------------------------------------
 
     def _ref_file(self, studio: str, name: str) -> Path:
@@ -140,10 +199,12 @@ class LocalStore(Store):
     def _get_ref(self, studio: str, name: str) -> RefValue | None:
         path = self._ref_file(studio, name)
         try:
-            return decode_ref(path.read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
-        except ValueError as e:
+        try:
+            return decode_ref(data)
+        except (ValueError, KeyError, TypeError) as e:
             raise InvalidRef(f"checkpoint {studio}/{name} at {path} is not a valid ref: {e}") from e
 
     async def set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
@@ -191,9 +252,165 @@ class LocalStore(Store):
                 continue
             try:
                 out[fname] = decode_ref((d / fname).read_bytes())
-            except (FileNotFoundError, ValueError, json.JSONDecodeError):
+            except (FileNotFoundError, ValueError, KeyError, TypeError, json.JSONDecodeError):
                 continue
         return out
+
+    async def list_studios(self) -> list[str]:
+        return await self._run("list the studios", self._names, self._refs, False)
+
+    async def list_ref_names(self, studio: str) -> list[str]:
+        d = self._ref_file(studio, "x").parent
+        return await self._run(f"list the refs of {studio}", self._names, d, True)
+
+    @staticmethod
+    def _names(d: Path, files: bool) -> list[str]:
+        """The entries of ``d`` that are files (or directories), dot-names left out."""
+        try:
+            it = os.scandir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        with it:
+            return [
+                e.name
+                for e in it
+                if not e.name.startswith(".")
+                and (e.is_file(follow_symlinks=False) if files else e.is_dir(follow_symlinks=False))
+            ]
+
+    # -- leases ---------------------------------------------------------------
+
+    def _lease_file(self, name: str) -> Path:
+        return self._leases.joinpath(*lease_parts(name))
+
+    def _lease_lock(self) -> int:
+        self._leases.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._leases / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def _stage(self, path: Path, body: bytes) -> Path:
+        """``body`` in a durable temporary file beside ``path``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    async def create_lease(self, name: str, body: bytes) -> str | None:
+        return await self._run(f"create lease {name}", self._create_lease, name, body)
+
+    def _create_lease(self, name: str, body: bytes) -> str | None:
+        path = self._lease_file(name)
+        fd = self._lease_lock()
+        try:
+            tmp = self._stage(path, body)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return None
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+            return lease_tag(body)
+        finally:
+            os.close(fd)
+
+    async def get_lease(self, name: str) -> Lease | None:
+        return await self._run(f"read lease {name}", self._get_lease, name)
+
+    def _get_lease(self, name: str) -> Lease | None:
+        try:
+            body = self._lease_file(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        return Lease(body, lease_tag(body))
+
+    async def replace_lease(self, name: str, body: bytes, expect: str) -> str:
+        return await self._run(f"replace lease {name}", self._replace_lease, name, body, expect)
+
+    def _replace_lease(self, name: str, body: bytes, expect: str) -> str:
+        path = self._lease_file(name)
+        fd = self._lease_lock()
+        try:
+            current = self._get_lease(name)
+            if current is None or current.tag != expect:
+                raise RefConflict(f"lease {name} is no longer the one expected")
+            tmp = self._stage(path, body)
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+            return lease_tag(body)
+        finally:
+            os.close(fd)
+
+    async def delete_lease(self, name: str, expect: str) -> None:
+        await self._run(f"delete lease {name}", self._delete_lease, name, expect)
+
+    def _delete_lease(self, name: str, expect: str) -> None:
+        fd = self._lease_lock()
+        try:
+            current = self._get_lease(name)
+            if current is None:
+                return
+            if current.tag != expect:
+                raise RefConflict(f"lease {name} is held by another holder now")
+            self._lease_file(name).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    async def list_leases(self, prefix: str) -> list[str]:
+        return await self._run("list the leases", self._list_leases, prefix)
+
+    def _list_leases(self, prefix: str) -> list[str]:
+        top = self._lease_file(prefix)
+        out: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self._leases)
+            out.extend(str(rel / f) for f in filenames if not f.startswith("."))
+        return out
+
+    # -- leftovers ------------------------------------------------------------
+
+    def iter_leftovers(self, before: datetime) -> AsyncIterator[Leftover]:
+        return self._leftovers(before)
+
+    async def _leftovers(self, before: datetime) -> AsyncIterator[Leftover]:
+        for page in await self._run("list temporary files", self._list_leftovers, before):
+            yield page
+
+    def _list_leftovers(self, before: datetime) -> list[Leftover]:
+        """Blob uploads never renamed into place, and staged refs and leases a kill
+        left (``.<name>.<hex>.tmp``); a lock file is not a leftover."""
+        out: list[Leftover] = []
+        cutoff = before.timestamp()
+
+        def consider(path: Path) -> None:
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                return
+            if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+                started = datetime.fromtimestamp(st.st_mtime, UTC)
+                out.append(Leftover(str(path), st.st_size, started, str(path)))
+
+        for d in (self._tmp,):
+            for name in self._names(d, True):
+                consider(d / name)
+        for top in (self._refs, self._leases):
+            for dirpath, _dirs, files in os.walk(top):
+                for f in files:
+                    if f.startswith(".") and f.endswith(".tmp"):
+                        consider(Path(dirpath) / f)
+        return out
+
+    async def remove_leftover(self, leftover: Leftover) -> None:
+        path = Path(leftover.handle)
+        if self.root not in path.parents:
+            raise StoreError(f"{path} is not a leftover of {self.root}")
+        await self._run(f"remove {path}", path.unlink, True)
 
 
 def _fsync_dir(d: Path) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from agent.errors import InvalidName
+from agent.errors import InvalidName, InvalidRef
 from agent.store.base import RefValue
+
+__all__ = ["InvalidRef", "decode_ref", "encode_ref", "ref_path_parts"]
 
 
 def encode_ref(value: RefValue) -> bytes:

@@ -35,6 +35,8 @@ _ACTIONS = {
     "AbortMultipartUpload": "s3:AbortMultipartUpload",
     "ListMultipartUploads": "s3:ListBucketMultipartUploads",
     "DeleteObject": "s3:DeleteObject",
+    "CopyObject": "s3:PutObject",
+    "ListParts": "s3:ListMultipartUploadParts",
     "ListObjectsV2": "s3:ListBucket",
 }
 # 403s that mean the credentials themselves are bad, not a missing permission.

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from agent.errors import InvalidRef
 from agent.store.base import RefValue
 from agent.store.checks import check_expect
-from agent.store.refs import decode_ref, encode_ref, ref_path_parts
+from agent.store.refs import InvalidRef, decode_ref, encode_ref, ref_path_parts
 from agent.store.s3.client import Connection
 from agent.store.s3.errors import Missing, PreconditionFailed
+from agent.store.s3.listing import Listing
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -33,9 +33,10 @@ class _Ref:
 class Refs:
     """The refs under ``<root>/refs``: ``<studio>/<name>``, one small JSON object each."""
 
-    def __init__(self, conn: Connection, root: str) -> None:
+    def __init__(self, conn: Connection, root: str, listing: Listing) -> None:
         self._conn = conn
         self._root = root
+        self._listing = listing
 
     def key(self, studio: str, name: str) -> str:
         s, n = ref_path_parts(studio, name)
@@ -122,20 +123,15 @@ class Refs:
             now = await self._read(studio, name, key)
             _expect(studio, name, now, expect, force=True)
 
+    def _studio_prefix(self, studio: str) -> str:
+        return self.key(studio, "_").rpartition("/")[0] + "/"
+
+    async def list_names(self, studio: str) -> list[str]:
+        return await self._listing.names(self._studio_prefix(studio), flat=True)
+
     async def list_refs(self, studio: str) -> dict[str, RefValue]:
-        prefix = self.key(studio, "_").rpartition("/")[0] + "/"
-
-        async def list_keys(c: S3Client) -> list[str]:
-            keys: list[str] = []
-            pages = c.get_paginator("list_objects_v2").paginate(
-                Bucket=self._conn.bucket, Prefix=prefix, Delimiter="/"
-            )
-            async for page in pages:
-                keys.extend(obj["Key"] for obj in page.get("Contents", []) if "Key" in obj)
-            return keys
-
-        keys = await self._conn.call("ListObjectsV2", prefix, list_keys)
-        names = [k[len(prefix) :] for k in keys if not k[len(prefix) :].startswith(".")]
+        prefix = self._studio_prefix(studio)
+        names = await self.list_names(studio)
         limit = asyncio.Semaphore(max(8, self._conn.concurrency))
 
         async def read(name: str) -> tuple[str, _Ref | None]:

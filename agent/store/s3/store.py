@@ -6,16 +6,20 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import BlobMissing, ConfigError, DigestMismatch, StoreError
-from agent.store.base import CHECKPOINTS_DIR, RefValue, Store
+from agent.store.base import CHECKPOINTS_DIR, BlobInfo, Lease, Leftover, RefValue, Store
 from agent.store.checks import hex_of
+from agent.store.s3.cleanup import Cleanup
 from agent.store.s3.client import Connection
 from agent.store.s3.download import Downloader
 from agent.store.s3.errors import Missing, PreconditionFailed
+from agent.store.s3.leases import Leases
+from agent.store.s3.listing import Listing
 from agent.store.s3.refs import Refs
 from agent.store.s3.upload import Uploader
 
@@ -35,6 +39,7 @@ class S3Store(Store):
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         backoff_base: float = 0.5,
+        list_page_size: int = 1000,
     ) -> None:
         self.bucket = bucket
         prefix = prefix.strip("/")
@@ -57,7 +62,10 @@ class S3Store(Store):
         )
         self._upload = Uploader(self._conn, part_size)
         self._download = Downloader(self._conn, part_size)
-        self._refs = Refs(self._conn, self._root)
+        self._listing = Listing(self._conn, self._root, list_page_size)
+        self._refs = Refs(self._conn, self._root, self._listing)
+        self._leases = Leases(self._conn, self._root, self._listing)
+        self._cleanup = Cleanup(self._conn, self._root)
         self._layout_written = False
 
     @classmethod
@@ -114,7 +122,8 @@ class S3Store(Store):
         if actual != size:
             raise DigestMismatch(f"blob {digest}: {src} has {actual} bytes, expected {size}")
         # An object of the wrong size under a content address is damaged: replace it.
-        if await self._conn.size_of(key) != size:
+        # One of the right size is refreshed instead (gone meanwhile: uploaded).
+        if await self._conn.size_of(key) != size or not await self._upload.refresh(key):
             await self._upload.put(src, digest, size, key)
             await self._write_layout()
         src.unlink(missing_ok=True)
@@ -144,6 +153,12 @@ class S3Store(Store):
         finally:
             tmp.unlink(missing_ok=True)
         return final
+
+    def iter_blobs(self) -> AsyncIterator[list[BlobInfo]]:
+        return self._listing.blobs()
+
+    async def delete_blob(self, digest: str) -> None:
+        await self._cleanup.delete(self._blob_key(digest))
 
     async def _write_layout(self) -> None:
         """Mark the store as an OCI image layout, as the local store does, once."""
@@ -177,3 +192,34 @@ class S3Store(Store):
 
     async def list_refs(self, studio: str) -> dict[str, RefValue]:
         return await self._refs.list_refs(studio)
+
+    async def list_studios(self) -> list[str]:
+        return await self._listing.children(f"{self._root}/refs/")
+
+    async def list_ref_names(self, studio: str) -> list[str]:
+        return await self._refs.list_names(studio)
+
+    # -- leases ---------------------------------------------------------------
+
+    async def create_lease(self, name: str, body: bytes) -> str | None:
+        return await self._leases.create(name, body)
+
+    async def get_lease(self, name: str) -> Lease | None:
+        return await self._leases.get(name)
+
+    async def replace_lease(self, name: str, body: bytes, expect: str) -> str:
+        return await self._leases.replace(name, body, expect)
+
+    async def delete_lease(self, name: str, expect: str) -> None:
+        await self._leases.delete(name, expect)
+
+    async def list_leases(self, prefix: str) -> list[str]:
+        return await self._leases.names(prefix)
+
+    # -- leftovers ------------------------------------------------------------
+
+    def iter_leftovers(self, before: datetime) -> AsyncIterator[Leftover]:
+        return self._cleanup.uploads(before)
+
+    async def remove_leftover(self, leftover: Leftover) -> None:
+        await self._cleanup.abort(leftover)

@@ -28,6 +28,7 @@ from agent.log import get_logger
 from agent.store.checks import hex_of
 from agent.store.retry import error_code
 from agent.store.s3.client import Connection
+from agent.store.s3.errors import Missing
 from agent.store.s3.files import BlobFile, hash_range, open_source, upload_body
 from agent.store.s3.jobs import Job, run_bounded
 
@@ -57,6 +58,34 @@ class Uploader:
             await self._put_single(src, digest, size, key)
         else:
             await self._put_multipart(src, digest, size, key)
+
+    async def refresh(self, key: str) -> bool:
+        """Copy an existing blob onto itself, which makes its LastModified now (a
+        copy must change something: the metadata directive does), so gc's grace
+        period counts from this writer.  False when the blob is gone.
+
+        A blob too large for one CopyObject (5 GB) stays as it is: the writer's
+        lease protects it until its ref is written, which is what counts.
+        """
+
+        async def copy(c: S3Client) -> None:
+            await c.copy_object(
+                Bucket=self._conn.bucket,
+                Key=key,
+                CopySource={"Bucket": self._conn.bucket, "Key": key},
+                MetadataDirective="REPLACE",
+                ContentType="application/octet-stream",
+            )
+
+        try:
+            await self._conn.call("CopyObject", key, copy)
+        except Missing:
+            return False
+        except StoreUnavailable:
+            raise
+        except StoreError as e:
+            log.warning("s3.refresh_failed", key=self._conn.where(key), error=str(e))
+        return True
 
     async def _put_single(self, src: Path, digest: str, size: int, key: str) -> None:
         """Verify the file, then stream it as one PutObject checked by S3 against the digest."""
