@@ -14,9 +14,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.checkpoint.diff import report
+from agent.checkpoint.diff import DiffLine, report
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
+from agent.errors import AgentError
+from agent.log import get_logger
 from agent.session.catalog import Catalog
+from agent.session.leftovers import (
+    begin_restore,
+    clear_restore_temps,
+    clear_state_dir,
+    end_restore,
+)
 from agent.session.local import LocalState
 from agent.session.manifests import Manifests
 from agent.session.publish import Publisher
@@ -32,6 +40,21 @@ from agent.session.scope import Scope
 from agent.session.start import Starter
 from agent.settings import Settings
 from agent.store.base import Store
+
+log = get_logger("session")
+
+SHOWN_PATHS = 5
+
+
+class UnsavedChanges(AgentError):
+    """A restore would overwrite changes no checkpoint holds."""
+
+
+def describe_changes(lines: list[DiffLine]) -> str:
+    """``3 changes (/a, /b, /c)``: how many, and the first few paths."""
+    paths = ", ".join("/" + x.path for x in lines[:SHOWN_PATHS])
+    more = ", ..." if len(lines) > SHOWN_PATHS else ""
+    return f"{len(lines)} change{'s' if len(lines) != 1 else ''} ({paths}{more})"
 
 
 class Session:
@@ -109,10 +132,73 @@ class Session:
         progress: ProgressFn | None = None,
         *,
         required: bool = False,
+        force: bool = False,
+        resume: bool = False,
     ) -> StartOutcome:
-        """Restore a checkpoint (named, or the latest valid one), then begin a session."""
+        """Restore a checkpoint (named, or the latest valid one), then begin a session.
+
+        Refused (``UnsavedChanges``) when the root's session has changes no
+        checkpoint holds, unless ``force``.  With ``resume`` (the daemon) an
+        earlier session on the root is carried on instead: nothing is restored
+        over its unsaved work, which the new session's first checkpoint holds;
+        a ``restore_from`` is honoured only when there is no such work.
+        """
         async with self._lock:
-            return await self._starter.start(restore_from, progress, required=required)
+            if resume:
+                if restore_from and (lost := await self._unsaved()):
+                    log.warning(
+                        "session.restore_skipped",
+                        checkpoint=restore_from,
+                        reason=f"the root has unsaved changes: {describe_changes(lost)}",
+                    )
+                    restore_from = ""
+                if not restore_from:
+                    earlier = await self._starter.resume()
+                    if earlier is not None:
+                        return StartOutcome(None, [], resumed=earlier.session)
+            elif not force and (lost := await self._unsaved()):
+                raise UnsavedChanges(
+                    f"the root {self.root} has changes no checkpoint holds, which a restore "
+                    f"would lose: {describe_changes(lost)}; checkpoint them first, or "
+                    "restore with --force"
+                )
+            begin_restore(self.state_dir)
+            try:
+                outcome = await self._starter.start(restore_from, progress, required=required)
+            except asyncio.CancelledError:
+                raise  # abandoned: its thread may still write; the next start clears up
+            except BaseException:
+                end_restore(self.state_dir)
+                raise
+            end_restore(self.state_dir)
+            return outcome
+
+    async def _unsaved(self) -> list[DiffLine]:
+        """What changed on the root since its session's parent state (none: no session)."""
+        try:
+            local = self._local.peek()
+            if local is None:
+                return []
+            parent = await asyncio.to_thread(self._local.parent_entries, local)
+        except AgentError:  # another studio's session, or no parent state: nothing to compare
+            return []
+        current = await asyncio.to_thread(self._scope.scan, parent)
+        return report(parent, current.entries)
+
+    async def clear_leftovers(self) -> None:
+        """Remove what a killed process of this agent left (its spool files, partial
+        blobs, a restore's temporaries in the root).  Only while holding the state
+        dir's ``Owner`` lock: it proves that process is dead."""
+        try:
+            local = self._local.peek()
+        except AgentError:
+            local = None
+        state_file = local.state_file if local is not None else None
+        await asyncio.to_thread(clear_state_dir, self.state_dir, self.spool, state_file)
+        await asyncio.to_thread(
+            clear_restore_temps, self.root, self.state_dir, self._scope.excluder()
+        )
+        await self.store.clear_leftovers()
 
     # -- checkpoints ----------------------------------------------------------------
 

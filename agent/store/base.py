@@ -128,6 +128,15 @@ class Store(abc.ABC):
     async def list_refs(self, studio: str) -> dict[str, RefValue]:
         """All refs of a studio, by name."""
 
+    @abc.abstractmethod
+    async def list_studios(self) -> list[str]:
+        """The studios that have refs in this store, sorted (none: no store there)."""
+
+    async def clear_leftovers(self) -> int:
+        """Remove what killed writers left in the store's scratch space (never a live
+        writer's); how many.  A store without such space has nothing to clear."""
+        return 0
+
     async def prepare(self) -> None:
         """Get ready for the first request (load the SDK, open clients) while the
         caller does other work; never raises: the first real request reports."""

@@ -152,6 +152,22 @@ class Refs:
         found = await asyncio.gather(*(read(n) for n in names))
         return {name: ref.value for name, ref in found if ref is not None}
 
+    async def list_studios(self) -> list[str]:
+        prefix = f"{self._root}/refs/"
+
+        async def list_prefixes(c: S3Client) -> list[str]:
+            found: list[str] = []
+            pages = c.get_paginator("list_objects_v2").paginate(
+                Bucket=self._conn.bucket, Prefix=prefix, Delimiter="/"
+            )
+            async for page in pages:
+                found.extend(p["Prefix"] for p in page.get("CommonPrefixes", []) if "Prefix" in p)
+            return found
+
+        prefixes = await self._conn.call("ListObjectsV2", prefix, list_prefixes)
+        names = (p[len(prefix) :].rstrip("/") for p in prefixes)
+        return sorted(n for n in names if n and not n.startswith("."))
+
 
 def _expect(
     studio: str, name: str, current: _Ref | None, expect: str | None, force: bool = False

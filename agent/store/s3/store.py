@@ -174,3 +174,6 @@ class S3Store(Store):
 
     async def list_refs(self, studio: str) -> dict[str, RefValue]:
         return await self._refs.list_refs(studio)
+
+    async def list_studios(self) -> list[str]:
+        return await self._refs.list_studios()
