@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from agent.checkpoint.diff import DiffLine, report
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
+from agent.checkpoint.scan import MODE, Stat
 from agent.errors import AgentError
 from agent.log import get_logger
 from agent.session.catalog import Catalog
@@ -144,19 +146,18 @@ class Session:
         a ``restore_from`` is honoured only when there is no such work.
         """
         async with self._lock:
-            if resume:
-                if restore_from and (lost := await self._unsaved()):
-                    log.warning(
-                        "session.restore_skipped",
-                        checkpoint=restore_from,
-                        reason=f"the root has unsaved changes: {describe_changes(lost)}",
-                    )
-                    restore_from = ""
-                if not restore_from:
-                    earlier = await self._starter.resume()
-                    if earlier is not None:
-                        return StartOutcome(None, [], resumed=earlier.session)
-            elif not force and (lost := await self._unsaved()):
+            if resume and not restore_from and (earlier := await self._starter.resume()):
+                return StartOutcome(None, [], resumed=earlier.session)
+            lost, before = await self._unsaved()
+            if lost and resume:
+                log.warning(
+                    "session.restore_skipped",
+                    checkpoint=restore_from,
+                    reason=f"the root has unsaved changes: {describe_changes(lost)}",
+                )
+                if earlier := await self._starter.resume():
+                    return StartOutcome(None, [], resumed=earlier.session)
+            if lost and not force:
                 raise UnsavedChanges(
                     f"the root {self.root} has changes no checkpoint holds, which a restore "
                     f"would lose: {describe_changes(lost)}; checkpoint them first, or "
@@ -171,19 +172,41 @@ class Session:
                 end_restore(self.state_dir)
                 raise
             end_restore(self.state_dir)
+            if lost:
+                # what the restore did not overwrite is still on the root, and still
+                # unsaved: the new parent state must not count it as saved
+                await asyncio.to_thread(self._forget, [x.path for x in lost], before)
             return outcome
 
-    async def _unsaved(self) -> list[DiffLine]:
-        """What changed on the root since its session's parent state (none: no session)."""
+    def _forget(self, paths: list[str], before: dict[str, Stat]) -> None:
+        """Drop from the parent state the unsaved entries the restore left as they were."""
+        local = self._local.current()
+        entries = self._local.parent_entries(local)
+        untouched = [p for p in paths if p in entries and entries[p] == before.get(p)]
+        for path in untouched:
+            del entries[path]
+        if untouched:
+            self._local.save(local, entries)
+
+    async def _unsaved(self) -> tuple[list[DiffLine], dict[str, Stat]]:
+        """What changed on the root since its session's parent state (none: no session),
+        and the root as scanned."""
         try:
             local = self._local.peek()
             if local is None:
-                return []
+                return [], {}
             parent = await asyncio.to_thread(self._local.parent_entries, local)
         except AgentError:  # another studio's session, or no parent state: nothing to compare
-            return []
+            return [], {}
         current = await asyncio.to_thread(self._scope.scan, parent)
-        return report(parent, current.entries)
+        entries = current.entries
+        # a directory whose entries changed is modified too, but holds nothing of its own
+        lines = [
+            x
+            for x in report(parent, entries)
+            if not (x.kind == "modified" and stat.S_ISDIR(entries[x.path][MODE]))
+        ]
+        return lines, entries
 
     async def clear_leftovers(self) -> None:
         """Remove what a killed process of this agent left (its spool files, partial
