@@ -22,6 +22,7 @@ from agent.errors import AgentError
 from agent.log import get_logger
 from agent.session.catalog import Catalog
 from agent.session.leftovers import (
+    RESTORE_MARKER,
     begin_restore,
     clear_restore_temps,
     clear_state_dir,
@@ -76,6 +77,7 @@ class Session:
         self.spool = self.state_dir / "spool"
         self._lock = asyncio.Lock()
         self._cancel = threading.Event()
+        self._restore_interrupted = False
         self._local = LocalState(self.state_dir, settings.studio, self.root)
         self._scope = Scope(settings, self.root, self.state_dir)
         manifests = Manifests(store, self.spool, clock)
@@ -146,9 +148,13 @@ class Session:
         a ``restore_from`` is honoured only when there is no such work.
         """
         async with self._lock:
-            if resume and not restore_from and (earlier := await self._starter.resume()):
+            # (after a killed restore the root is half-restored: restore it again)
+            carry_on = resume and not restore_from and not self._restore_interrupted
+            if carry_on and (earlier := await self._starter.resume()):
                 return StartOutcome(None, [], resumed=earlier.session)
             lost, before = await self._unsaved()
+            if self._restore_interrupted:
+                lost = []  # what differs was written by the killed restore, not by the user
             if lost and resume:
                 log.warning(
                     "session.restore_skipped",
@@ -217,6 +223,8 @@ class Session:
         except AgentError:
             local = None
         state_file = local.state_file if local is not None else None
+        # a restore was killed half-way: what differs on the root is its doing
+        self._restore_interrupted = (self.state_dir / RESTORE_MARKER).exists()
         await asyncio.to_thread(clear_state_dir, self.state_dir, self.spool, state_file)
         await asyncio.to_thread(
             clear_restore_temps, self.root, self.state_dir, self._scope.excluder()
