@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fsutil import copy_tree, diff_snapshots, snapshot
@@ -56,18 +57,24 @@ def test_sigkill_never_leaves_a_half_written_checkpoint(tmp_path: Path) -> None:
 
     rnd = random.Random(42)
     kills = 0
+    left_behind = 0
     for attempt in range(6):
         proc = subprocess.Popen(
             agent(root, work, state, "checkpoint", "--name", f"killed{attempt}"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        # Kill somewhere between process start and a little past a full checkpoint.
-        time.sleep(rnd.uniform(0.05, max(0.3, 4 * scan_time)))
+        if attempt % 2:
+            # Kill somewhere between process start and a little past a full checkpoint.
+            time.sleep(rnd.uniform(0.05, max(0.3, 4 * scan_time)))
+        else:  # or while the layer is being written
+            wait_for(lambda: any((state / "spool").glob("layer-*")) or proc.poll() is not None)
+            time.sleep(rnd.uniform(0, 0.2))
         if proc.poll() is None:
             kills += 1
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        left_behind += bool(leftovers(state, work, root))
 
         listed = json.loads(run(agent(root, work, state, "checkpoints", "--json")).stdout)
         names = {c["name"] for c in listed}
@@ -97,7 +104,15 @@ def test_sigkill_never_leaves_a_half_written_checkpoint(tmp_path: Path) -> None:
     assert not any(p.name.endswith(".tmp") for p in refs.iterdir())
     # what the killed checkpoints left (their layers in the spool, partial blobs in
     # the store) was cleared by the next one
+    assert left_behind > 0, "no kill left anything behind; the test proved nothing"
     assert leftovers(state, work, root) == []
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.01)
 
 
 def leftovers(state: Path, work: Path, root: Path) -> list[str]:
@@ -135,18 +150,24 @@ def test_sigkill_of_a_restore_over_an_existing_tree_leaves_nothing_behind(
 
     rnd = random.Random(7)
     interrupted = 0
-    for _ in range(6):
+    left_behind = 0
+    for attempt in range(6):
         proc = subprocess.Popen(
             agent(target, work, state, "restore", "--checkpoint", "full", "--force"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rnd.uniform(0.05, max(0.3, 1.5 * restore_time)))
+        if attempt % 2:
+            time.sleep(rnd.uniform(0.05, max(0.3, 1.5 * restore_time)))
+        else:  # or while it writes into the root
+            wait_for(lambda: any(target.rglob(".studio-restore-*")) or proc.poll() is not None)
         if proc.poll() is None:
             interrupted += 1
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        left_behind += bool(leftovers(state, work, target))
     assert interrupted > 0, "no restore was ever interrupted; the test proved nothing"
+    assert left_behind > 0, "no kill left anything behind; the test proved nothing"
 
     # the next run after the kills: a restore that needs no --force (the differences
     # are the killed restore's doing), complete, and nothing of the killed ones left
