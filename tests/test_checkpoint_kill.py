@@ -68,7 +68,7 @@ def test_sigkill_never_leaves_a_half_written_checkpoint(tmp_path: Path) -> None:
             # Kill somewhere between process start and a little past a full checkpoint.
             time.sleep(rnd.uniform(0.05, max(0.3, 4 * scan_time)))
         else:  # or while the layer is being written
-            wait_for(lambda: any((state / "spool").glob("layer-*")) or proc.poll() is not None)
+            wait_for(lambda p=proc: any((state / "spool").glob("layer-*")) or p.poll() is not None)
             time.sleep(rnd.uniform(0, 0.2))
         if proc.poll() is None:
             kills += 1
@@ -160,7 +160,7 @@ def test_sigkill_of_a_restore_over_an_existing_tree_leaves_nothing_behind(
         if attempt % 2:
             time.sleep(rnd.uniform(0.05, max(0.3, 1.5 * restore_time)))
         else:  # or while it writes into the root
-            wait_for(lambda: any(target.rglob(".studio-restore-*")) or proc.poll() is not None)
+            wait_for(lambda p=proc: any(target.rglob(".studio-restore-*")) or p.poll() is not None)
         if proc.poll() is None:
             interrupted += 1
         proc.send_signal(signal.SIGKILL)

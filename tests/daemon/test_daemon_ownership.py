@@ -130,9 +130,7 @@ async def test_beside_a_running_daemon_one_shots_use_its_api_or_are_refused(
 
         _one_line(await _cli(env, "restore", "--force"), f"(pid {pid})", "stop it first")
         _one_line(await _cli(env, "baseline"), f"(pid {pid})")
-        second = await _cli(
-            {**env, "STUDIO_API_PORT": str(free_port())}, "run", "--", *fake_ide()
-        )
+        second = await _cli({**env, "STUDIO_API_PORT": str(free_port())}, "run", "--", *fake_ide())
         _one_line(second, f"the session daemon (pid {pid}) is using the state dir")
 
         # the daemon's own checkpoints still work, the final one included
