@@ -214,10 +214,15 @@ async def _checkpoint(args: argparse.Namespace, session: Session) -> int:
 
 
 async def _restore(args: argparse.Namespace, session: Session) -> int:
-    with _ProgressLine(sys.stderr) as bar:
-        outcome = await session.start(
-            args.checkpoint_ref, progress=bar.update, required=True, force=args.force
-        )
+    try:
+        with _ProgressLine(sys.stderr) as bar:
+            outcome = await session.start(
+                args.checkpoint_ref, progress=bar.update, required=True, force=args.force
+            )
+    except NotFound:
+        if not await session.store.list_studios():  # a mistyped work directory, most likely
+            raise NotFound(f"no checkpoint store at {session.store.url}") from None
+        raise
     for bad in outcome.invalidated:
         print(f"checkpoint {bad.name} was unsound and is now marked invalid", file=sys.stderr)
     info = outcome.restored

@@ -133,7 +133,7 @@ def test_a_chain_with_a_layer_gone_from_the_store_is_never_published(
 
 def test_listing_a_store_that_does_not_exist_says_so(agent: Agent, tmp_path: Path) -> None:
     nowhere = tmp_path / "no-such-work"
-    for args in (["checkpoints"], ["checkpoints", "--json"], ["studios"]):
+    for args in (["checkpoints"], ["checkpoints", "--json"], ["studios"], ["restore"]):
         one_line_error(agent(*args, ok=False, work=nowhere), "no checkpoint store at", str(nowhere))
     assert not nowhere.exists()  # and looking did not create it
 
