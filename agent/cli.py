@@ -219,9 +219,9 @@ async def _restore(args: argparse.Namespace, session: Session) -> int:
             outcome = await session.start(
                 args.checkpoint_ref, progress=bar.update, required=True, force=args.force
             )
-    except NotFound:
+    except NotFound as e:
         if not await session.store.list_studios():  # a mistyped work directory, most likely
-            raise NotFound(f"no checkpoint store at {session.store.url}") from None
+            raise NotFound(f"{e}: no checkpoint store at {session.store.url}") from None
         raise
     for bad in outcome.invalidated:
         print(f"checkpoint {bad.name} was unsound and is now marked invalid", file=sys.stderr)
