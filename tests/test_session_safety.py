@@ -206,3 +206,47 @@ async def test_two_sessions_started_in_the_same_second_get_names_of_their_own(
         result = await s.checkpoint()
         assert result is not None and result.info.name == s.auto_name
     assert sorted(await store.list_refs("s")) == sorted(names)
+
+
+# -- clearing a killed process's leftovers touches nothing else ---------------------------------
+
+
+def test_only_the_agents_own_leftovers_are_cleared(tmp_path: Path) -> None:
+    from agent.checkpoint.scan import Excluder
+    from agent.session.leftovers import (
+        begin_restore,
+        clear_restore_temps,
+        clear_state_dir,
+    )
+
+    state, root = tmp_path / "state", tmp_path / "root"
+    spool = state / "spool"
+    (spool / "restore-abc_12").mkdir(parents=True)
+    (spool / "restore-abc_12" / "blob").write_text("x")
+    ours = [spool / "layer-0af3.tmp", spool / f"put-{'a' * 64}.tmp", spool / ("b" * 64)]
+    ours += [state / "parent-1234abcd.state", state / "session.json.tmp"]
+    theirs = [spool / "notes.txt", state / "api-token", state / "parent-99.state.bak"]
+    kept = [state / "session.json", state / "parent-feed.state", state / "owner.lock"]
+    for p in ours + theirs + kept:
+        p.write_text("x")
+    assert clear_state_dir(state, spool, "parent-feed.state") == len(ours) + 1
+    assert not any(p.exists() for p in ours) and not (spool / "restore-abc_12").exists()
+    assert all(p.exists() for p in theirs + kept)
+
+    # a restore's temporaries: only after a restore that never ended, only its pid's
+    (root / "home/u").mkdir(parents=True)
+    (root / "skip").mkdir()
+    user = [root / "home/u/.studio-restore-notes", root / "home/u/.studio-restore-1-2"]
+    for p in user:
+        p.write_text("a user's file, or another process's")
+    mine = root / f"home/u/.studio-restore-{os.getpid()}-7"
+    mine.write_text("left by a killed restore")
+    excluded = root / f"skip/.studio-restore-{os.getpid()}-8"
+    excluded.write_text("in what checkpoints leave out")
+    excluder = Excluder(root, [], ["skip"])
+    assert clear_restore_temps(root, state, excluder) == 0  # no restore recorded
+    assert mine.exists()
+    begin_restore(state)  # as a restore that is then killed
+    assert clear_restore_temps(root, state, excluder) == 1
+    assert not mine.exists() and excluded.exists() and all(p.exists() for p in user)
+    assert not (state / "restore.pending").exists()

@@ -36,7 +36,7 @@ _SPOOL_FILES = re.compile(
 )
 _SPOOL_DIRS = re.compile(r"restore-[A-Za-z0-9_]+")
 # In the state dir: a parent state or session file written but never renamed into place.
-_STATE_TEMPS = re.compile(r"(parent-[0-9a-f]+\.state|session\.json)\.tmp")
+_STATE_TEMPS = re.compile(r"(parent-[0-9a-f]+\.state|session\.json|restore\.pending)\.tmp")
 _PARENT_STATE = re.compile(r"parent-[0-9a-f]+\.state")
 
 
