@@ -18,15 +18,17 @@ import time
 from collections.abc import Awaitable, Callable, Sequence, Sized
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn, TextIO, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar, get_args, get_origin
+from urllib.parse import quote
 
 from agent import __version__
 from agent.checkpoint.manifest import CheckpointState
 from agent.checkpoint.names import normalize_name
 from agent.daemon.checkpointer import Kind, state_for
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, NotFound
 from agent.log import setup_logging
 from agent.session import CheckpointInfo, Progress, ProgressFn, Session
+from agent.session.owner import Owner, StateDirBusy
 from agent.settings import (
     DEFAULT_STATE_DIR,
     Settings,
@@ -38,6 +40,9 @@ from agent.settings import (
     load_settings,
 )
 from agent.store import open_store
+
+if TYPE_CHECKING:
+    from agent.daemon.client import DaemonApi
 
 T = TypeVar("T")
 
@@ -171,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="NAME or STUDIO/NAME (default: the studio's most recently written checkpoint)",
     )
+    rs.add_argument(
+        "--force",
+        action="store_true",
+        help="restore even over changes since the last checkpoint (they are lost)",
+    )
     json_flag(rs)
     ls = add("checkpoints", "List the studio's checkpoints, most recently written first.")
     json_flag(ls)
@@ -199,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     json_flag(vf)
     _add_storage_commands(add)
+    st = add("studios", "List the studios that have checkpoints in the work directory.")
+    json_flag(st)
     return parser
 
 
@@ -252,9 +264,23 @@ def _main(args_in: list[str]) -> int:
 
 
 async def _one_shot(args: argparse.Namespace, settings: Settings) -> int:
+    owner: Owner | None = None
+    if args.command in _OWNING:
+        owner = Owner(settings.state_path, args.command)
+        try:
+            owner.acquire()
+        except StateDirBusy as e:
+            holder = e.holder
+            if holder is None or holder.command != "run" or args.command not in _THROUGH_API:
+                raise _refusal(args.command, e) from None
+            from agent.daemon.client import DaemonApi  # aiohttp: only when needed
+
+            return await _THROUGH_API[args.command](args, DaemonApi(holder, settings))
     store = open_store(settings)
     try:
         session = Session(settings, store)
+        if owner is not None:
+            await session.clear_leftovers()
         handler: Callable[[argparse.Namespace, Session], Awaitable[int]] = _COMMANDS[args.command]
         try:
             return await handler(args, session)
@@ -263,6 +289,22 @@ async def _one_shot(args: argparse.Namespace, settings: Settings) -> int:
             await session.release_lease()
     finally:
         await store.close()
+        if owner is not None:
+            owner.release()
+
+
+def _refusal(command: str, busy: StateDirBusy) -> AgentError:
+    """Why ``command`` cannot run beside the daemon, and what to do instead."""
+    holder = busy.holder
+    if holder is None or holder.command != "run":
+        return busy
+    where = f"{holder.describe()}, which owns the state dir {busy.state_dir}"
+    if command == "restore":
+        return AgentError(
+            f"cannot restore under {where}: stop it first (POST /v1/stop), "
+            "or start it with restore_from"
+        )
+    return AgentError(f"cannot '{command}' beside {where}: stop it first")
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -282,6 +324,8 @@ async def _checkpoint(args: argparse.Namespace, session: Session) -> int:
             name, CheckpointState(args.checkpoint_state), progress=bar.update
         )
     assert result is not None
+    if result.note:
+        print(f"studio-agent: note: {result.note}", file=sys.stderr)
     info = result.info
     if args.json:
         _print_json(
@@ -304,8 +348,15 @@ async def _checkpoint(args: argparse.Namespace, session: Session) -> int:
 
 
 async def _restore(args: argparse.Namespace, session: Session) -> int:
-    with _ProgressLine(sys.stderr) as bar:
-        outcome = await session.start(args.checkpoint_ref, progress=bar.update, required=True)
+    try:
+        with _ProgressLine(sys.stderr) as bar:
+            outcome = await session.start(
+                args.checkpoint_ref, progress=bar.update, required=True, force=args.force
+            )
+    except NotFound as e:
+        if not await session.store.list_studios():  # a mistyped work directory, most likely
+            raise NotFound(f"{e}: no checkpoint store at {session.store.url}") from None
+        raise
     for bad in outcome.invalidated:
         print(f"checkpoint {bad.name} was unsound and is now marked invalid", file=sys.stderr)
     info = outcome.restored
@@ -330,11 +381,18 @@ async def _restore(args: argparse.Namespace, session: Session) -> int:
 
 async def _checkpoints(args: argparse.Namespace, session: Session) -> int:
     infos = await session.list_checkpoints(sizes=True)
+    if not infos:
+        studios = await session.store.list_studios()
+        if not studios:
+            raise NotFound(f"no checkpoint store at {session.store.url}")
+        if not args.json:
+            print(
+                f"studio {session.studio} has no checkpoints in {session.store.url} "
+                f"(it holds: {', '.join(studios)})"
+            )
+            return 0
     if args.json:
         _print_json([i.to_json() for i in infos])
-        return 0
-    if not infos:
-        print(f"studio {session.studio} has no checkpoints")
         return 0
     rows = [_row(i) for i in infos]
     header = ("NAME", "STATE", "CREATED", "UPDATED", "SIZE", "FREES", "LAYERS")
@@ -515,6 +573,23 @@ async def _gc(args: argparse.Namespace, session: Session) -> int:
     return report.exit_code
 
 
+async def _studios(args: argparse.Namespace, session: Session) -> int:
+    store = session.store
+    studios = await store.list_studios()
+    if not studios:
+        raise NotFound(f"no checkpoint store at {store.url}")
+    counts = [len(await store.list_refs(s)) for s in studios]
+    if args.json:
+        doc = [{"studio": s, "checkpoints": n} for s, n in zip(studios, counts, strict=True)]
+        print(json.dumps(doc, indent=2))
+        return 0
+    width = max(len("STUDIO"), *(len(s) for s in studios))
+    print(f"{'STUDIO'.ljust(width)}  CHECKPOINTS")
+    for s, n in zip(studios, counts, strict=True):
+        print(f"{s.ljust(width)}  {n}")
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = {
     "baseline": _baseline,
     "checkpoint": _checkpoint,
@@ -526,6 +601,42 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = 
     "delete": _delete,
     "delete-studio": _delete_studio,
     "gc": _gc,
+    "studios": _studios,
+}
+
+# Commands that change the session's files: one process at a time owns them.
+# (``checkpoints``, ``diff`` and ``studios`` only read.)
+_OWNING = frozenset({"baseline", "checkpoint", "restore", "rename"})
+
+
+# -- beside a running daemon: through its local API -----------------------------------
+
+
+async def _checkpoint_via_api(args: argparse.Namespace, api: DaemonApi) -> int:
+    body = {"name": args.checkpoint_name} if args.checkpoint_name is not None else {}
+    doc = await api.request("POST", "/v1/checkpoints", body)
+    info = doc["checkpoint"]
+    print(
+        f"checkpoint {info['name']} ({info['state']}) written by {api.holder.describe()}: "
+        f"{doc['changed']} changes, new layer {_size(doc['layer_size'])}; "
+        f"{info['layers']} layers, {_size(info['size'])} in all ({doc['duration']:.1f} s)"
+    )
+    for s in doc["skipped"]:
+        print(f"skipped /{s['path']}: {s['reason']}", file=sys.stderr)
+    return 0
+
+
+async def _rename_via_api(args: argparse.Namespace, api: DaemonApi) -> int:
+    doc = await api.request(
+        "PATCH", f"/v1/checkpoints/{quote(args.old, safe='')}", {"name": args.new}
+    )
+    print(f"renamed {args.old} to {doc['name']}")
+    return 0
+
+
+_THROUGH_API: dict[str, Callable[[argparse.Namespace, DaemonApi], Awaitable[int]]] = {
+    "checkpoint": _checkpoint_via_api,
+    "rename": _rename_via_api,
 }
 
 

@@ -1,6 +1,7 @@
-"""A checkpoint killed with SIGKILL at random moments: the previous checkpoint
-still restores, the listing never shows a half-written one, and the next
-checkpoint after the kill is complete and correct."""
+"""A checkpoint or a restore killed with SIGKILL at random moments: the previous
+checkpoint still restores, the listing never shows a half-written one, the next
+run after the kill is complete and correct, and nothing of the killed one stays
+behind in the spool, the store or the root."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fsutil import copy_tree, diff_snapshots, snapshot
@@ -55,18 +57,24 @@ def test_sigkill_never_leaves_a_half_written_checkpoint(tmp_path: Path) -> None:
 
     rnd = random.Random(42)
     kills = 0
+    left_behind = 0
     for attempt in range(6):
         proc = subprocess.Popen(
             agent(root, work, state, "checkpoint", "--name", f"killed{attempt}"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        # Kill somewhere between process start and a little past a full checkpoint.
-        time.sleep(rnd.uniform(0.05, max(0.3, 4 * scan_time)))
+        if attempt % 2:
+            # Kill somewhere between process start and a little past a full checkpoint.
+            time.sleep(rnd.uniform(0.05, max(0.3, 4 * scan_time)))
+        else:  # or while the layer is being written
+            wait_for(lambda p=proc: any((state / "spool").glob("layer-*")) or p.poll() is not None)
+            time.sleep(rnd.uniform(0, 0.2))
         if proc.poll() is None:
             kills += 1
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        left_behind += bool(leftovers(state, work, root))
 
         listed = json.loads(run(agent(root, work, state, "checkpoints", "--json")).stdout)
         names = {c["name"] for c in listed}
@@ -94,3 +102,77 @@ def test_sigkill_never_leaves_a_half_written_checkpoint(tmp_path: Path) -> None:
     assert diff_snapshots(snapshot(root), snapshot(target)) == []
     refs = work / ".studios/checkpoints/refs/k"
     assert not any(p.name.endswith(".tmp") for p in refs.iterdir())
+    # what the killed checkpoints left (their layers in the spool, partial blobs in
+    # the store) was cleared by the next one
+    assert left_behind > 0, "no kill left anything behind; the test proved nothing"
+    assert leftovers(state, work, root) == []
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.01)
+
+
+def leftovers(state: Path, work: Path, root: Path) -> list[str]:
+    """What a killed run of the agent could leave: spool files, partial blobs, the
+    restore's temporaries in the root."""
+    found = [str(p) for p in (state / "spool").glob("*")]
+    found += [str(p) for p in (work / ".studios/checkpoints/tmp").glob("*")]
+    found += [str(p) for p in state.glob("*.tmp")]
+    found += [str(p) for p in root.rglob(".studio-restore-*")]
+    return found
+
+
+def test_sigkill_of_a_restore_over_an_existing_tree_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "base"
+    make_files(base / "usr/share/base", 20, 1000, 0)
+    src = tmp_path / "src"
+    copy_tree(base, src)
+    work = tmp_path / "work"
+    run(agent(src, work, tmp_path / "src-state", "baseline"))
+    make_files(src / "opt/data", 200, 100_000, 3)
+    run(agent(src, work, tmp_path / "src-state", "checkpoint", "--name", "full"))
+    want = snapshot(src, skip=("src-state",))
+
+    # the target already holds every path, with other bytes: each file of the
+    # restore is written under a temporary name, then renamed over the old one
+    target, state = tmp_path / "target", tmp_path / "state"
+    copy_tree(base, target)
+    make_files(target / "opt/data", 200, 100_000, 4)
+    t0 = time.monotonic()
+    run(agent(target, work, state, "restore", "--checkpoint", "full"))
+    restore_time = time.monotonic() - t0
+    make_files(target / "opt/data", 200, 100_000, 4)  # back to the other bytes
+
+    rnd = random.Random(7)
+    interrupted = 0
+    left_behind = 0
+    for attempt in range(6):
+        proc = subprocess.Popen(
+            agent(target, work, state, "restore", "--checkpoint", "full", "--force"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if attempt % 2:
+            time.sleep(rnd.uniform(0.05, max(0.3, 1.5 * restore_time)))
+        else:  # or while it writes into the root
+            wait_for(lambda p=proc: any(target.rglob(".studio-restore-*")) or p.poll() is not None)
+        if proc.poll() is None:
+            interrupted += 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left_behind += bool(leftovers(state, work, target))
+    assert interrupted > 0, "no restore was ever interrupted; the test proved nothing"
+    assert left_behind > 0, "no kill left anything behind; the test proved nothing"
+
+    # the next run after the kills: a restore that needs no --force (the differences
+    # are the killed restore's doing), complete, and nothing of the killed ones left
+    run(agent(target, work, state, "restore", "--checkpoint", "full"))
+    assert diff_snapshots(want, snapshot(target, skip=("state",))) == []
+    assert leftovers(state, work, target) == []
+    run(agent(target, work, state, "checkpoint", "--name", "after"))
+    assert leftovers(state, work, target) == []

@@ -208,6 +208,16 @@ async def test_list_refs(any_store: Store) -> None:
         assert ref == await any_store.get_ref("s1", name)
 
 
+async def test_list_studios(any_store: Store) -> None:
+    assert await any_store.list_studios() == []  # no store there (yet)
+    for studio in ("b", "a", "a"):
+        name = f"n{len(await any_store.list_refs(studio))}"
+        await any_store.set_ref(studio, name, digest_of(b"x"), expect=None)
+    assert await any_store.list_studios() == ["a", "b"]
+    await any_store.delete_ref("b", "n0", digest_of(b"x"))
+    assert await any_store.list_studios() == ["a"]  # a studio without checkpoints is none
+
+
 async def test_list_refs_pages_through_many(
     s3_endpoint: S3Endpoint, s3_workdir: str, store_settings: Settings
 ) -> None:
@@ -294,3 +304,31 @@ async def test_open_store_picks_s3_for_s3_urls(workdir: str, url: str) -> None:
     store = open_store(load_settings(workdir=workdir))
     assert isinstance(store, S3Store) and store.url == url
     await store.close()
+
+
+async def test_the_local_sweep_removes_only_partial_blobs_no_writer_holds(tmp_path: Path) -> None:
+    import fcntl
+
+    from agent.store.local import LocalStore
+
+    store = LocalStore(tmp_path / "work")
+    await put(store, tmp_path, b"a blob")  # the layout, with tmp/
+    tmp = store.root / "tmp"
+    dead = tmp / ("0" * 64 + ".dead")
+    dead.write_bytes(b"left by a killed writer")
+    live = tmp / ("1" * 64 + ".live")
+    live.write_bytes(b"being written")
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a writer holds its partial blob
+    stray_ref = store.root / "refs" / "s1"
+    stray_ref.mkdir(parents=True)
+    (stray_ref / ".n.0123.tmp").write_bytes(b"{")
+    try:
+        assert await store.clear_leftovers() == 2
+        assert sorted(p.name for p in tmp.iterdir()) == [live.name]
+        assert list(stray_ref.iterdir()) == []
+    finally:
+        os.close(fd)
+    assert await store.clear_leftovers() == 1
+    assert list(tmp.iterdir()) == []
+    assert await store.has_blob(digest_of(b"a blob"))

@@ -78,8 +78,12 @@ class StopBudget:
 
     The platform sends SIGKILL ``grace`` seconds after SIGTERM.  The IDE gets at
     most half of what is left, the final checkpoint the rest but a margin for
-    the last event and the exit itself.
+    the last events and the exit itself.  The last events get a small share
+    once the final checkpoint is safe: a control plane that accepts connections
+    and never answers must not hold the exit for the rest of the grace.
     """
+
+    REPORT_SHARE = 1.5  # seconds at most for the last events
 
     def __init__(self, clock: Clock, grace: float, since: float) -> None:
         self._clock = clock
@@ -101,7 +105,8 @@ class StopBudget:
 
     def report(self) -> float:
         """How long the last events may take to reach the control plane."""
-        return max(0.2, self.since + self.grace - 0.5 - self._clock.monotonic())
+        left = self.since + self.grace - 0.5 - self._clock.monotonic()
+        return max(0.2, min(self.REPORT_SHARE, left))
 
 
 class Checkpointer:
@@ -125,6 +130,8 @@ class Checkpointer:
         # set once the final checkpoint was abandoned mid-flight: its worker thread
         # may still run, and must not hold up the exit
         self.abandoned = False
+        # set once the final checkpoint failed: the work since the last one is in none
+        self.final_failed = False
         self._periodic: asyncio.Task[CheckpointResult | None] | None = None
 
     async def start(self) -> None:
@@ -177,6 +184,7 @@ class Checkpointer:
             self._reports.final_checkpoint_abandoned(msg, kept)
             return f"; {msg}"
         if result is None:
+            self.final_failed = True
             err = self.own.last_error or "unknown error"
             msg = f"the final checkpoint failed ({err}); the last checkpoint stays valid"
             self._reports.final_checkpoint_failed(msg)

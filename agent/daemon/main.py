@@ -34,6 +34,7 @@ from agent.daemon import models
 from agent.daemon.api import ApiServer, Busy
 from agent.daemon.api_token import api_token
 from agent.daemon.checkpointer import Checkpointer, OwnCheckpoint, StopBudget
+from agent.daemon.client import api_url
 from agent.daemon.clock import Clock, SystemClock, with_timeout
 from agent.daemon.control_plane import ControlPlane
 from agent.daemon.lifecycle import Lifecycle, Status, Transition
@@ -44,6 +45,7 @@ from agent.daemon.supervisor import IdeFailed, IdeState, RingBuffer, Supervisor
 from agent.errors import AgentError, ConfigError
 from agent.log import get_logger, setup_logging
 from agent.session import CheckpointInfo, Progress, Session, StartOutcome
+from agent.session.owner import Owner, StateDirBusy
 from agent.settings import Settings
 from agent.store import Store, open_store
 
@@ -55,9 +57,16 @@ EXIT_OK = 0
 EXIT_ERRORED = 1
 EXIT_CONFIG = 2
 
-REPORT_BUDGET = 5.0  # for the last events when the session ends without a stop request
+REPORT_BUDGET = 2.0  # for the last events when the session ends without a stop request
+
+# how long a checkpoint asked for while the session starts waits for it to run
+START_WAIT = 60.0
 
 SessionFactory = Callable[[Settings, Store], Session]
+
+
+class StillStarting(AgentError):
+    """The session did not reach running in time for the request (503: try again)."""
 
 
 def probe_url(settings: Settings) -> str:
@@ -123,11 +132,13 @@ class Daemon:
         self._session_started_at: datetime | None = None
         self._progress: Progress | None = None  # written from worker threads
         self._stop_requested = asyncio.Event()
+        self._left_starting = asyncio.Event()
         self._stop_reason = ""
         self._budget: StopBudget | None = None
         self._ide_failure: IdeFailed | None = None
         self._ticker_task: asyncio.Task[None] | None = None
         self._reaper: Reaper | None = None
+        self._owner: Owner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- the API backend ----------------------------------------------------------------
@@ -179,6 +190,15 @@ class Daemon:
         )
 
     async def checkpoint_now(self, name: str | None) -> models.CheckpointResult:
+        if self.lifecycle.status is Status.STARTING:
+            # asked for as soon as the API answers (a quickstart script): wait for the session
+            with contextlib.suppress(TimeoutError):
+                await with_timeout(self.clock, START_WAIT, self._left_starting.wait())
+            if self.lifecycle.status is Status.STARTING:
+                raise StillStarting(
+                    f"the session is still starting after {START_WAIT:g}s "
+                    f"({self.lifecycle.reason}); try again once its status is running"
+                )
         ckpt = self.checkpointer
         if self.lifecycle.status is not Status.RUNNING or ckpt is None:
             raise Busy(f"cannot checkpoint while the session is {self.lifecycle.status.value}")
@@ -249,6 +269,8 @@ class Daemon:
         )
 
     def _on_transition(self, t: Transition) -> None:
+        if t.status is not Status.STARTING:
+            self._left_starting.set()
         self.metrics.status.state(t.status.value)
         self._send(self._status_event(t))
 
@@ -291,7 +313,7 @@ class Daemon:
     async def run(self) -> int:
         try:
             return await self._run()
-        except ConfigError:
+        except (ConfigError, StateDirBusy):
             raise
         except Exception as e:  # never leave without telling what became of the session
             if isinstance(e, AgentError):
@@ -312,6 +334,9 @@ class Daemon:
                 "no IDE command: pass it after '--' (studio-agent run -- CMD ...) "
                 "or set STUDIO_IDE_COMMAND"
             )
+        # One agent process per root's state dir, for the life of this one.
+        self._owner = Owner(s.state_path, "run")
+        self._owner.acquire()
         store = self._store or open_store(s)
         self._store = store
         self.session = self._session_factory(s, store)
@@ -341,6 +366,7 @@ class Daemon:
         except ConfigError as e:
             self.lifecycle.move(Status.ERRORED, str(e))
             return await self._finish()
+        self._owner.announce_api(api_url(s.api_host, self.api.port))
         if self._reap_orphans:
             self._reaper = Reaper(self._managed_pids, self.clock)
             await self._reaper.start()
@@ -388,9 +414,7 @@ class Daemon:
         session = self.session
         assert session is not None
         t0 = self.clock.monotonic()
-        start = asyncio.ensure_future(
-            session.start(self.settings.restore_from, progress=self._on_progress)
-        )
+        start = asyncio.ensure_future(self._clear_then_start(session))
         stop = asyncio.ensure_future(self._stop_requested.wait())
         await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
@@ -416,6 +440,7 @@ class Daemon:
             session=session.session_id,
             checkpoint=session.auto_name,
             restored=f"{restored.studio}/{restored.name}" if restored else None,
+            resumed=self.outcome.resumed or None,
             invalidated=[i.name for i in self.outcome.invalidated],
             seconds=round(elapsed, 3),
         )
@@ -431,6 +456,13 @@ class Daemon:
         assert self.checkpointer is not None
         await self.checkpointer.start()
         return True
+
+    async def _clear_then_start(self, session: Session) -> StartOutcome:
+        """Clear what an earlier, killed agent left, then restore or resume."""
+        await session.clear_leftovers()
+        return await session.start(
+            self.settings.restore_from, progress=self._on_progress, resume=True
+        )
 
     async def _wait_ready(self, sup_task: asyncio.Task[None]) -> str | None:
         """None once the IDE answers (status running) or a stop came; else why it failed."""
@@ -490,13 +522,17 @@ class Daemon:
             await sup.stop(timeout=budget.ide_stop(self.settings.ide_stop_timeout))
             with contextlib.suppress(TimeoutError):
                 await with_timeout(self.clock, budget.ide_wait(), sup.wait_stopped())
+        if self._reaper is not None:
+            # what the IDE left outside its process group (a setsid'd server of its own)
+            await self._reaper.end_adopted(timeout=min(2.0, budget.left() / 4))
 
         note = ""
         if self._started and self.checkpointer is not None:
             note = await self.checkpointer.final(budget.left())
             self.abandoned_work = self.abandoned_work or self.checkpointer.abandoned
         self.output.close()
-        final = Status.ERRORED if failure else Status.STOPPED
+        lost = self.checkpointer is not None and self.checkpointer.final_failed
+        final = Status.ERRORED if failure or lost else Status.STOPPED
         self.lifecycle.move(final, reason + note)
         return await self._finish()
 
@@ -526,6 +562,9 @@ class Daemon:
         if self._store is not None and not self.abandoned_work:
             with contextlib.suppress(Exception):
                 await self._store.close()
+        if self._owner is not None and not self.abandoned_work:
+            # (abandoned work still runs in a thread: the lock goes with the process)
+            self._owner.release()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -571,6 +610,10 @@ async def _serve(daemon: Daemon) -> int:
         log.error("daemon.config_error", error=str(e))
         print(f"studio-agent: error: {e}", file=sys.stderr)  # the log may go unread
         return EXIT_CONFIG
+    except StateDirBusy as e:  # another agent runs on this root: it is not ours to report
+        log.error("daemon.state_dir_busy", error=str(e))
+        print(f"studio-agent: error: {e}", file=sys.stderr)
+        return EXIT_ERRORED
 
 
 async def run_daemon(settings: Settings, ide_argv: list[str]) -> int:

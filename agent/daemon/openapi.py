@@ -106,14 +106,19 @@ ROUTES: tuple[Route, ...] = (
         "post",
         "/v1/checkpoints",
         "createCheckpoint",
-        "Checkpoint now; answers once the checkpoint is written.",
+        "Checkpoint now; answers once the checkpoint is written.  Asked for while the "
+        "session is still starting, it waits (bounded) until the session runs.",
         {
             201: (models.CheckpointResult, "Written."),
             400: _E400,
             401: _E401,
             409: _E409,
             413: _E413,
-            503: _E503,
+            503: (
+                models.Error,
+                "The checkpoint store is unavailable, or the session is "
+                "still starting after the wait.",
+            ),
         },
         body=models.OptionalNameBody,
     ),

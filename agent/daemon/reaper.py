@@ -27,6 +27,19 @@ log = get_logger("daemon.reaper")
 
 PR_SET_CHILD_SUBREAPER = 36
 
+# Children this process spawned itself (the IDE of each supervisor in it): any
+# other child in a session of its own was adopted, and is ended at stop.
+_spawned: set[int] = set()
+
+
+def spawned(pid: int) -> None:
+    """Note a child this agent started (so it is never taken for an adopted one)."""
+    _spawned.add(pid)
+
+
+def exited(pid: int) -> None:
+    _spawned.discard(pid)
+
 
 def set_child_subreaper(on: bool = True) -> bool:
     """Ask Linux to give this process the orphans of its descendants; False if refused."""
@@ -44,8 +57,13 @@ def set_child_subreaper(on: bool = True) -> bool:
 
 def zombie_children() -> list[tuple[int, int]]:
     """(pid, session id) of this process's children that have exited but are not reaped."""
+    return [(pid, sid) for pid, sid, zombie in children() if zombie]
+
+
+def children() -> list[tuple[int, int, bool]]:
+    """(pid, session id, whether a zombie) of this process's children."""
     me = os.getpid()
-    out: list[tuple[int, int]] = []
+    out: list[tuple[int, int, bool]] = []
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -60,10 +78,8 @@ def zombie_children() -> list[tuple[int, int]]:
             continue
         # "pid (comm) state ppid pgrp session ..."; comm may hold spaces and parens
         fields = data[data.rfind(b")") + 2 :].split()
-        if len(fields) < 4 or fields[0] != b"Z":
-            continue
-        if int(fields[1]) == me:
-            out.append((int(entry), int(fields[3])))
+        if len(fields) >= 4 and int(fields[1]) == me:
+            out.append((int(entry), int(fields[3]), fields[0] == b"Z"))
     return out
 
 
@@ -90,12 +106,54 @@ class Reaper:
         self._task = asyncio.create_task(self._loop())
         log.info("reaper.started", subreaper=self._subreaper)
 
+    def adopted(self) -> list[int]:
+        """Live children this agent did not start: orphans of the IDE's that it adopted."""
+        own_session = os.getsid(0)
+        return [
+            pid
+            for pid, session, zombie in children()
+            if not zombie and session != own_session and pid not in _spawned
+        ]
+
+    async def end_adopted(self, timeout: float) -> int:
+        """SIGTERM every adopted process (its group when it leads one), SIGKILL what is
+        left after ``timeout``, and reap them; how many there were.
+
+        An IDE that double-forks a server of its own (``setsid``) leaves it outside
+        the IDE's process group, so stopping the IDE does not reach it; as subreaper
+        the agent is its parent, and the last one that can end it.
+        """
+        seen: set[int] = set()
+        termed: set[int] = set()
+        term_end = self._clock.monotonic() + timeout
+        kill_end: float | None = None
+        while True:
+            self.reap()
+            live = self.adopted()
+            seen.update(live)
+            now = self._clock.monotonic()
+            if not live or (kill_end is not None and now >= kill_end):
+                break
+            if kill_end is None and now >= term_end:
+                kill_end = now + 1.0  # SIGKILL ends them: only the reaping is left
+            for pid in live:
+                if kill_end is not None:
+                    _signal(pid, signal.SIGKILL)
+                elif pid not in termed:
+                    log.info("reaper.ending_adopted", pid=pid)
+                    _signal(pid, signal.SIGTERM)
+                    termed.add(pid)
+            await self._clock.sleep(0.05)
+        return len(seen)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
         with contextlib.suppress(RuntimeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
+        for pid in self.adopted():  # a safety net: a stop has ended them already
+            _signal(pid, signal.SIGKILL)
         if self._subreaper:
             set_child_subreaper(False)
         self.reap()
@@ -133,3 +191,12 @@ class Reaper:
             log.debug("reaper.reaped", pid=pid, exit=os.waitstatus_to_exitcode(status))
         self.reaped += n
         return n
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    """Signal ``pid``'s process group when it leads one (what it started goes too), else it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)

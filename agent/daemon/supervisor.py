@@ -21,6 +21,7 @@ from enum import StrEnum
 import aiohttp
 
 from agent.backoff import Backoff
+from agent.daemon import reaper
 from agent.daemon.clock import Clock, with_timeout
 from agent.errors import AgentError
 from agent.log import get_logger
@@ -254,6 +255,7 @@ class Supervisor:
             self.spawning = False
         self._proc = proc
         self.pid = proc.pid
+        reaper.spawned(proc.pid)
         log.info("ide.started", pid=proc.pid, argv=self.argv, restarts=self.restarts)
         if self._stopping:  # stop() came while we were spawning
             self._late_stop = asyncio.create_task(self._terminate(proc, "stop requested"))
@@ -264,6 +266,7 @@ class Supervisor:
         probe = asyncio.create_task(self._probe(proc))
         try:
             code = await proc.wait()
+            reaper.exited(proc.pid)
         finally:
             probe.cancel()
             await asyncio.wait([probe])

@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.checkpoint.diff import report
+from agent.checkpoint.diff import DiffLine, report
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
+from agent.checkpoint.scan import MODE, Stat
+from agent.errors import AgentError
+from agent.log import get_logger
 from agent.session.catalog import Catalog
 from agent.session.lease import SessionLease
+from agent.session.leftovers import (
+    RESTORE_MARKER,
+    begin_restore,
+    clear_restore_temps,
+    clear_state_dir,
+    end_restore,
+)
 from agent.session.local import LocalState
 from agent.session.manifests import Manifests
 from agent.session.publish import Publisher
@@ -35,6 +46,21 @@ from agent.session.start import Starter
 from agent.session.verify import Verifier, VerifyReport, resolve
 from agent.settings import Settings
 from agent.store.base import Store
+
+log = get_logger("session")
+
+SHOWN_PATHS = 5
+
+
+class UnsavedChanges(AgentError):
+    """A restore would overwrite changes no checkpoint holds."""
+
+
+def describe_changes(lines: list[DiffLine]) -> str:
+    """``3 changes (/a, /b, /c)``: how many, and the first few paths."""
+    paths = ", ".join("/" + x.path for x in lines[:SHOWN_PATHS])
+    more = ", ..." if len(lines) > SHOWN_PATHS else ""
+    return f"{len(lines)} change{'s' if len(lines) != 1 else ''} ({paths}{more})"
 
 
 class Session:
@@ -54,6 +80,7 @@ class Session:
         self.spool = self.state_dir / "spool"
         self._lock = asyncio.Lock()
         self._cancel = threading.Event()
+        self._restore_interrupted = False
         self._local = LocalState(self.state_dir, settings.studio, self.root)
         self._scope = Scope(settings, self.root, self.state_dir)
         manifests = Manifests(store, self.spool, clock)
@@ -116,10 +143,100 @@ class Session:
         progress: ProgressFn | None = None,
         *,
         required: bool = False,
+        force: bool = False,
+        resume: bool = False,
     ) -> StartOutcome:
-        """Restore a checkpoint (named, or the latest valid one), then begin a session."""
+        """Restore a checkpoint (named, or the latest valid one), then begin a session.
+
+        Refused (``UnsavedChanges``) when the root's session has changes no
+        checkpoint holds, unless ``force``.  With ``resume`` (the daemon) an
+        earlier session on the root is carried on instead: nothing is restored
+        over its unsaved work, which the new session's first checkpoint holds;
+        a ``restore_from`` is honoured only when there is no such work.
+        """
         async with self._lock:
-            return await self._starter.start(restore_from, progress, required=required)
+            # (after a killed restore the root is half-restored: restore it again)
+            carry_on = resume and not restore_from and not self._restore_interrupted
+            if carry_on and (earlier := await self._starter.resume()):
+                return StartOutcome(None, [], resumed=earlier.session)
+            lost, before = await self._unsaved()
+            if self._restore_interrupted:
+                lost = []  # what differs was written by the killed restore, not by the user
+            if lost and resume:
+                log.warning(
+                    "session.restore_skipped",
+                    checkpoint=restore_from,
+                    reason=f"the root has unsaved changes: {describe_changes(lost)}",
+                )
+                if earlier := await self._starter.resume():
+                    return StartOutcome(None, [], resumed=earlier.session)
+            if lost and not force:
+                raise UnsavedChanges(
+                    f"the root {self.root} has changes no checkpoint holds, which a restore "
+                    f"would lose: {describe_changes(lost)}; checkpoint them first, or "
+                    "restore with --force"
+                )
+            begin_restore(self.state_dir)
+            try:
+                outcome = await self._starter.start(restore_from, progress, required=required)
+            except asyncio.CancelledError:
+                raise  # abandoned: its thread may still write; the next start clears up
+            except BaseException:
+                end_restore(self.state_dir)
+                raise
+            end_restore(self.state_dir)
+            if lost:
+                # what the restore did not overwrite is still on the root, and still
+                # unsaved: the new parent state must not count it as saved
+                await asyncio.to_thread(self._forget, [x.path for x in lost], before)
+            return outcome
+
+    def _forget(self, paths: list[str], before: dict[str, Stat]) -> None:
+        """Drop from the parent state the unsaved entries the restore left as they were."""
+        local = self._local.current()
+        entries = self._local.parent_entries(local)
+        untouched = [p for p in paths if p in entries and entries[p] == before.get(p)]
+        for path in untouched:
+            del entries[path]
+        if untouched:
+            self._local.save(local, entries)
+
+    async def _unsaved(self) -> tuple[list[DiffLine], dict[str, Stat]]:
+        """What changed on the root since its session's parent state (none: no session),
+        and the root as scanned."""
+        try:
+            local = self._local.peek()
+            if local is None:
+                return [], {}
+            parent = await asyncio.to_thread(self._local.parent_entries, local)
+        except AgentError:  # another studio's session, or no parent state: nothing to compare
+            return [], {}
+        current = await asyncio.to_thread(self._scope.scan, parent)
+        entries = current.entries
+        # a directory whose entries changed is modified too, but holds nothing of its own
+        lines = [
+            x
+            for x in report(parent, entries)
+            if not (x.kind == "modified" and stat.S_ISDIR(entries[x.path][MODE]))
+        ]
+        return lines, entries
+
+    async def clear_leftovers(self) -> None:
+        """Remove what a killed process of this agent left (its spool files, partial
+        blobs, a restore's temporaries in the root).  Only while holding the state
+        dir's ``Owner`` lock: it proves that process is dead."""
+        try:
+            local = self._local.peek()
+        except AgentError:
+            local = None
+        state_file = local.state_file if local is not None else None
+        # a restore was killed half-way: what differs on the root is its doing
+        self._restore_interrupted = (self.state_dir / RESTORE_MARKER).exists()
+        await asyncio.to_thread(clear_state_dir, self.state_dir, self.spool, state_file)
+        await asyncio.to_thread(
+            clear_restore_temps, self.root, self.state_dir, self._scope.excluder()
+        )
+        await self.store.clear_leftovers()
 
     # -- checkpoints ----------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """What this machine remembers of its session, in the state dir (never checkpointed).
 
-``session.json`` (session id, start epoch, chain, the refs this session wrote)
-names its parent-state file, which is replaced by generation so the two always
-agree: the new parent state is written under a new name, then ``session.json``
-is switched to it, then the old one is removed.
+``session.json`` (session id, start epoch, chain and the store it lives in,
+the refs this session wrote) names its parent-state file, which is replaced by
+generation so the two always agree: the new parent state is written under a
+new name, then ``session.json`` is switched to it, then the old one is removed.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class LocalSession:
     refs: dict[str, str] = field(default_factory=dict)  # name -> manifest digest we wrote
     created: dict[str, str] = field(default_factory=dict)  # name -> first write (ISO)
     state_file: str = ""
+    store: str = ""  # the URL of the store the chain's layers are in ("": not recorded)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -46,6 +47,7 @@ class LocalSession:
             "refs": self.refs,
             "created": self.created,
             "state_file": self.state_file,
+            "store": self.store,
         }
 
     @classmethod
@@ -59,6 +61,7 @@ class LocalSession:
             refs=dict(d["refs"]),
             created=dict(d.get("created", {})),
             state_file=d["state_file"],
+            store=str(d.get("store", "")),
         )
 
 

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import normalize_name
 from agent.checkpoint.pipeline import Pass, scan_and_write
 from agent.checkpoint.scan import Stat
-from agent.errors import AgentError, RefConflict
+from agent.errors import AgentError, BlobMissing, RefConflict
 from agent.log import get_logger
 from agent.session.lease import SessionLease
 from agent.session.local import LocalSession, LocalState
@@ -72,6 +73,7 @@ class Publisher:
         self._manifests = manifests
         self._cancel = cancel
         self._lease = lease
+        self._present: set[str] = set()  # blobs seen in the store by this process
 
     async def checkpoint(
         self,
@@ -86,6 +88,9 @@ class Publisher:
         local = self._local.current()
         target = normalize_name(name) if name else local.name
         parent = await asyncio.to_thread(self._local.parent_entries, local)
+        local, note = await self._rebased(local)
+        if note:
+            parent = {}  # a new chain: its first layer holds the whole root
         # The store readies itself (an S3 client takes a while) while the root
         # is walked and the layer compressed, mostly outside the GIL.
         ready = asyncio.ensure_future(self._store.prepare())
@@ -109,6 +114,7 @@ class Publisher:
             await self.cover(local, [layer.digest] if layer else [], manifest)
             if layer is not None:
                 await self._upload(tmp, layer, progress)
+                self._present.add(layer.digest)
         finally:
             tmp.unlink(missing_ok=True)
         t_layer = time.monotonic()
@@ -121,7 +127,7 @@ class Publisher:
         duration = time.monotonic() - t0
         log.info(
             "checkpoint.written",
-            checkpoint=target,
+            checkpoint=info.name,
             state=state.value,
             changed=len(changes),
             layer_size=layer.size if layer else 0,
@@ -137,6 +143,7 @@ class Publisher:
             layer_size=layer.size if layer else 0,
             duration=duration,
             skipped=skipped,
+            note=note,
         )
 
     async def _scan_and_write(
@@ -176,6 +183,41 @@ class Publisher:
         if progress is not None:
             progress(Progress("upload", layer.size, layer.size, 1, 1))
 
+    async def _rebased(self, local: LocalSession) -> tuple[LocalSession, str]:
+        """The session to write from: a copy with a new chain when this store does not
+        hold the session's chain (saved only once the checkpoint is written), and why."""
+        url = self._store.url
+        if local.store and local.store != url:
+            why = f"this session's chain is in {local.store}, not in {url}"
+            # the refs this session wrote are the other store's: none here yet
+            work = replace(local, chain=[], refs={}, created={}, store=url)
+        else:
+            missing = await self.missing(local.chain)
+            if not missing:
+                local.store = url
+                return local, ""
+            why = (
+                f"{len(missing)} of the {len(local.chain)} layers of this session's chain "
+                f"are missing from {url} (first: {missing[0].digest})"
+            )
+            work = replace(local, chain=[], store=url)
+        log.warning("checkpoint.new_chain", reason=why, store=url)
+        return work, f"{why}: this checkpoint starts a new chain there, with the whole root"
+
+    async def missing(self, chain: list[LayerDesc]) -> list[LayerDesc]:
+        """The layers of ``chain`` the store does not have (each found once is remembered:
+        blobs are write-once)."""
+        todo = [layer for layer in chain if layer.digest not in self._present]
+        limit = asyncio.Semaphore(8)
+
+        async def has(layer: LayerDesc) -> bool:
+            async with limit:
+                return await self._store.has_blob(layer.digest)
+
+        found = await asyncio.gather(*(has(layer) for layer in todo))
+        self._present.update(layer.digest for layer, ok in zip(todo, found, strict=True) if ok)
+        return [layer for layer, ok in zip(todo, found, strict=True) if not ok]
+
     async def mark(self, state: CheckpointState, name: str | None) -> CheckpointInfo:
         """Write this session's checkpoint with the current chain and ``state``, no scan."""
         local = self._local.current()
@@ -201,14 +243,48 @@ class Publisher:
         the chain's layers themselves.  A lease that was not standing protected
         nothing: the chain is checked for every blob before it is extended.
         """
-        head = self._lease.manifests
         chain = [layer.digest for layer in local.chain]
+        head = self._lease.manifests if chain else []  # a new chain extends nothing
         pending = [*blobs, manifest.encode()[1], *([] if head else chain)]
         if await self._lease.hold(head, pending, session=local.session):
             await check_chain(self._store, head, chain)
 
     async def publish(self, local: LocalSession, name: str, manifest: Manifest) -> CheckpointInfo:
-        """Manifest blob, then the ref: the moment the checkpoint exists."""
+        """Manifest blob, then the ref: the moment the checkpoint exists.
+
+        Never while a layer of the chain is missing from the store: that
+        checkpoint could not be restored.  The session's own automatic name is
+        claimed by its first write: when another session holds it (two started
+        within one second), the compare-and-swap picks the next free suffix.
+        """
+        missing = await self.missing(list(manifest.layers))
+        if missing:
+            raise BlobMissing(
+                f"checkpoint {name!r} not written: {len(missing)} layers of its chain are "
+                f"missing from {self._store.url} (first: {missing[0].digest})"
+            )
+        own_unclaimed = name == local.name and name not in local.refs
+        base, n = name, 1
+        while True:
+            try:
+                info = await self._write_one(local, name, manifest)
+                break
+            except _TakenByOther:
+                if not own_unclaimed or n >= _MAX_SUFFIX:
+                    raise RefConflict(
+                        f"checkpoint {name!r} already exists in studio {self._studio}; "
+                        "names are unique per studio"
+                    ) from None
+                n += 1
+                name = f"{base}_{n}"
+        if own_unclaimed and name != local.name:
+            log.info("checkpoint.name_taken", wanted=local.name, name=name)
+            local.name = name
+        return info
+
+    async def _write_one(
+        self, local: LocalSession, name: str, manifest: Manifest
+    ) -> CheckpointInfo:
         expect = local.refs.get(name)
         try:
             info = await self._manifests.write(self._studio, name, manifest, expect)
@@ -223,10 +299,7 @@ class Publisher:
                 current.digest, local.session
             ):
                 if expect is None:
-                    raise RefConflict(
-                        f"checkpoint {name!r} already exists in studio {self._studio}; "
-                        "names are unique per studio"
-                    ) from None
+                    raise _TakenByOther(name) from None
                 raise
             else:
                 # We wrote it but were stopped before recording so: carry on from it.
@@ -255,6 +328,13 @@ async def check_chain(store: Store, manifests: list[str], layers: list[str]) -> 
             "(its checkpoint was deleted and collected while no session lease kept it); "
             "restore a checkpoint to start a new session"
         )
+
+
+_MAX_SUFFIX = 1000
+
+
+class _TakenByOther(Exception):
+    """The name is another session's checkpoint."""
 
 
 def next_parent(

@@ -73,6 +73,7 @@ class CheckpointResult:
     layer_size: int
     duration: float
     skipped: list[Skipped]
+    note: str = ""  # something the user should hear (a new chain was started)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,7 @@ class StartOutcome:
     restored: CheckpointInfo | None
     invalidated: list[CheckpointInfo]
     stats: RestoreStats | None = None
+    resumed: str = ""  # the earlier session on this root carried on from, restoring nothing
 
 
 @dataclass(frozen=True, slots=True)

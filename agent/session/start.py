@@ -23,6 +23,7 @@ from pathlib import Path
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import auto_name
 from agent.checkpoint.restore import LayerFile, RestoreStats, apply_layers
+from agent.checkpoint.scan import Stat
 from agent.errors import AgentError, BlobMissing, CorruptLayer, DigestMismatch, NotFound
 from agent.log import get_logger
 from agent.session.catalog import split_source
@@ -68,23 +69,29 @@ class Starter:
         self._manifests = manifests
         self._verifier = Verifier(store, spool)
 
-    async def begin(self, chain: list[LayerDesc]) -> None:
-        """A new session on the root as it is now, carrying on from ``chain``."""
+    async def begin(
+        self, chain: list[LayerDesc], parent: dict[str, Stat] | None = None, store: str = ""
+    ) -> None:
+        """A new session carrying on from ``chain``, on the root as it is now or, with
+        ``parent``, as that parent state records it (what differs is unsaved work).
+
+        The automatic name is only a first choice: two sessions started within
+        one second share it, and the first write of each decides (publish.py).
+        """
         started = int(self._clock())
-        # Two sessions started within one second would share a name: take the next free one.
-        while await self._store.get_ref(self._studio, auto_name(self._studio, started)) is not None:
-            started += 1
         local = LocalSession(
             studio=self._studio,
             session=uuid.uuid4().hex,
             started=started,
             name=auto_name(self._studio, started),
             chain=chain,
+            store=store or self._store.url,
         )
         # The state dir first: its parents must not show up as the session's changes.
         self._local.state_dir.mkdir(parents=True, exist_ok=True)
-        result = await asyncio.to_thread(self._scope.scan)
-        await asyncio.to_thread(self._local.save, local, result.entries)
+        if parent is None:
+            parent = (await asyncio.to_thread(self._scope.scan)).entries
+        await asyncio.to_thread(self._local.save, local, parent)
         # The restored manifest (if any) stays the head; the lease now says whose.
         head = self._lease.manifests if chain else []
         await self._lease.hold(head, session=local.session, fence=False)
@@ -93,8 +100,30 @@ class Starter:
             session=local.session,
             checkpoint=local.name,
             layers=len(chain),
-            entries=len(result.entries),
+            entries=len(parent),
         )
+
+    async def resume(self) -> LocalSession | None:
+        """Begin a new session where the earlier one on this root left off, if there is one.
+
+        A daemon killed and started again on the same root (a container restarted
+        in place) finds the root as the earlier session left it, with work written
+        after its last checkpoint: restoring would overwrite that, and a fresh
+        parent state would count it as saved.  The new session takes the earlier
+        one's chain and parent state instead, so its first checkpoint holds the work.
+        """
+        try:
+            earlier = self._local.peek()
+            if earlier is None:
+                return None
+            parent = await asyncio.to_thread(self._local.parent_entries, earlier)
+        except AgentError as e:  # unreadable, another studio's, no parent state
+            log.warning("session.not_resumed", reason=str(e))
+            return None
+        # (a chain in another store than this one's is seen to by the first checkpoint)
+        await self.begin(list(earlier.chain), parent, earlier.store)
+        log.info("session.resumed", earlier=earlier.session, layers=len(earlier.chain))
+        return earlier
 
     async def start(
         self, restore_from: str, progress: ProgressFn | None, *, required: bool

@@ -234,6 +234,11 @@ class Store(abc.ABC):
     async def remove_leftover(self, leftover: Leftover) -> None:
         """Remove one leftover (gone already is fine)."""
 
+    async def clear_leftovers(self) -> int:
+        """Remove what killed writers left in the store's scratch space (never a live
+        writer's); how many.  A store without such space has nothing to clear."""
+        return 0
+
     async def prepare(self) -> None:
         """Get ready for the first request (load the SDK, open clients) while the
         caller does other work; never raises: the first real request reports."""

@@ -10,6 +10,7 @@ exists, and publishes the lease whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -105,20 +106,63 @@ class LocalStore(Store):
                 return
         self._ensure_layout()
         tmp = self._tmp / f"{final.name}.{uuid.uuid4().hex}"
+        # The partial blob is flock'ed while it exists under tmp/, so the sweep
+        # of another process can tell it from one a killed writer left.
+        fd = _locked_open(src, os.O_RDONLY)
         try:
             try:
-                os.rename(src, tmp)
+                os.rename(src, tmp)  # the lock is the inode's: it comes along
             except OSError:  # another filesystem: copy, then fsync
-                shutil.copyfile(src, tmp)
+                os.close(fd)
+                fd = _locked_open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+                with open(src, "rb") as f_in, open(fd, "wb", closefd=False) as f_out:
+                    shutil.copyfileobj(f_in, f_out, 1 << 20)
                 src.unlink(missing_ok=True)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            if tmp.stat().st_size != size:
-                raise DigestMismatch(f"blob {digest}: {tmp.stat().st_size} bytes, expected {size}")
+            os.fsync(fd)
+            found = os.fstat(fd).st_size
+            if found != size:
+                raise DigestMismatch(f"blob {digest}: {found} bytes, expected {size}")
             os.rename(tmp, final)
             _fsync_dir(self._blobs)
         finally:
             tmp.unlink(missing_ok=True)
+            os.close(fd)
+
+    async def clear_leftovers(self) -> int:
+        return await self._run("clear partial blobs", self._clear_leftovers)
+
+    def _clear_leftovers(self) -> int:
+        """Partial blobs no live writer holds, and ref files a killed writer never renamed."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self._tmp):
+                try:
+                    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass  # a live writer's (locked), or gone already
+                finally:
+                    os.close(fd)
+        if not self._refs.is_dir():
+            return removed
+        fd = self._lock()  # ref files are written under the lock: none is half-way now
+        try:
+            for studio in os.scandir(self._refs):
+                if not studio.is_dir(follow_symlinks=False):
+                    continue
+                for entry in os.scandir(studio.path):
+                    if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
+                            removed += 1
+        finally:
+            os.close(fd)
+        return removed
 
     async def get_blob(
         self,
@@ -257,7 +301,20 @@ class LocalStore(Store):
         return out
 
     async def list_studios(self) -> list[str]:
-        return await self._run("list the studios", self._names, self._refs, False)
+        return await self._run("list the studios", self._list_studios)
+
+    def _list_studios(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self._refs))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for e in entries:
+            if e.is_dir(follow_symlinks=False) and not e.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    if any(not n.startswith(".") for n in os.listdir(e.path)):
+                        out.append(e.name)
+        return sorted(out)
 
     async def list_ref_names(self, studio: str) -> list[str]:
         d = self._ref_file(studio, "x").parent
@@ -411,6 +468,16 @@ class LocalStore(Store):
         if self.root not in path.parents:
             raise StoreError(f"{path} is not a leftover of {self.root}")
         await self._run(f"remove {path}", path.unlink, True)
+
+
+def _locked_open(path: Path, flags: int) -> int:
+    """Open ``path`` with an exclusive flock on it (retried if a sweep removed it first)."""
+    while True:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0 or not flags & os.O_CREAT:
+            return fd
+        os.close(fd)  # unlinked between our create and our lock: make it again
 
 
 def _fsync_dir(d: Path) -> None:

@@ -16,6 +16,8 @@ from openapi_spec_validator import validate
 
 from agent.daemon import openapi
 from agent.daemon.api import build_app
+from agent.daemon.clock import ManualClock
+from agent.daemon.main import START_WAIT
 from agent.settings import Settings
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
@@ -138,12 +140,43 @@ async def test_405_names_the_allowed_methods(running: Harness) -> None:
         assert set(r.headers["Allow"].split(",")) == {"GET", "POST"}
 
 
-async def test_a_checkpoint_is_refused_until_the_session_runs(
+async def test_a_checkpoint_asked_for_while_starting_waits_for_running(
+    make_settings: Callable[..., Settings], harness: HarnessFactory, tmp_path: Path
+) -> None:
+    # /healthz answers while the IDE is not ready yet: a script that checkpoints
+    # as soon as the API is up must get its checkpoint, not a 409
+    gate = tmp_path / "bad-gateway"
+    gate.touch()
+    h = await harness(
+        make_settings(), fake_ide("--bad-gateway-file", str(gate)), clock=ManualClock()
+    )
+    assert (await h.get("/healthz"))[1]["status"] == "starting"
+    asked = asyncio.create_task(h.request("POST", "/v1/checkpoints"))
+    await eventually(lambda: h.said("listening on"), what="the IDE listening")
+    # the request waits (in daemon time) while the IDE still answers 502
+    await h.clock.advance(5.0)
+    assert not asked.done()
+    gate.unlink()
+    await h.wait_running()
+    code, body = await asked
+    assert code == 201, body
+    assert body["checkpoint"]["name"] == h.daemon.session.auto_name  # type: ignore[union-attr]
+
+
+async def test_a_checkpoint_asked_for_while_starting_gives_up_with_503_and_the_status(
     make_settings: Callable[..., Settings], harness: HarnessFactory
 ) -> None:
-    h = await harness(make_settings(), fake_ide("--mode", "never-ready"))
-    code, body = await h.request("POST", "/v1/checkpoints")
-    assert code == 409 and "starting" in body["error"]
+    h = await harness(
+        make_settings(ready_timeout=600.0),
+        fake_ide("--mode", "never-ready"),
+        clock=ManualClock(),
+    )
+    asked = asyncio.create_task(h.request("POST", "/v1/checkpoints"))
+    await h.step_until(asked.done, within=START_WAIT, what="the wait given up")
+    code, body = asked.result()
+    assert code == 503
+    assert "still starting after 60s" in body["error"], body
+    assert h.daemon.lifecycle.status.value == "starting"
 
 
 async def test_logs_tail_and_follow(

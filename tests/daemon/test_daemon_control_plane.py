@@ -165,3 +165,37 @@ async def test_while_down_only_one_document_per_kind_waits() -> None:
     assert len(client._pending) == 2
     assert client._pending["status"]["i"] == 999
     assert not await client.flush(0.0)
+
+
+async def test_a_control_plane_that_never_answers_gets_a_small_share_of_the_grace(
+    make_settings: Callable[..., Settings], harness: HarnessFactory
+) -> None:
+    # it accepts connections and reads requests, and never says a word
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = make_settings(control_plane_url=f"http://127.0.0.1:{port}", stop_grace=20.0)
+        h = await harness(settings, fake_ide(), clock=ManualClock())
+        await h.wait_running()
+        await eventually(lambda: held, what="the control plane's connection")
+        t0 = h.clock.monotonic()
+        h.daemon.request_stop("test")
+        task = h.task
+        assert task is not None
+        # time moves only for timers due within 2 s: the last events' share, not the grace
+        await h.step_until(task.done, within=2.0, what="the exit")
+        assert await h.wait_exit() == 0
+        assert h.clock.monotonic() - t0 <= 2.0
+        assert h.daemon.lifecycle.status.value == "stopped"
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()

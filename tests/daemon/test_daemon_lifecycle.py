@@ -8,6 +8,7 @@ is asserted in the daemon's time, so a slow machine cannot fail a test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -226,23 +227,53 @@ async def test_an_ide_that_stops_answering_after_restarts_errors_a_running_sessi
     assert "failed 2 times" in reason and "did not answer within 1s" in reason
 
 
-async def test_orphans_left_by_the_ide_are_reaped(
+async def test_orphans_left_by_the_ide_are_adopted_and_reaped(
     make_settings: Callable[..., Settings], start: HarnessFactory, tmp_path: Path
 ) -> None:
-    pid_file = tmp_path / "orphan.pid"
-    h = await start(make_settings(), fake_ide("--orphan-file", str(pid_file)))
+    pid_file, release = tmp_path / "orphan.pid", tmp_path / "release"
+    h = await start(
+        make_settings(),
+        fake_ide("--orphan-file", str(pid_file), "--release-file", str(release)),
+    )
     await h.wait_running()
     orphan = int(await eventually(lambda: pid_file.exists() and pid_file.read_text()))
-    # the orphan sleeps briefly and exits; unreaped it would stay a zombie of ours
+    # adopted: without the subreaper it would go to init, never to us
+    await eventually(
+        lambda: psutil.Process(orphan).ppid() == os.getpid(), timeout=10, what="orphan adopted"
+    )
+    release.touch()  # now it exits; unreaped it would stay a zombie of ours
 
     def reaped() -> bool:
         try:
-            return bool(psutil.Process(orphan).ppid() != os.getpid())
+            psutil.Process(orphan)  # a zombie is still a process
         except psutil.NoSuchProcess:
             return True
+        return False
 
     await h.step_until(reaped, within=5.0, what="orphan reaped")  # on SIGCHLD, or the sweep
-    assert h.daemon._reaper is not None
+    assert h.daemon._reaper is not None and h.daemon._reaper.reaped >= 1
+
+
+async def test_a_server_the_ide_daemonized_with_setsid_is_ended_at_stop(
+    make_settings: Callable[..., Settings], start: HarnessFactory, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "server.pid"
+    h = await start(make_settings(), fake_ide("--daemon-file", str(pid_file)))
+    await h.wait_running()
+    server = int(await eventually(lambda: pid_file.exists() and pid_file.read_text()))
+    try:
+        await eventually(
+            lambda: psutil.Process(server).ppid() == os.getpid(), timeout=10, what="adopted"
+        )
+        assert os.getsid(server) != os.getsid((await h.status())["ide"]["pid"])
+        h.daemon.request_stop("test")
+        await h.step_until(h.task.done, within=5.0, what="stopped")  # type: ignore[union-attr]
+        assert await h.wait_exit() == 0
+        with pytest.raises(psutil.NoSuchProcess):  # ended, and reaped
+            psutil.Process(server)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
 
 
 class FlakyStore(LocalStore):
@@ -399,6 +430,28 @@ async def test_a_final_checkpoint_that_cannot_finish_leaves_the_interim_one_vali
     notice = next(e for e in control_plane.events() if e["type"] == "final_checkpoint_incomplete")
     assert notice["checkpoint"]["name"] == name and notice["checkpoint"]["state"] == "interim"
     assert control_plane.statuses()[-1] == "stopped"
+
+
+async def test_a_final_checkpoint_that_fails_errors_the_session(
+    make_settings: Callable[..., Settings],
+    control_plane: FakeControlPlane,
+    start: HarnessFactory,
+    root: Path,
+    workdir: Path,
+) -> None:
+    # the work since the last checkpoint is in none: that is no clean stop
+    store = FlakyStore(workdir)
+    h = await start(make_settings(control_plane_url=control_plane.url), fake_ide(), store=store)
+    await h.wait_running()
+    (root / "home" / "user" / "a.txt").write_text("unsaved\n")
+    store.failing = True
+    h.daemon.request_stop("test")
+    await h.step_until(h.task.done, within=5.0, what="stopped")  # type: ignore[union-attr]
+    assert await h.wait_exit() == 1
+    assert h.daemon.lifecycle.status.value == "errored"
+    assert "the final checkpoint failed" in h.daemon.lifecycle.reason
+    await eventually(lambda: control_plane.statuses()[-1:] == ["errored"], what="told")
+    assert any(e["type"] == "final_checkpoint_incomplete" for e in control_plane.events())
 
 
 async def test_the_next_session_restores_the_last_checkpoint(

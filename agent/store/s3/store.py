@@ -194,7 +194,7 @@ class S3Store(Store):
         return await self._refs.list_refs(studio)
 
     async def list_studios(self) -> list[str]:
-        return await self._listing.children(f"{self._root}/refs/")
+        return sorted(await self._listing.children(f"{self._root}/refs/"))
 
     async def list_ref_names(self, studio: str) -> list[str]:
         return await self._refs.list_names(studio)
