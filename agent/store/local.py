@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import shutil
 import stat
@@ -22,7 +21,14 @@ from typing import Any, TypeVar
 from agent.errors import BlobMissing, DigestMismatch, PermissionDenied, StoreError
 from agent.store.base import CHECKPOINTS_DIR, RefValue, Store
 from agent.store.checks import check_expect, check_size, hex_of, verify_file
-from agent.store.refs import decode_ref, encode_ref, ref_path_parts
+from agent.store.refs import (
+    MAX_REF_BYTES,
+    InvalidRef,
+    decode_ref,
+    encode_ref,
+    ref_path_parts,
+    skip_invalid,
+)
 
 T = TypeVar("T")
 
@@ -134,10 +140,13 @@ class LocalStore(Store):
         return await self._run(f"read ref {studio}/{name}", self._get_ref, studio, name)
 
     def _get_ref(self, studio: str, name: str) -> RefValue | None:
+        path = self._ref_file(studio, name)
         try:
-            return decode_ref(self._ref_file(studio, name).read_bytes())
+            with open(path, "rb") as f:
+                data = f.read(MAX_REF_BYTES + 1)
         except FileNotFoundError:
             return None
+        return decode_ref(data, f"checkpoint {studio}/{name} at {path}")
 
     async def set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
         await self._run(f"write ref {studio}/{name}", self._set_ref, studio, name, digest, expect)
@@ -183,9 +192,12 @@ class LocalStore(Store):
             if fname.startswith("."):
                 continue
             try:
-                out[fname] = decode_ref((d / fname).read_bytes())
-            except (FileNotFoundError, ValueError, json.JSONDecodeError):
+                ref = self._get_ref(studio, fname)
+            except (InvalidRef, OSError) as e:  # one bad ref must not hide the others
+                skip_invalid(e, f"{studio}/{fname}")
                 continue
+            if ref is not None:
+                out[fname] = ref
         return out
 
 
