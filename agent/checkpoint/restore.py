@@ -102,6 +102,7 @@ class _Merge:
     ids: tuple[int, int] = field(default_factory=lambda: (os.geteuid(), os.getegid()))
     umask: int = field(default_factory=lambda: _current_umask())
     pid: int = field(default_factory=os.getpid)
+    protected: tuple[str, ...] = ()
 
 
 def _current_umask() -> int:
@@ -126,6 +127,7 @@ def apply_layers(
     *,
     totals: tuple[int, int] = (0, 0),
     progress: ApplyProgress | None = None,
+    protected: Sequence[str] = (),
 ) -> RestoreStats:
     """Apply a chain of layers (local verified files, oldest first) to ``root``.
 
@@ -133,7 +135,9 @@ def apply_layers(
     returning each file when it is ready (it may block while it downloads);
     a ``LayerFile`` with a digest is verified as it is read;
     they are asked for newest first.  ``totals`` is (entries, uncompressed
-    bytes) of the whole chain when known, for progress reports.
+    bytes) of the whole chain when known, for progress reports.  Entries at or
+    below a ``protected`` root-relative path are skipped, and one that would
+    replace or remove such a path from above is refused.
     """
     if isinstance(layers, int):
         if fetch is None:
@@ -142,7 +146,7 @@ def apply_layers(
     else:
         files = list(layers)
         count, get = len(files), files.__getitem__
-    merge = _Merge(root=str(root))
+    merge = _Merge(root=str(root), protected=tuple(protected))
     if _inherits(os.stat(root).st_mode, str(root)):
         merge.inherit.add("")
     return _apply_all(merge, count, get, totals, progress)
@@ -222,6 +226,9 @@ def _apply_member(
 ) -> None:
     path = clean_member_name(m.name)
     head, _, base = path.rpartition("/")
+    if merge.protected and _protected(merge.protected, path, head, base, m):
+        merge.stats.skipped += 1
+        return
     if base.startswith(tf.WHITEOUT_PREFIX):
         _apply_whiteout(merge, head, base, layer, older, m.name)
         return
@@ -660,3 +667,22 @@ def _apply_dir_metadata(merge: _Merge) -> None:
                         os.removexattr(full, k, follow_symlinks=False)
         owned = made and (m.uid, m.gid) == merge.ids
         _set_meta_path(merge, full, m, chown=not owned)
+
+
+def _protected(protected: tuple[str, ...], path: str, head: str, base: str, m: tf.Member) -> bool:
+    """Whether the entry is at or below a protected path (skip it); one that would
+    replace, remove or hardlink into such a path from elsewhere is refused."""
+    if base == tf.OPAQUE_WHITEOUT:
+        target = head
+    elif base.startswith(tf.WHITEOUT_PREFIX):
+        target = f"{head}/{base[len(tf.WHITEOUT_PREFIX) :]}".lstrip("/")
+    else:
+        target = path
+    removes = base.startswith(tf.WHITEOUT_PREFIX) or m.type != tf.DIRTYPE
+    link = clean_member_name(m.linkname) if m.type == tf.LNKTYPE else ""
+    for p in protected:
+        if target == p or target.startswith(p + "/"):
+            return True
+        if (removes and p.startswith(target + "/")) or link == p or link.startswith(p + "/"):
+            raise UnsafeLayer(f"refused {m.name!r}: it would change the agent's own {p!r}")
+    return False

@@ -31,6 +31,7 @@ from agent.session.records import (
 from agent.session.scope import Scope
 from agent.session.start import Starter
 from agent.settings import Settings
+from agent.statedir import ensure_private_dir
 from agent.store.base import Store
 
 
@@ -77,6 +78,12 @@ class Session:
         )
         self._catalog = Catalog(settings.studio, store, self._local, manifests)
 
+    def _own_dirs(self) -> None:
+        """The state dir and spool, made or checked before anything is written there
+        (by us, or by a store staging a blob): see ``agent.statedir``."""
+        ensure_private_dir(self.state_dir, self.root)
+        ensure_private_dir(self.spool, self.root)
+
     # -- identity -------------------------------------------------------------------
 
     @property
@@ -101,6 +108,7 @@ class Session:
     async def baseline(self) -> None:
         """Begin a new session on the root as it is now (nothing restored)."""
         async with self._lock:
+            self._own_dirs()
             await self._starter.begin(chain=[])
 
     async def start(
@@ -112,6 +120,7 @@ class Session:
     ) -> StartOutcome:
         """Restore a checkpoint (named, or the latest valid one), then begin a session."""
         async with self._lock:
+            self._own_dirs()
             return await self._starter.start(restore_from, progress, required=required)
 
     # -- checkpoints ----------------------------------------------------------------
@@ -126,6 +135,7 @@ class Session:
     ) -> CheckpointResult | None:
         """Write the changes since the parent state as a layer and point ``name`` at it."""
         async with self._lock:
+            self._own_dirs()
             return await self._publisher.checkpoint(
                 name, state, skip_unchanged=skip_unchanged, progress=progress
             )
@@ -133,6 +143,7 @@ class Session:
     async def mark(self, state: CheckpointState, name: str | None = None) -> CheckpointInfo:
         """Write this session's checkpoint with the current chain and ``state``, no scan."""
         async with self._lock:
+            self._own_dirs()
             return await self._publisher.mark(state, name)
 
     def cancel(self) -> None:
@@ -143,10 +154,12 @@ class Session:
 
     async def list_checkpoints(self) -> list[CheckpointInfo]:
         """This studio's checkpoints, most recently updated first."""
+        self._own_dirs()
         return await self._catalog.list_checkpoints()
 
     async def rename(self, old: str, new: str) -> CheckpointInfo:
         async with self._lock:
+            self._own_dirs()
             return await self._catalog.rename(old, new)
 
     # -- what changed ---------------------------------------------------------------

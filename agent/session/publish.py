@@ -12,6 +12,7 @@ the ref and carries on from it.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from agent.session.records import (
 )
 from agent.session.scope import Scope, log_skipped
 from agent.settings import Settings
+from agent.statedir import create_file, ensure_private_dir
 from agent.store.base import Store
 
 log = get_logger("session")
@@ -139,8 +141,8 @@ class Publisher:
                 progress(Progress(phase, b_done, b_total, done, total))
 
         def run() -> Pass:
-            self._spool.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            ensure_private_dir(self._spool, self._root)
+            with os.fdopen(create_file(tmp), "wb") as f:
                 done = scan_and_write(
                     self._root,
                     self._scope.excluder(),

@@ -29,6 +29,7 @@ from agent.session.records import (
     info_of,
 )
 from agent.session.scope import Scope
+from agent.statedir import ensure_private_dir, protected_paths
 from agent.store.base import Store
 from agent.store.fetch import Fetch
 
@@ -70,7 +71,7 @@ class Starter:
             chain=chain,
         )
         # The state dir first: its parents must not show up as the session's changes.
-        self._local.state_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self._local.state_dir, self._root)
         result = await asyncio.to_thread(self._scope.scan)
         await asyncio.to_thread(self._local.save, local, result.entries)
         log.info(
@@ -175,6 +176,7 @@ class Starter:
                 progress(Progress("download", done, total, 0, 0))
 
         blobs = [(layer.digest, layer.size) for layer in layers]
+        ensure_private_dir(self._spool, self._root)
         async with Fetch(
             self._store, blobs, self._spool, verify=verify_first, progress=on_fetched
         ) as fetch:
@@ -196,5 +198,11 @@ class Starter:
 
             totals = (sum(x.files for x in layers), sum(x.uncompressed for x in layers))
             return await asyncio.to_thread(
-                apply_layers, self._root, len(layers), get, totals=totals, progress=on_apply
+                apply_layers,
+                self._root,
+                len(layers),
+                get,
+                totals=totals,
+                progress=on_apply,
+                protected=protected_paths(self._root, self._scope.own_paths()),
             )
