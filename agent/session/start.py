@@ -3,7 +3,8 @@
 Without a named source the most recently updated valid checkpoint is restored.
 One its session never finalized (force stop, OOM, spot reclamation) is fetched
 and verified whole before anything is applied; if it is not sound it is marked
-invalid and the next one is tried.
+invalid and the next one is tried.  Every layer is verified before its first
+byte is applied, so a corrupt layer never changes the root.
 """
 
 from __future__ import annotations
@@ -160,12 +161,13 @@ class Starter:
     async def restore(
         self, manifest: Manifest, progress: ProgressFn | None, *, verify_first: bool
     ) -> RestoreStats:
-        """Fetch the chain (the store's ``Fetch``) and apply each layer as it arrives.
+        """Fetch the chain (the store's ``Fetch``) and apply each layer once verified.
 
         With ``verify_first`` (for a checkpoint its session never finalized)
         every blob is fetched and verified before the first byte is applied, so
         an unsound chain is refused without touching the root; otherwise each
-        layer is hashed while it is applied and a mismatch fails the restore.
+        layer is applied as soon as it is verified, newest first, while the
+        older ones still download.
         """
         layers = list(manifest.layers)
         if not layers:
@@ -177,20 +179,13 @@ class Starter:
 
         blobs = [(layer.digest, layer.size) for layer in layers]
         ensure_private_dir(self._spool, self._root)
-        async with Fetch(
-            self._store, blobs, self._spool, verify=verify_first, progress=on_fetched
-        ) as fetch:
+        async with Fetch(self._store, blobs, self._spool, progress=on_fetched) as fetch:
             if verify_first:
                 await fetch.wait()
 
             def get(index: int) -> LayerFile:
-                # Applied as it arrives; unless verified already, hashed as it is read.
-                layer = layers[index]
-                expect = None if verify_first else layer.digest
-                path = fetch.complete(index)
-                if path is not None:
-                    return LayerFile(path, expect, layer.size)
-                return LayerFile(digest=expect, size=layer.size, opener=fetch.opener(index))
+                # Verified whole before its first byte is applied.
+                return LayerFile(fetch.wait_complete(index), size=layers[index].size)
 
             def on_apply(done: int, total: int, b_done: int, b_total: int) -> None:
                 if progress is not None:
