@@ -68,9 +68,7 @@ async def test_newest_first_within_the_stores_concurrency(tmp_path: Path, concur
     spool = tmp_path / "spool"
     seen: list[tuple[int, int]] = []
     chain = [(d, s) for d, s, _ in blobs]
-    async with Fetch(
-        store, chain, spool, progress=lambda a, b: seen.append((a, b))
-    ) as fetch:
+    async with Fetch(store, chain, spool, progress=lambda a, b: seen.append((a, b))) as fetch:
         await fetch.wait()
         for i, (_, _, data) in enumerate(blobs):
             path = fetch.complete(i)
