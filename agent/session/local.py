@@ -19,6 +19,7 @@ from agent.checkpoint.manifest import LayerDesc
 from agent.checkpoint.scan import Stat
 from agent.checkpoint.state import load_state, save_state
 from agent.errors import AgentError, NoParentState
+from agent.faults import crash_point
 from agent.statedir import create_file, ensure_private_dir
 
 SESSION_FILE = "session.json"
@@ -110,6 +111,7 @@ class LocalState:
         if entries is not None:
             local.state_file = f"parent-{uuid.uuid4().hex[:12]}.state"
             save_state(self.state_dir / local.state_file, entries)
+            crash_point("state")
         path = self.state_dir / SESSION_FILE
         tmp = path.with_name(path.name + ".tmp")
         with os.fdopen(create_file(tmp), "w") as f:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agent.checkpoint.manifest import Manifest
 from agent.errors import AgentError, NotFound
+from agent.faults import crash_point
 from agent.session.records import CheckpointInfo, info_of
 from agent.store.base import RefValue, Store
 
@@ -41,6 +42,7 @@ class Manifests:
         """The manifest blob, then the ref (compare-and-swap from ``expect``)."""
         data, digest = manifest.encode()
         await self._store.put_bytes(data, digest, self._spool)
+        crash_point("manifest")
         await self._store.set_ref(studio, name, digest, expect)
         updated = datetime.fromtimestamp(self._clock(), UTC)
         return info_of(studio, name, RefValue(digest, updated), manifest)

@@ -26,6 +26,7 @@ from agent.checkpoint.names import normalize_name
 from agent.checkpoint.pipeline import Pass, scan_and_write
 from agent.checkpoint.scan import Stat
 from agent.errors import AgentError, RefConflict
+from agent.faults import crash_point
 from agent.log import get_logger
 from agent.session.local import LocalSession, LocalState
 from agent.session.manifests import Manifests
@@ -100,11 +101,13 @@ class Publisher:
                 for s in layer.skipped:
                     log.warning("checkpoint.skipped", path=s[0], reason=s[1])
                 await self._upload(tmp, layer, progress)
+                crash_point("layer")
                 chain.append(LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed))
         finally:
             tmp.unlink(missing_ok=True)
         t_layer = time.monotonic()
         info = await self.publish(local, target, chain, state)
+        crash_point("ref")
         new_entries = current.entries
         if layer is not None:
             new_entries = next_parent(parent, current.entries, layer)
