@@ -11,7 +11,7 @@ import pytest
 
 from agent.daemon.api_token import FILE_NAME, api_token
 from agent.errors import ConfigError
-from agent.settings import Settings
+from agent.settings import Settings, load_settings
 
 
 def settings(tmp_path: Path, **kw: object) -> Settings:
@@ -68,3 +68,9 @@ def test_an_empty_token_file_is_refused(tmp_path: Path, text: str) -> None:
     f.write_text(text)
     with pytest.raises(ConfigError, match="holds no token"):
         api_token(settings(tmp_path, api_token_file=f))
+
+
+@pytest.mark.parametrize("field", ["api_token", "control_plane_token"])
+def test_a_whitespace_only_token_is_refused_at_start(field: str) -> None:
+    with pytest.raises(ConfigError, match=f"{field}.*only whitespace"):
+        load_settings(**{field: " \t "})
