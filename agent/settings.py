@@ -153,6 +153,13 @@ class Settings(BaseSettings):
             )
         return v
 
+    @field_validator("api_token", "control_plane_token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if v and not v.strip():  # no client could ever present it
+            raise ValueError("a token must not be only whitespace")
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
@@ -173,9 +180,12 @@ class Settings(BaseSettings):
         """The API token, read from api_token_file when one is named."""
         if self.api_token_file is not None:
             try:
-                return self.api_token_file.read_text().strip()
+                token = self.api_token_file.read_text().strip()
             except OSError as e:
                 raise ConfigError(f"cannot read api_token_file {self.api_token_file}: {e}") from e
+            if not token:
+                raise ConfigError(f"api_token_file {self.api_token_file} holds no token")
+            return token
         return self.api_token
 
 

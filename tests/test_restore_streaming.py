@@ -1,6 +1,6 @@
-"""A layer is applied while it is still downloading: the download and the apply
-overlap instead of adding up, and a download that fails halfway fails the
-restore with the store's error."""
+"""A chain's layers download while the newer ones are applied: the downloads and
+the apply overlap instead of adding up, yet no layer is applied before it is
+verified; a download that fails halfway fails the restore with the store's error."""
 
 from __future__ import annotations
 
@@ -18,18 +18,16 @@ from agent.session import Progress, Session
 from agent.store.arrival import Arrival
 from agent.store.local import LocalStore
 
-BIG = 100_000  # blobs above this arrive in two halves; manifests come whole
 
+class HeldStore(LocalStore):
+    """A local store whose blob ``held`` is complete only once the restore has
+    applied entries of a newer layer (or never, with ``fail``).
 
-class TricklingStore(LocalStore):
-    """A local store whose layers arrive in two halves, the second one only once
-    the restore has applied entries from the first (or never, with ``fail``).
+    Stands in for a slow network: an old, big layer still on its way."""
 
-    Stands in for a slow network: the S3 store reports arrival the same way
-    (see the contract test of ``on_data``)."""
-
-    def __init__(self, workdir: Path, applying: asyncio.Event, fail: bool = False) -> None:
+    def __init__(self, workdir: Path, held: str, applying: asyncio.Event, fail: bool) -> None:
         super().__init__(workdir)
+        self.held = held
         self.applying = applying
         self.fail = fail
 
@@ -42,46 +40,38 @@ class TricklingStore(LocalStore):
         verify: bool = True,
         on_data: Callable[[Path, int], None] | None = None,
     ) -> Path:
-        whole = await super().get_blob(digest, size, dest_dir, verify=verify)
-        data = whole.read_bytes()
-        if on_data is None or len(data) < BIG:
-            if on_data is not None:
-                on_data(whole, len(data))
-            return whole
-        arriving = dest_dir / "arriving.part"
-        half = len(data) // 2
-        arriving.write_bytes(data[:half])
-        on_data(arriving, half)
-        # Without the overlap the restore would wait for the whole layer: time out.
-        await asyncio.wait_for(self.applying.wait(), timeout=60)
-        if self.fail:
-            raise StoreUnavailable("the connection broke halfway through the layer")
-        with open(arriving, "ab") as f:
-            f.write(data[half:])
-        on_data(arriving, len(data))
-        return arriving
+        if digest == self.held:
+            # Without the overlap the restore would wait for this layer first: time out.
+            await asyncio.wait_for(self.applying.wait(), timeout=60)
+            if self.fail:
+                raise StoreUnavailable("the connection broke halfway through the layer")
+        return await super().get_blob(digest, size, dest_dir, verify=verify, on_data=on_data)
 
 
-def _tree(root: Path) -> None:
-    for i in range(800):  # incompressible, so the first half holds a few hundred entries
-        d = root / f"pkg{i // 100}"
+def _tree(root: Path, n: int, tag: str) -> None:
+    for i in range(n):  # over 256 entries: the apply reports progress once
+        d = root / f"{tag}{i // 100}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i}").write_bytes(os.urandom(1500))
 
 
-async def _checkpoint(tmp: Path) -> tuple[Path, Path]:
+async def _checkpoint(tmp: Path) -> tuple[Path, Path, str]:
     live, work = tmp / "live", tmp / "work"
     live.mkdir()
     writer = Session(settings_for(live, work, tmp / "st"), LocalStore(work))
     await writer.baseline()
-    _tree(live)
+    _tree(live, 800, "pkg")
     await writer.checkpoint("c")
-    return live, work
+    _tree(live, 400, "new")
+    await writer.checkpoint("c")
+    return live, work, writer.chain[0].digest
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["complete", "broken"])
-async def test_a_layer_is_applied_while_it_arrives(tmp_path: Path, fail: bool) -> None:
-    live, work = await _checkpoint(tmp_path)
+async def test_older_layers_download_while_the_newest_is_applied(
+    tmp_path: Path, fail: bool
+) -> None:
+    live, work, oldest = await _checkpoint(tmp_path)
     loop = asyncio.get_running_loop()
     applying = asyncio.Event()
 
@@ -91,7 +81,7 @@ async def test_a_layer_is_applied_while_it_arrives(tmp_path: Path, fail: bool) -
 
     target = tmp_path / "target"
     target.mkdir()
-    store = TricklingStore(work, applying, fail=fail)
+    store = HeldStore(work, oldest, applying, fail=fail)
     restorer = Session(settings_for(target, work, tmp_path / "st2"), store)
     if fail:
         with pytest.raises(StoreUnavailable, match="halfway"):

@@ -68,9 +68,7 @@ async def test_newest_first_within_the_stores_concurrency(tmp_path: Path, concur
     spool = tmp_path / "spool"
     seen: list[tuple[int, int]] = []
     chain = [(d, s) for d, s, _ in blobs]
-    async with Fetch(
-        store, chain, spool, verify=True, progress=lambda a, b: seen.append((a, b))
-    ) as fetch:
+    async with Fetch(store, chain, spool, progress=lambda a, b: seen.append((a, b))) as fetch:
         await fetch.wait()
         for i, (_, _, data) in enumerate(blobs):
             path = fetch.complete(i)
@@ -90,7 +88,7 @@ async def test_a_failed_download_fails_its_readers_and_the_wait(tmp_path: Path) 
     blobs = await _blobs(store, tmp_path, 3)
     store.broken = blobs[1][0]
     spool = tmp_path / "spool"
-    async with Fetch(store, [(d, s) for d, s, _ in blobs], spool, verify=False) as fetch:
+    async with Fetch(store, [(d, s) for d, s, _ in blobs], spool) as fetch:
         with pytest.raises(StoreUnavailable):
             await fetch.wait()
         assert fetch.complete(1) is None

@@ -114,6 +114,7 @@ class _Merge:
     ids: tuple[int, int] = field(default_factory=lambda: (os.geteuid(), os.getegid()))
     umask: int = field(default_factory=lambda: _current_umask())
     pid: int = field(default_factory=os.getpid)
+    protected: tuple[str, ...] = ()
 
 
 def _current_umask() -> int:
@@ -139,6 +140,7 @@ def apply_layers(
     totals: tuple[int, int] = (0, 0),
     progress: ApplyProgress | None = None,
     reserve: int | None = None,
+    protected: Sequence[str] = (),
 ) -> RestoreStats:
     """Apply a chain of layers (local verified files, oldest first) to ``root``.
 
@@ -149,6 +151,8 @@ def apply_layers(
     bytes) of the whole chain when known, for progress reports.  ``reserve``
     is how many bytes of the root's filesystem are kept free (by default 2% of
     it, at most 256 MiB): ``NoSpace`` before an entry would eat into them.
+    Entries at or below a ``protected`` root-relative path are skipped, and
+    one that would replace or remove such a path from above is refused.
     """
     if isinstance(layers, int):
         if fetch is None:
@@ -158,7 +162,12 @@ def apply_layers(
         files = list(layers)
         count, get = len(files), files.__getitem__
     with RootDirs(str(root)) as dirs:
-        merge = _Merge(root=str(root), dirs=dirs, space=FreeSpace(dirs.root_fd, reserve))
+        merge = _Merge(
+            root=str(root),
+            dirs=dirs,
+            space=FreeSpace(dirs.root_fd, reserve),
+            protected=tuple(protected),
+        )
         if _inherits(os.fstat(dirs.root_fd).st_mode, dirs.root_fd):
             merge.inherit.add("")
         return _apply_all(merge, count, get, totals, progress)
@@ -254,6 +263,9 @@ def _apply_member(
 ) -> None:
     path = clean_member_name(m.name)
     head, _, base = path.rpartition("/")
+    if merge.protected and _protected(merge.protected, path, head, base, m):
+        merge.stats.skipped += 1
+        return
     if base.startswith(tf.WHITEOUT_PREFIX):
         _apply_whiteout(merge, head, base, layer, older, m.name)
         return
@@ -774,3 +786,22 @@ def _set_dir_meta(merge: _Merge, target: int | str, rel: str, m: tf.Member) -> N
     os.chmod(target, m.mode & 0o7777)
     _set_xattrs(target, m, rel)
     os.utime(target, ns=(m.mtime_ns, m.mtime_ns))
+
+
+def _protected(protected: tuple[str, ...], path: str, head: str, base: str, m: tf.Member) -> bool:
+    """Whether the entry is at or below a protected path (skip it); one that would
+    replace, remove or hardlink into such a path from elsewhere is refused."""
+    if base == tf.OPAQUE_WHITEOUT:
+        target = head
+    elif base.startswith(tf.WHITEOUT_PREFIX):
+        target = f"{head}/{base[len(tf.WHITEOUT_PREFIX) :]}".lstrip("/")
+    else:
+        target = path
+    removes = base.startswith(tf.WHITEOUT_PREFIX) or m.type != tf.DIRTYPE
+    link = clean_member_name(m.linkname) if m.type == tf.LNKTYPE else ""
+    for p in protected:
+        if target == p or target.startswith(p + "/"):
+            return True
+        if (removes and p.startswith(target + "/")) or link == p or link.startswith(p + "/"):
+            raise UnsafeLayer(f"refused {m.name!r}: it would change the agent's own {p!r}")
+    return False

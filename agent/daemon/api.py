@@ -37,7 +37,7 @@ from agent.log import get_logger
 
 log = get_logger("daemon.api")
 
-_MAX_BODY = 64 << 10
+_MAX_BODY = 64 << 10  # a request body is {"name": ...}: anything larger is refused (413)
 _PUBLIC = frozenset({"/healthz"})
 
 
@@ -157,6 +157,8 @@ async def _json_body(request: web.Request, required: bool) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not JSON: {e}") from None
+    except RecursionError:  # bounded by _MAX_BODY, yet deep enough to exhaust the parser
+        raise BadRequest("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body

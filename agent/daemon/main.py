@@ -37,6 +37,7 @@ from agent.daemon.checkpointer import Checkpointer, OwnCheckpoint, StopBudget
 from agent.daemon.client import api_url
 from agent.daemon.clock import Clock, SystemClock, with_timeout
 from agent.daemon.control_plane import ControlPlane
+from agent.daemon.environ import forget_tokens
 from agent.daemon.lifecycle import Lifecycle, Status, Transition
 from agent.daemon.metrics import Metrics
 from agent.daemon.reaper import Reaper
@@ -624,6 +625,7 @@ async def run_daemon(settings: Settings, ide_argv: list[str]) -> int:
 def run(settings: Settings, ide_argv: list[str]) -> int:
     """``studio-agent run``: JSON logs on stdout, the daemon on an event loop, its exit code."""
     setup_logging(settings.log_level)
+    forget_tokens()  # read into settings already; no child, nor /proc, shows them now
     daemon = Daemon(settings, ide_argv)
     loop = asyncio.new_event_loop()
     code = EXIT_ERRORED

@@ -45,6 +45,7 @@ from agent.session.scope import Scope
 from agent.session.start import Starter
 from agent.session.verify import Verifier, VerifyReport, resolve
 from agent.settings import Settings
+from agent.statedir import ensure_private_dir
 from agent.store.base import Store
 
 log = get_logger("session")
@@ -111,6 +112,12 @@ class Session:
         self._catalog = Catalog(settings.studio, store, self._local, manifests, self.spool)
         self._verifier = Verifier(store, self.spool)
 
+    def _own_dirs(self) -> None:
+        """The state dir and spool, made or checked before anything is written there
+        (by us, or by a store staging a blob): see ``agent.statedir``."""
+        ensure_private_dir(self.state_dir, self.root)
+        ensure_private_dir(self.spool, self.root)
+
     # -- identity -------------------------------------------------------------------
 
     @property
@@ -135,6 +142,7 @@ class Session:
     async def baseline(self) -> None:
         """Begin a new session on the root as it is now (nothing restored)."""
         async with self._lock:
+            self._own_dirs()
             await self._starter.begin(chain=[])
 
     async def start(
@@ -176,6 +184,7 @@ class Session:
                     f"would lose: {describe_changes(lost)}; checkpoint them first, or "
                     "restore with --force"
                 )
+            self._own_dirs()
             begin_restore(self.state_dir)
             try:
                 outcome = await self._starter.start(restore_from, progress, required=required)
@@ -250,6 +259,7 @@ class Session:
     ) -> CheckpointResult | None:
         """Write the changes since the parent state as a layer and point ``name`` at it."""
         async with self._lock:
+            self._own_dirs()
             return await self._publisher.checkpoint(
                 name, state, skip_unchanged=skip_unchanged, progress=progress
             )
@@ -257,6 +267,7 @@ class Session:
     async def mark(self, state: CheckpointState, name: str | None = None) -> CheckpointInfo:
         """Write this session's checkpoint with the current chain and ``state``, no scan."""
         async with self._lock:
+            self._own_dirs()
             return await self._publisher.mark(state, name)
 
     def cancel(self) -> None:
@@ -282,6 +293,7 @@ class Session:
     async def list_checkpoints(self, *, sizes: bool = False) -> list[CheckpointInfo]:
         """This studio's checkpoints, most recently updated first; with ``sizes``
         each says what deleting it would free (which reads every studio's refs)."""
+        self._own_dirs()
         return await self._catalog.list_checkpoints(sizes=sizes)
 
     async def delete(self, checkpoint: str) -> CheckpointInfo | None:
@@ -297,6 +309,7 @@ class Session:
 
     async def rename(self, old: str, new: str) -> CheckpointInfo:
         async with self._lock:
+            self._own_dirs()
             return await self._catalog.rename(old, new)
 
     async def verify(

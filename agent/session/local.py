@@ -19,6 +19,8 @@ from agent.checkpoint.manifest import LayerDesc
 from agent.checkpoint.scan import Stat
 from agent.checkpoint.state import load_state, save_state
 from agent.errors import AgentError, NoParentState
+from agent.faults import crash_point
+from agent.statedir import create_file, ensure_private_dir
 
 SESSION_FILE = "session.json"
 
@@ -107,14 +109,15 @@ class LocalState:
 
     def save(self, local: LocalSession, entries: dict[str, Stat] | None) -> None:
         """Write the parent state under a new name, then switch session.json to it."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.state_dir, self._root)
         old = local.state_file
         if entries is not None:
             local.state_file = f"parent-{uuid.uuid4().hex[:12]}.state"
             save_state(self.state_dir / local.state_file, entries)
+            crash_point("state")
         path = self.state_dir / SESSION_FILE
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
+        with os.fdopen(create_file(tmp), "w") as f:
             json.dump(local.to_json(), f)
             f.flush()
             os.fsync(f.fileno())

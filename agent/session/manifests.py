@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.checkpoint.manifest import EMPTY_CONFIG, EMPTY_DIGEST, Manifest
 from agent.errors import AgentError, CorruptLayer, NotFound
+from agent.faults import crash_point
 from agent.session.records import CheckpointInfo, info_of
 from agent.store.base import RefValue, Store
 
@@ -56,6 +57,7 @@ class Manifests:
             await self._store.put_bytes(EMPTY_CONFIG, EMPTY_DIGEST, self._spool)
             self._config_written = True
         await self._store.put_bytes(data, digest, self._spool)
+        crash_point("manifest")
         await self._store.set_ref(studio, name, digest, expect)
         updated = datetime.fromtimestamp(self._clock(), UTC)
         return info_of(studio, name, RefValue(digest, updated), manifest)

@@ -16,6 +16,7 @@ and the chain's head, so gc keeps them until the ref reaches them
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from agent.checkpoint.names import normalize_name
 from agent.checkpoint.pipeline import Pass, scan_and_write
 from agent.checkpoint.scan import Stat
 from agent.errors import AgentError, BlobMissing, RefConflict
+from agent.faults import crash_point
 from agent.log import get_logger
 from agent.session.lease import SessionLease
 from agent.session.local import LocalSession, LocalState
@@ -43,6 +45,7 @@ from agent.session.records import (
 )
 from agent.session.scope import Scope, log_skipped
 from agent.settings import Settings
+from agent.statedir import create_file, ensure_private_dir
 from agent.store.base import Store
 
 log = get_logger("session")
@@ -114,11 +117,13 @@ class Publisher:
             await self.cover(local, [layer.digest] if layer else [], manifest)
             if layer is not None:
                 await self._upload(tmp, layer, progress)
+                crash_point("layer")
                 self._present.add(layer.digest)
         finally:
             tmp.unlink(missing_ok=True)
         t_layer = time.monotonic()
         info = await self.publish(local, target, manifest)
+        crash_point("ref")
         new_entries = current.entries
         if layer is not None:
             new_entries = next_parent(parent, current.entries, layer)
@@ -156,8 +161,8 @@ class Publisher:
                 progress(Progress(phase, b_done, b_total, done, total))
 
         def run() -> Pass:
-            self._spool.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            ensure_private_dir(self._spool, self._root)
+            with os.fdopen(create_file(tmp), "wb") as f:
                 done = scan_and_write(
                     self._root,
                     self._scope.excluder(),

@@ -23,15 +23,19 @@ class Scope:
         self._root = root
         self._state_dir = state_dir
 
-    def excluder(self) -> Excluder:
-        paths: list[Path | str] = [self._state_dir]
+    def own_paths(self) -> list[Path]:
+        """What is the agent's, never checkpointed, and so never restored either."""
+        paths = [self._state_dir]
         if sys.prefix != sys.base_prefix:  # the agent's own virtual environment
-            paths.append(sys.prefix)
+            paths.append(Path(sys.prefix))
         paths.append(_AGENT_PACKAGE)
         workdir = self._settings.workdir
         if workdir and "://" not in workdir:
-            paths.append(os.path.abspath(workdir))
-        return Excluder(self._root, paths, self._settings.exclude)
+            paths.append(Path(os.path.abspath(workdir)))
+        return paths
+
+    def excluder(self) -> Excluder:
+        return Excluder(self._root, self.own_paths(), self._settings.exclude)
 
     def scan(self, parent: dict[str, Stat] | None = None) -> Scan:
         """The root now; with ``parent``, what it recorded below unlistable directories stands."""

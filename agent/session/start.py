@@ -10,6 +10,8 @@ The session lease names the checkpoint's manifest before its blobs are
 fetched, so deleting that checkpoint (or the other studio's it was cloned
 from) while the session runs never lets gc take the chain; a blob collected
 before the lease stood fails the restore, which reads every one.
+Every layer is verified before its first byte is applied, so a corrupt layer
+never changes the root.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from agent.session.records import (
 )
 from agent.session.scope import Scope
 from agent.session.verify import Verifier
+from agent.statedir import ensure_private_dir, protected_paths
 from agent.store.base import Store
 from agent.store.fetch import Fetch
 
@@ -88,7 +91,7 @@ class Starter:
             store=store or self._store.url,
         )
         # The state dir first: its parents must not show up as the session's changes.
-        self._local.state_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self._local.state_dir, self._root)
         if parent is None:
             parent = (await asyncio.to_thread(self._scope.scan)).entries
         await asyncio.to_thread(self._local.save, local, parent)
@@ -202,12 +205,13 @@ class Starter:
     async def restore(
         self, manifest: Manifest, progress: ProgressFn | None, *, verify_first: bool
     ) -> RestoreStats:
-        """Fetch the chain (the store's ``Fetch``) and apply each layer as it arrives.
+        """Fetch the chain (the store's ``Fetch``) and apply each layer once verified.
 
         With ``verify_first`` (for a checkpoint its session never finalized)
         every blob is fetched and verified before the first byte is applied, so
         an unsound chain is refused without touching the root; otherwise each
-        layer is hashed while it is applied and a mismatch fails the restore.
+        layer is applied as soon as it is verified, newest first, while the
+        older ones still download.
         """
         layers = list(manifest.layers)
         if not layers:
@@ -218,20 +222,14 @@ class Starter:
                 progress(Progress("download", done, total, 0, 0))
 
         blobs = [(layer.digest, layer.size) for layer in layers]
-        async with Fetch(
-            self._store, blobs, self._spool, verify=verify_first, progress=on_fetched
-        ) as fetch:
+        ensure_private_dir(self._spool, self._root)
+        async with Fetch(self._store, blobs, self._spool, progress=on_fetched) as fetch:
             if verify_first:
                 await fetch.wait()
 
             def get(index: int) -> LayerFile:
-                # Applied as it arrives; unless verified already, hashed as it is read.
-                layer = layers[index]
-                expect = None if verify_first else layer.digest
-                path = fetch.complete(index)
-                if path is not None:
-                    return LayerFile(path, expect, layer.size)
-                return LayerFile(digest=expect, size=layer.size, opener=fetch.opener(index))
+                # Verified whole before its first byte is applied.
+                return LayerFile(fetch.wait_complete(index), size=layers[index].size)
 
             def on_apply(done: int, total: int, b_done: int, b_total: int) -> None:
                 if progress is not None:
@@ -239,5 +237,11 @@ class Starter:
 
             totals = (sum(x.files for x in layers), sum(x.uncompressed for x in layers))
             return await asyncio.to_thread(
-                apply_layers, self._root, len(layers), get, totals=totals, progress=on_apply
+                apply_layers,
+                self._root,
+                len(layers),
+                get,
+                totals=totals,
+                progress=on_apply,
+                protected=protected_paths(self._root, self._scope.own_paths()),
             )

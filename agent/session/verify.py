@@ -297,8 +297,9 @@ class Verifier:
         return out
 
     async def _read_blob(self, blob: _Blob, size: int, counter: _Counting) -> None:
-        """Fetch the blob (as a restore does) and check it as it arrives."""
-        async with Fetch(self._store, [(blob.digest, size)], self._scratch, verify=False) as f:
+        """Fetch the blob as a restore does (the store verifies its digest), then check
+        that a layer decompresses and parses."""
+        async with Fetch(self._store, [(blob.digest, size)], self._scratch) as f:
             opener = f.opener(0)
 
             def run() -> None:

@@ -1,10 +1,10 @@
-"""A blob that is still downloading, read from another thread as it arrives.
+"""A blob that is still downloading, waited for and read from another thread.
 
-``Store.get_blob`` reports through ``on_data`` how much of the file it writes is
-final; a restore applies a layer from that file while the rest of it is still on
-the way, so a download and the apply overlap instead of adding up.  The store's
-callbacks run on the event loop; readers run in the apply thread and wait here.
-``agent.store.fetch`` keeps one per blob of the chain it fetches.
+The downloading side reports how much of the file is final (``data``, on the
+event loop) and when it is complete; readers run in another thread (a restore's
+apply thread) and wait here for the bytes they ask for.  ``agent.store.fetch``
+keeps one per blob of the chain it fetches, and reports a blob only once the
+store verified it, so the restore waits for a layer while older ones download.
 """
 
 from __future__ import annotations
@@ -48,6 +48,17 @@ class Arrival:
         """The whole file, if it has all arrived: read it directly, without waiting."""
         with self._cond:
             return self._path if self._done and self._error is None else None
+
+    def wait(self) -> Path:
+        """The whole file, waiting until it has all arrived; raises the download's error."""
+        with self._cond:
+            while not (self._done and self._path is not None):
+                if self._error is not None:
+                    raise self._error
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            return self._path
 
     def fail(self, error: BaseException) -> None:
         """The download failed: readers raise ``error``."""

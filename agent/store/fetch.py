@@ -1,10 +1,13 @@
-"""Fetching a list of blobs (a restore's chain): bounded, newest first, readable
-while each one still arrives.
+"""Fetching a list of blobs (a restore's chain): bounded, newest first, each one
+verified before any of its bytes is handed out.
 
-The number of downloads at once is the store's (``Store.fetch_concurrency``); the
-caller reads each blob from the file once it is complete, or through an
-``Arrival`` reader while it is still on the way, so the downloads and whatever
-consumes them overlap.  Nothing here knows what the blobs hold.
+The number of downloads at once is the store's (``Store.fetch_concurrency``).
+Every blob is checked against its digest by the store as it lands (an S3
+download is hashed range by range as the ranges arrive; a local blob is hashed
+at disk speed) and becomes readable only once it matched, so a caller never
+acts on a byte of a corrupt blob.  The caller waits for each blob in the order
+it wants them while the later ones still download: the downloads and whatever
+consumes the earlier blobs overlap.  Nothing here knows what the blobs hold.
 """
 
 from __future__ import annotations
@@ -30,9 +33,8 @@ class Fetch:
     layer first; a restore wants the newest first).
 
     Use as ``async with``: entering starts the downloads, leaving cancels what is
-    still running, releases the readers and removes the scratch directory.  With
-    ``verify`` the store checks each blob's digest before it is complete;
-    without, only its size, and the reader is expected to hash the bytes itself.
+    still running, releases the readers and removes the scratch directory.  A
+    blob is complete, and readable, only once the store verified its digest.
     """
 
     def __init__(
@@ -41,13 +43,11 @@ class Fetch:
         blobs: Sequence[tuple[str, int]],
         parent_dir: Path,
         *,
-        verify: bool,
         progress: FetchProgress | None = None,
     ) -> None:
         self._store = store
         self._blobs = list(blobs)
         self._parent_dir = parent_dir
-        self._verify = verify
         self._progress = progress
         self._arrivals = [Arrival() for _ in self._blobs]
         self._tasks: list[asyncio.Future[None]] = []
@@ -85,9 +85,9 @@ class Fetch:
             async with sem:
                 dest = workdir / digest.split(":")[-1]
                 dest.mkdir(exist_ok=True)
-                path = await self._store.get_blob(
-                    digest, size, dest, verify=self._verify, on_data=arrival.data
-                )
+                path = await self._store.get_blob(digest, size, dest, verify=True)
+                # Readable from here on: all of it, verified.
+                arrival.data(path, size)
         except BaseException as e:  # a reader, waiting for bytes, raises it too
             arrival.fail(e)
             raise
@@ -103,10 +103,15 @@ class Fetch:
     # -- any thread -----------------------------------------------------------------
 
     def complete(self, index: int) -> Path | None:
-        """The file of blob ``index`` if it has all arrived (read it directly)."""
+        """The verified file of blob ``index`` if it is complete (read it directly)."""
         return self._arrivals[index].complete()
+
+    def wait_complete(self, index: int) -> Path:
+        """The verified file of blob ``index``, waiting (in a thread other than the
+        event loop's) until it is; raises the download's error if it failed."""
+        return self._arrivals[index].wait()
 
     def opener(self, index: int) -> Callable[[], BinaryIO]:
         """Gives a fresh reader of blob ``index`` from its first byte; a read waits
-        for bytes still to arrive and raises the download's error if it failed."""
+        until the blob is verified and raises the download's error if it failed."""
         return self._arrivals[index].open

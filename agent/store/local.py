@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import stat
@@ -33,7 +32,14 @@ from agent.store.checks import (
     lease_tag,
     verify_file,
 )
-from agent.store.refs import InvalidRef, decode_ref, encode_ref, ref_path_parts
+from agent.store.refs import (
+    MAX_REF_BYTES,
+    InvalidRef,
+    decode_ref,
+    encode_ref,
+    ref_path_parts,
+    skip_invalid,
+)
 
 T = TypeVar("T")
 
@@ -243,13 +249,11 @@ class LocalStore(Store):
     def _get_ref(self, studio: str, name: str) -> RefValue | None:
         path = self._ref_file(studio, name)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read(MAX_REF_BYTES + 1)
         except FileNotFoundError:
             return None
-        try:
-            return decode_ref(data)
-        except (ValueError, KeyError, TypeError) as e:
-            raise InvalidRef(f"checkpoint {studio}/{name} at {path} is not a valid ref: {e}") from e
+        return decode_ref(data, f"checkpoint {studio}/{name} at {path}")
 
     async def set_ref(self, studio: str, name: str, digest: str, expect: str | None) -> None:
         await self._run(f"write ref {studio}/{name}", self._set_ref, studio, name, digest, expect)
@@ -295,9 +299,12 @@ class LocalStore(Store):
             if fname.startswith("."):
                 continue
             try:
-                out[fname] = decode_ref((d / fname).read_bytes())
-            except (FileNotFoundError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+                ref = self._get_ref(studio, fname)
+            except (InvalidRef, OSError) as e:  # one bad ref must not hide the others
+                skip_invalid(e, f"{studio}/{fname}")
                 continue
+            if ref is not None:
+                out[fname] = ref
         return out
 
     async def list_studios(self) -> list[str]:

@@ -109,6 +109,8 @@ async def test_checkpoints_create_list_and_rename(running: Harness, root: Path) 
         ("POST", "/v1/checkpoints", {"json": {"name": "a", "state": "finalized"}}, 400),
         ("POST", "/v1/checkpoints", {"data": b"\xff\xfe"}, 400),
         ("POST", "/v1/checkpoints", {"data": b"x" * (128 << 10)}, 413),
+        ("POST", "/v1/checkpoints", {"data": b"[" * 5000 + b"]" * 5000}, 400),
+        ("PATCH", "/v1/checkpoints/x", {"data": b'{"a":' * 5000 + b"1" + b"}" * 5000}, 400),
         ("PATCH", "/v1/checkpoints/anything", {}, 400),
         ("PATCH", "/v1/checkpoints/anything", {"json": {}}, 400),
         ("PATCH", "/v1/checkpoints/..", {"json": {"name": "ok"}}, 404),

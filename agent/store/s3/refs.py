@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from agent.store.base import RefValue
 from agent.store.checks import check_expect
-from agent.store.refs import InvalidRef, decode_ref, encode_ref, ref_path_parts
+from agent.store.refs import InvalidRef, decode_ref, encode_ref, ref_path_parts, skip_invalid
 from agent.store.s3.client import Connection
 from agent.store.s3.errors import Missing, PreconditionFailed
 from agent.store.s3.listing import Listing
@@ -56,12 +56,8 @@ class Refs:
             data, etag = await self._conn.call("GetObject", key, get, transfer=True)
         except Missing:
             return None
-        try:
-            return _Ref(decode_ref(data), etag, data)
-        except (ValueError, KeyError, TypeError) as e:
-            raise InvalidRef(
-                f"checkpoint {studio}/{name} at {self._conn.where(key)} is not a valid ref: {e}"
-            ) from e
+        value = decode_ref(data, f"checkpoint {studio}/{name} at {self._conn.where(key)}")
+        return _Ref(value, etag, data)
 
     async def get_ref(self, studio: str, name: str) -> RefValue | None:
         ref = await self._read(studio, name, self.key(studio, name))
@@ -138,8 +134,9 @@ class Refs:
             async with limit:
                 try:
                     return name, await self._read(studio, name, prefix + name)
-                except InvalidRef:
-                    return name, None  # skipped, as the local store does
+                except InvalidRef as e:  # one bad ref must not hide the others
+                    skip_invalid(e, f"{studio}/{name}")
+                    return name, None
 
         found = await asyncio.gather(*(read(n) for n in names))
         return {name: ref.value for name, ref in found if ref is not None}
