@@ -205,8 +205,10 @@ def _member(
             writer.add_member(m, path, target, None)
         elif how is Link.AGAIN:
             pending.setdefault(target, []).append(_Link(path, target, layer, m))
-        else:
+        else:  # the restore makes its directory only at the end, too
             state.late_links.append(_Link(path, target, layer, m))
+            rules.written(path, kind, layer)
+            return True
     elif kind == tf.SYMTYPE:
         if symlink_escapes(path, m.linkname):
             raise UnsafeLayer(
@@ -216,6 +218,9 @@ def _member(
     elif kind == tf.FIFOTYPE:
         writer.add_member(m, path, "", None)
     rules.written(path, kind, layer)
+    if head and rules.used_dirs.get(head, -1) < layer:
+        for a in parents(path):  # as the restore notes the directories it writes in
+            rules.note_used(a, layer)
     return True
 
 
