@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     rn = add("rename", "Rename a checkpoint.")
     rn.add_argument("old")
     rn.add_argument("new")
+    sq = add("squash", "Squash a checkpoint's layers into one (a new manifest, the ref moved).")
+    sq.add_argument(
+        "--checkpoint",
+        dest="checkpoint_ref",
+        default="",
+        help="NAME or STUDIO/NAME (default: this session's own checkpoint, else the latest)",
+    )
+    sq.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -239,6 +247,22 @@ async def _rename(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+async def _squash(args: argparse.Namespace, session: Session) -> int:
+    out = await session.squash(args.checkpoint_ref or None)
+    if args.json:
+        print(json.dumps(out.to_json(), indent=2))
+        return 0
+    b, a = out.before, out.after
+    if not out.squashed:
+        print(f"checkpoint {b.studio}/{b.name}: {b.layers} layers, nothing to squash")
+        return 0
+    print(
+        f"squashed {b.studio}/{b.name}: {b.layers} layers, {_size(b.size)} -> "
+        f"{a.layers} layers, {_size(a.size)} ({_size(out.superseded)} superseded left out)"
+    )
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = {
     "baseline": _baseline,
     "checkpoint": _checkpoint,
@@ -246,6 +270,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = 
     "checkpoints": _checkpoints,
     "diff": _diff,
     "rename": _rename,
+    "squash": _squash,
 }
 
 
