@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read each blob, decompress each layer, and check their digests",
     )
     json_flag(vf)
+    sq = add("squash", "Squash a checkpoint's layers into one (a new manifest, the ref moved).")
+    sq.add_argument(
+        "--checkpoint",
+        dest="checkpoint_ref",
+        default="",
+        help="NAME or STUDIO/NAME (default: this session's own checkpoint, else the latest)",
+    )
+    json_flag(sq)
     return parser
 
 
@@ -402,6 +410,22 @@ async def _verify(args: argparse.Namespace, session: Session) -> int:
     return 0 if report.sound else EXIT_ERROR
 
 
+async def _squash(args: argparse.Namespace, session: Session) -> int:
+    out = await session.squash(args.checkpoint_ref or None)
+    if args.json:
+        print(json.dumps(out.to_json(), indent=2))
+        return 0
+    b, a = out.before, out.after
+    if not out.squashed:
+        print(f"checkpoint {b.studio}/{b.name}: {b.layers} layers, nothing to squash")
+        return 0
+    print(
+        f"squashed {b.studio}/{b.name}: {b.layers} layers, {_size(b.size)} -> "
+        f"{a.layers} layers, {_size(a.size)} ({_size(out.superseded)} superseded left out)"
+    )
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = {
     "baseline": _baseline,
     "checkpoint": _checkpoint,
@@ -410,6 +434,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = 
     "diff": _diff,
     "rename": _rename,
     "verify": _verify,
+    "squash": _squash,
 }
 
 

@@ -11,11 +11,12 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent.checkpoint.diff import report
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
+from agent.errors import NotFound
 from agent.session.catalog import Catalog
 from agent.session.local import LocalState
 from agent.session.manifests import Manifests
@@ -29,6 +30,7 @@ from agent.session.records import (
     StartOutcome,
 )
 from agent.session.scope import Scope
+from agent.session.squash import Squasher, SquashOutcome
 from agent.session.start import Starter
 from agent.session.verify import Verifier, VerifyReport, resolve
 from agent.settings import Settings
@@ -78,6 +80,11 @@ class Session:
         )
         self._catalog = Catalog(settings.studio, store, self._local, manifests)
         self._verifier = Verifier(store, self.spool)
+        self._squasher = Squasher(settings, store, self.spool, self._local, manifests, self._locked)
+
+    async def _locked(self, step: Callable[[], Awaitable[CheckpointInfo]]) -> CheckpointInfo:
+        async with self._lock:
+            return await step()
 
     # -- identity -------------------------------------------------------------------
 
@@ -169,6 +176,39 @@ class Session:
             if not every:
                 targets = targets[:1]
         return await self._verifier.verify(targets, read_data=read_data, progress=progress)
+
+    # -- squashing -----------------------------------------------------------------
+
+    async def squash(
+        self,
+        checkpoint: str | None = None,
+        *,
+        start: int = 0,
+        cancel: threading.Event | None = None,
+        low_priority: bool = False,
+    ) -> SquashOutcome:
+        """Squash a checkpoint's chain from layer ``start`` into one layer.
+
+        ``checkpoint``: NAME of this studio's, or STUDIO/NAME (its ref is the one
+        moved); default this session's own, else the studio's latest.  The long
+        part runs without the lock, so checkpoints go on meanwhile (and are kept:
+        the squash rebases onto them); only the manifest and ref step takes it."""
+        if checkpoint:
+            studio, name = self._starter.split_source(checkpoint)
+        else:
+            studio, name = self.studio, await self._default_squash_target()
+        return await self._squasher.squash(
+            studio, name, start=start, cancel=cancel, low_priority=low_priority
+        )
+
+    async def _default_squash_target(self) -> str:
+        local = self._local.peek()
+        if local is not None and local.name in local.refs:
+            return local.name
+        listed = await self.list_checkpoints()
+        if not listed:
+            raise NotFound(f"studio {self.studio} has no checkpoint to squash")
+        return listed[0].name
 
     # -- what changed ---------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import normalize_name
 from agent.checkpoint.pipeline import Pass, scan_and_write
 from agent.checkpoint.scan import Stat
+from agent.checkpoint.squash import replaced_bytes
 from agent.errors import AgentError, RefConflict
 from agent.log import get_logger
 from agent.session.local import LocalSession, LocalState
@@ -98,7 +99,10 @@ class Publisher:
                 for s in layer.skipped:
                     log.warning("checkpoint.skipped", path=s[0], reason=s[1])
                 await self._upload(tmp, layer, progress)
-                chain.append(LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed))
+                replaced = replaced_bytes(parent, changes, current.entries)
+                chain.append(
+                    LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed, replaced)
+                )
         finally:
             tmp.unlink(missing_ok=True)
         t_layer = time.monotonic()
