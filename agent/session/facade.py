@@ -18,6 +18,7 @@ from agent.checkpoint.diff import report
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
 from agent.errors import NotFound
 from agent.session.catalog import Catalog
+from agent.session.export import Exporter, ExportOutcome
 from agent.session.local import LocalState
 from agent.session.manifests import Manifests
 from agent.session.publish import Publisher
@@ -81,6 +82,7 @@ class Session:
         self._catalog = Catalog(settings.studio, store, self._local, manifests)
         self._verifier = Verifier(store, self.spool)
         self._squasher = Squasher(settings, store, self.spool, self._local, manifests, self._locked)
+        self._exporter = Exporter(settings, store, self.spool, manifests)
 
     async def _locked(self, step: Callable[[], Awaitable[CheckpointInfo]]) -> CheckpointInfo:
         async with self._lock:
@@ -209,6 +211,31 @@ class Session:
         if not listed:
             raise NotFound(f"studio {self.studio} has no checkpoint to squash")
         return listed[0].name
+
+    # -- exporting ------------------------------------------------------------------
+
+    async def export(
+        self,
+        checkpoint: str,
+        directory: Path,
+        *,
+        base: Path | None = None,
+        tag: str = "",
+        progress: ProgressFn | None = None,
+    ) -> ExportOutcome:
+        """Write a checkpoint (NAME or STUDIO/NAME; default this studio's most
+        recently written) as an OCI image layout in ``directory``, on the image
+        of the layout ``base`` when given.  Reads the store only: no lock."""
+        if checkpoint:
+            studio, name = self._starter.split_source(checkpoint)
+        else:
+            listed = await self.list_checkpoints()
+            if not listed:
+                raise NotFound(f"studio {self.studio} has no checkpoint to export")
+            studio, name = self.studio, listed[0].name
+        return await self._exporter.export(
+            studio, name, directory, base=base, tag=tag, progress=progress
+        )
 
     # -- what changed ---------------------------------------------------------------
 
