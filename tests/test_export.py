@@ -535,3 +535,28 @@ async def test_the_exported_image_runs_with_buildah(world: World, buildah: Build
         assert "FOO=bar" in config["Env"] and config["Labels"]["t"] == "tiny"
     finally:
         buildah("rm", image, check=False)
+
+
+def test_the_layer_sink_hashes_the_tar_in_bounded_memory(tmp_path: Path) -> None:
+    """A tar of 1 GiB of zeros is a few hundred KB of zstd: its diff_id is still
+    computed in chunks, never from the whole tar in memory."""
+    script = """
+import hashlib, io, resource, sys, zstandard
+from agent.checkpoint.oci_layout import LayerSink
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = io.BytesIO()
+sink = LayerSink(out)
+writer = zstandard.ZstdCompressor().stream_writer(sink, closefd=False, write_size=1 << 20)
+block, want = bytes(1 << 20), hashlib.sha256()
+for _ in range(1024):
+    writer.write(block)
+    want.update(block)
+writer.flush(zstandard.FLUSH_FRAME)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+assert sink.diff_id == "sha256:" + want.hexdigest() and sink.uncompressed == 1 << 30
+assert sink.digest == "sha256:" + hashlib.sha256(out.getvalue()).hexdigest()
+print(grew)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) < 200_000, f"peak memory grew by {proc.stdout.strip()} KiB"

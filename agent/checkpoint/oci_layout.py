@@ -373,6 +373,17 @@ def image_manifest(
 # -- writing a layout -----------------------------------------------------------------------
 
 
+class _TarHash:
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+
 class LayerSink:
     """A zstd layer's file as it is written: the compressed bytes hashed (the
     blob's digest) and decompressed as they pass, the tar hashed (its diff_id),
@@ -381,19 +392,24 @@ class LayerSink:
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
         self._sha = hashlib.sha256()
-        self._tar = hashlib.sha256()
-        self._z = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+        self._tar = _TarHash()
+        # a writer, not decompress(): its output comes in bounded chunks, however
+        # well the bytes compress (a large file of zeros is a few KB of zstd)
+        self._z = zstandard.ZstdDecompressor().stream_writer(
+            cast(BinaryIO, self._tar), write_size=_CHUNK, closefd=False
+        )
         self.size = 0
-        self.uncompressed = 0
 
     def write(self, data: bytes) -> int:
         self._f.write(data)
         self._sha.update(data)
         self.size += len(data)
-        tar = self._z.decompress(data)
-        self._tar.update(tar)
-        self.uncompressed += len(tar)
+        self._z.write(data)
         return len(data)
+
+    @property
+    def uncompressed(self) -> int:
+        return self._tar.size
 
     def flush(self) -> None:
         self._f.flush()
@@ -404,7 +420,7 @@ class LayerSink:
 
     @property
     def diff_id(self) -> str:
-        return "sha256:" + self._tar.hexdigest()
+        return "sha256:" + self._tar.sha.hexdigest()
 
     def as_file(self) -> BinaryIO:
         return cast(BinaryIO, self)
