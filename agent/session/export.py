@@ -125,7 +125,7 @@ class Exporter:
                 self._finish, writer, info, image, base_layers, layer, diff_id, tag
             )
         except BaseException:
-            await asyncio.to_thread(writer.discard)
+            writer.discard()  # not awaited: an interrupted export cleans up all the same
             raise
         outcome = ExportOutcome(
             info,
