@@ -211,6 +211,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_commands(add)
     st = add("studios", "List the studios that have checkpoints in the work directory.")
     json_flag(st)
+    sq = add("squash", "Squash a checkpoint's layers into one (a new manifest, the ref moved).")
+    sq.add_argument(
+        "--checkpoint",
+        dest="checkpoint_ref",
+        default="",
+        help="NAME or STUDIO/NAME (default: this session's own checkpoint, else the latest)",
+    )
+    json_flag(sq)
+    ex = add(
+        "export",
+        "Export a checkpoint as an OCI image layout: its chain squashed into one layer, on "
+        "the layers of a base image.",
+        epilog="The layout is read by any OCI tool: skopeo copy oci:DIR:TAG docker://REGISTRY/"
+        "IMAGE:TAG pushes it.\nDIR must be new or empty; it is complete once it has index.json.",
+    )
+    ex.add_argument(
+        "--checkpoint",
+        dest="checkpoint_ref",
+        default="",
+        metavar="NAME",
+        help="NAME or STUDIO/NAME (default: the studio's most recently written checkpoint)",
+    )
+    ex.add_argument(
+        "--oci", required=True, metavar="DIR", help="the OCI image layout to write (new or empty)"
+    )
+    ex.add_argument(
+        "--base",
+        default="",
+        metavar="DIR",
+        help="an OCI image layout of the image the session ran on (e.g. skopeo copy "
+        "docker://TEMPLATE oci:DIR): the export is that image plus the checkpoint",
+    )
+    ex.add_argument(
+        "--tag",
+        default="",
+        help="the image's name in the layout, org.opencontainers.image.ref.name (default: "
+        "the checkpoint's name)",
+    )
+    json_flag(ex)
     return parser
 
 
@@ -590,6 +629,43 @@ async def _studios(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+async def _squash(args: argparse.Namespace, session: Session) -> int:
+    out = await session.squash(args.checkpoint_ref or None)
+    if args.json:
+        print(json.dumps(out.to_json(), indent=2))
+        return 0
+    b, a = out.before, out.after
+    if not out.squashed:
+        print(f"checkpoint {b.studio}/{b.name}: {b.layers} layers, nothing to squash")
+        return 0
+    print(
+        f"squashed {b.studio}/{b.name}: {b.layers} layers, {_size(b.size)} -> "
+        f"{a.layers} layers, {_size(a.size)} ({_size(out.superseded)} superseded left out)"
+    )
+    return 0
+
+
+async def _export(args: argparse.Namespace, session: Session) -> int:
+    with _ProgressLine(sys.stderr) as bar:
+        out = await session.export(
+            args.checkpoint_ref,
+            Path(args.oci),
+            base=Path(args.base) if args.base else None,
+            tag=args.tag,
+            progress=bar.update,
+        )
+    if args.json:
+        _print_json(out.to_json())
+        return 0
+    c = out.checkpoint
+    on = f" on {out.base_layers} base layers" if out.base is not None else ""
+    print(
+        f"exported {c.studio}/{c.name} to oci:{out.directory}:{out.tag}: {c.layers} layers "
+        f"squashed into one of {_size(out.layer.size)}{on}; manifest {out.manifest}"
+    )
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = {
     "baseline": _baseline,
     "checkpoint": _checkpoint,
@@ -602,11 +678,13 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Session], Awaitable[int]]] = 
     "delete-studio": _delete_studio,
     "gc": _gc,
     "studios": _studios,
+    "squash": _squash,
+    "export": _export,
 }
 
 # Commands that change the session's files: one process at a time owns them.
 # (``checkpoints``, ``diff`` and ``studios`` only read.)
-_OWNING = frozenset({"baseline", "checkpoint", "restore", "rename"})
+_OWNING = frozenset({"baseline", "checkpoint", "restore", "rename", "squash"})
 
 
 # -- beside a running daemon: through its local API -----------------------------------

@@ -281,7 +281,12 @@ def test_bad_flags_are_one_line(tmp_path: Path, args: list[str], message: str) -
 
 @pytest.mark.parametrize("command", ["run", *_COMMANDS])
 def test_every_command_reports_an_unknown_flag_in_one_line(tmp_path: Path, command: str) -> None:
-    positionals = {"rename": ["a", "b"], "delete": ["a"], "delete-studio": ["a"]}.get(command, [])
+    positionals = {
+        "rename": ["a", "b"],
+        "delete": ["a"],
+        "delete-studio": ["a"],
+        "export": ["--oci", "x"],
+    }.get(command, [])
     proc = Cli(tmp_path)(command, *positionals, "--no-such-flag", ok=False)
     _usage_error(
         proc, f"unrecognized arguments: --no-such-flag (see 'studio-agent {command} --help')"

@@ -247,6 +247,59 @@ class LayerWriter:
         if len(self._buf) >= FLUSH_AT:
             self._flush()
 
+    def add_whiteout(self, path: str) -> None:
+        """A whiteout of ``path``, for a layer made of other layers' entries (a squash)."""
+        self._whiteout(path)
+
+    def add_opaque(self, rel_dir: str) -> None:
+        """An opaque whiteout: nothing below ``rel_dir`` from the layers underneath remains."""
+        self._buf += tf.encode_header(
+            f"{rel_dir}/{tf.OPAQUE_WHITEOUT}", tf.REGTYPE, 0o644, 0, 0, 0, 0
+        )
+        self.result.entries += 1
+        if len(self._buf) >= FLUSH_AT:
+            self._flush()
+
+    def add_member(
+        self, m: tf.Member, name: str, linkname: str, read: Callable[[int], bytes] | None
+    ) -> None:
+        """Another layer's entry as it was read, under ``name`` (its cleaned path,
+        with a trailing slash for a directory): the content, ``m.size`` bytes,
+        comes from ``read`` in chunks, so a large file is never held whole."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled("squash cancelled")
+        result = self.result
+        kind = tf.REGTYPE if m.type in (tf.AREGTYPE, tf.CONTTYPE) else m.type
+        size = m.size if kind == tf.REGTYPE else 0
+        header = tf.encode_header(
+            name, kind, m.mode, m.uid, m.gid, size, m.mtime_ns, linkname, m.xattrs
+        )
+        if size and read is None:
+            raise ValueError(f"{name!r}: a file's content needs a reader")
+        if size <= WHOLE_FILE_MAX:
+            self._buf += header
+            if size and read is not None:
+                self._buf += read(size)
+                self._buf += tf.padding(size)
+        else:
+            self._buf += header
+            self._flush()
+            left = size
+            write = self._compressor.write
+            while left and read is not None:
+                chunk = read(min(CHUNK, left))
+                write(chunk)
+                left -= len(chunk)
+            self._buf += tf.padding(size)
+        if kind == tf.REGTYPE:
+            result.files += 1
+            self.bytes_done += size
+        result.entries += 1
+        if len(self._buf) >= FLUSH_AT:
+            self._flush()
+        if self._progress is not None and (result.entries & 255) == 0:
+            self._progress(result.entries, self.bytes_done)
+
     def add(self, path: str, rec: Stat) -> None:
         """Write ``path`` as the scan recorded it in ``rec`` (its content as it is now)."""
         if self._cancel is not None and self._cancel.is_set():

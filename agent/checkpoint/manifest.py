@@ -35,6 +35,9 @@ A_STATE = _A + "state"
 A_CREATED = "org.opencontainers.image.created"
 A_FILES = _A + "files"
 A_UNCOMPRESSED = _A + "uncompressed-size"
+# Bytes of older versions (in lower layers or the image) the layer's changes
+# replaced or deleted, as known when it was written: the squash policy's estimate.
+A_REPLACED = _A + "replaced-size"
 
 # A manifest is small (a few hundred bytes per layer): anything much bigger is
 # not one of ours, and is refused before it is parsed.
@@ -66,13 +69,17 @@ class LayerDesc:
     size: int
     files: int = 0
     uncompressed: int = 0
+    replaced: int = 0
 
     def to_json(self) -> dict[str, Any]:
+        annotations = {A_FILES: str(self.files), A_UNCOMPRESSED: str(self.uncompressed)}
+        if self.replaced:
+            annotations[A_REPLACED] = str(self.replaced)
         return {
             "mediaType": LAYER_MEDIA_TYPE,
             "digest": self.digest,
             "size": self.size,
-            "annotations": {A_FILES: str(self.files), A_UNCOMPRESSED: str(self.uncompressed)},
+            "annotations": annotations,
         }
 
     @classmethod
@@ -191,6 +198,7 @@ def _layer_desc(index: int, d: _Descriptor) -> LayerDesc:
         size=d.size,
         files=_count(d.annotations.get(A_FILES, "0"), index, A_FILES),
         uncompressed=_count(d.annotations.get(A_UNCOMPRESSED, "0"), index, A_UNCOMPRESSED),
+        replaced=_count(d.annotations.get(A_REPLACED, "0"), index, A_REPLACED),
     )
 
 

@@ -38,13 +38,14 @@ from typing import BinaryIO
 from agent.checkpoint import tarformat as tf
 from agent.checkpoint.diskspace import FreeSpace
 from agent.checkpoint.layer_reader import LayerReader
+from agent.checkpoint.merge import DIR, REG_TYPES, Entry, Link, MergeRules, Whiteout
+from agent.checkpoint.merge import whiteout_target as _whiteout_target
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX as _TMP_PREFIX
 from agent.checkpoint.paths import clean_member_name, parents, symlink_escapes
 from agent.checkpoint.rootdirs import RootDirs, fd_path, open_dir_at
 from agent.errors import CorruptLayer, UnsafeLayer
 
-_DIR, _NONDIR, _WHITEOUT = 1, 2, 3
-_REG_TYPES = (tf.REGTYPE, tf.AREGTYPE, tf.CONTTYPE)
+_REG_TYPES = REG_TYPES
 # setxattr's answers to a name or value no filesystem takes: the layer's fault.
 _BAD_XATTR = (errno.E2BIG, errno.ERANGE, errno.EINVAL, errno.ENAMETOOLONG)
 
@@ -93,11 +94,9 @@ class _Merge:
     root: str
     dirs: RootDirs
     space: FreeSpace
-    decided: dict[str, tuple[int, int]] = field(default_factory=dict)
-    opaque: dict[str, int] = field(default_factory=dict)
-    # Directories some layer writes below, with the newest such layer: merge
-    # bookkeeping only; that they are real directories is RootDirs' to check.
-    used_dirs: dict[str, int] = field(default_factory=dict)
+    # Which entry wins and what is hidden (shared with the squash); that the
+    # directories it notes are real directories is RootDirs' to check.
+    rules: MergeRules = field(default_factory=MergeRules)
     dir_meta: dict[str, tf.Member] = field(default_factory=dict)
     # Times of existing directories we write into, put back at the end when no
     # layer has an entry for them (a temporary name and a rename move them).
@@ -233,25 +232,6 @@ def _entry_error(merge: _Merge, e: OSError, entry: str, layer: str) -> OSError:
 # -- the merge rules ----------------------------------------------------------------
 
 
-def _hidden(merge: _Merge, path: str, layer: int, check_parents: bool) -> bool:
-    """Whether a newer layer already decided this path or hides it."""
-    d = merge.decided.get(path)
-    if d is not None and d[0] > layer:
-        return True
-    return check_parents and _hidden_by_parent(merge, path, layer)
-
-
-def _hidden_by_parent(merge: _Merge, path: str, layer: int) -> bool:
-    for a in parents(path):
-        d = merge.decided.get(a)
-        if d is not None and d[0] > layer and d[1] != _DIR:
-            return True
-        o = merge.opaque.get(a)
-        if o is not None and o > layer:
-            return True
-    return False
-
-
 def _apply_member(
     merge: _Merge,
     reader: LayerReader,
@@ -266,56 +246,39 @@ def _apply_member(
     if merge.protected and _protected(merge.protected, path, head, base, m):
         merge.stats.skipped += 1
         return
+    rules = merge.rules
     if base.startswith(tf.WHITEOUT_PREFIX):
         _apply_whiteout(merge, head, base, layer, older, m.name)
         return
     kind = m.type
-    if kind in (tf.CHRTYPE, tf.BLKTYPE):
-        raise UnsafeLayer(f"refused device node {path!r}: device nodes are never restored")
-    d = merge.decided.get(path)
-    if (d is not None and d[0] > layer) or (older and _hidden_by_parent(merge, path, layer)):
+    verdict = rules.entry(path, kind, layer, older)
+    if verdict:
         merge.stats.skipped += 1
         if kind in _REG_TYPES:
             skipped_files.add(path)  # a hardlink of this layer may still need it
-        if kind != tf.DIRTYPE and d is not None and d[1] == _DIR:
-            # This layer made the path a non-directory, removing what was below it;
-            # a newer one made it a directory again, so only newer content stays.
+        if verdict is Entry.SKIP_RESET:
             _hide_below(merge, path, layer)
         return
-    if kind != tf.DIRTYPE:
-        used = merge.used_dirs.get(path)
-        if used is not None and used > layer:
-            if kind == tf.SYMTYPE:
-                raise UnsafeLayer(
-                    f"refused symlink {path!r}: a newer layer writes below it, which would "
-                    "write through the link"
-                )
-            raise CorruptLayer(f"{path!r} is not a directory but a newer layer writes below it")
     merge.space.charge(m.size, path)
     pfd = _parent_fd(merge, path, head, layer) if head else merge.dirs.root_fd
     if kind in _REG_TYPES:
         _write_file(merge, reader, m, pfd, base, path, head)
-        merge.decided[path] = (layer, _NONDIR)
         merge.stats.files += 1
     elif kind == tf.DIRTYPE:
         _make_dir(merge, pfd, base, path)
         merge.dir_meta[path] = m
-        merge.decided[path] = (layer, _DIR)
-        if merge.used_dirs.get(path, -1) < layer:
-            merge.used_dirs[path] = layer
     elif kind == tf.LNKTYPE:
         target = clean_member_name(m.linkname)
-        d = merge.decided.get(target)
-        if d == (layer, _NONDIR):
+        how = rules.link(target, layer, skipped_files)
+        if how is Link.HERE:
             tfd, tname = _link_target(merge, target, path)
             _hardlink(merge, tfd, tname, pfd, base, path)
-        elif target in skipped_files or (d is not None and d[0] > layer):
+        elif how is Link.AGAIN:
             # The target's content in this layer was overridden or hidden by a
             # newer one: read it again from this layer after the pass.
             pending.setdefault(target, []).append(_DeferredLink(path, target, layer, m))
         else:
             merge.deferred.append(_DeferredLink(path, target, layer, m))
-        merge.decided[path] = (layer, _NONDIR)
     elif kind == tf.SYMTYPE:
         if symlink_escapes(path, m.linkname):
             raise UnsafeLayer(
@@ -323,45 +286,33 @@ def _apply_member(
             )
         _replace_with(merge, pfd, base, path, lambda n: os.symlink(m.linkname, n, dir_fd=pfd))
         _set_symlink_meta(merge, pfd, base, path, m)
-        merge.decided[path] = (layer, _NONDIR)
     elif kind == tf.FIFOTYPE:
         _replace_with(
             merge, pfd, base, path, lambda n: os.mkfifo(n, 0o600, dir_fd=pfd), fifo_meta=m
         )
-        merge.decided[path] = (layer, _NONDIR)
+    rules.written(path, kind, layer)
 
 
 def _apply_whiteout(merge: _Merge, head: str, base: str, layer: int, older: bool, raw: str) -> None:
-    if base == tf.OPAQUE_WHITEOUT:
-        if not head:
-            raise UnsafeLayer("refused opaque whiteout of the root directory")
-        if _hidden(merge, head, layer, older):
-            return
-        _prune_undecided(merge, head, layer, raw)
-        merge.opaque[head] = layer
+    rules = merge.rules
+    target = _whiteout_target(head, base, raw)
+    if target is None:
+        if rules.opaque_whiteout(head, layer, older):
+            _hide_below(merge, head, layer, raw)
         return
-    name = base[len(tf.WHITEOUT_PREFIX) :]
-    if name in ("", ".", "..") or name.startswith(tf.WHITEOUT_PREFIX):
-        raise UnsafeLayer(f"refused whiteout {raw!r}: it does not name an entry of its directory")
-    target = f"{head}/{name}" if head else name
-    d = merge.decided.get(target)
-    if d is not None:
-        if d[1] == _DIR:  # recreated by a newer layer: what was below must go
-            _hide_below(merge, target, layer)
-        return
-    if _hidden(merge, target, layer, older):
-        return
-    pfd = merge.dirs.get(head, raw) if head else merge.dirs.root_fd
-    if pfd is not None:  # else nothing is there to delete
-        _remove(merge, pfd, name, target)
-    merge.decided[target] = (layer, _WHITEOUT)
+    verdict = rules.whiteout(target, layer, older)
+    if verdict is Whiteout.RESET:
+        _hide_below(merge, target, layer)
+    elif verdict is Whiteout.REMOVE:
+        pfd = merge.dirs.get(head, raw) if head else merge.dirs.root_fd
+        if pfd is not None:  # else nothing is there to delete
+            _remove(merge, pfd, target.rpartition("/")[2], target)
 
 
-def _hide_below(merge: _Merge, rel_dir: str, layer: int) -> None:
+def _hide_below(merge: _Merge, rel_dir: str, layer: int, what: str = "") -> None:
     """Everything below ``rel_dir`` from the image or layers older than ``layer`` is gone."""
-    _prune_undecided(merge, rel_dir, layer, rel_dir)
-    if merge.opaque.get(rel_dir, -1) < layer:
-        merge.opaque[rel_dir] = layer
+    _prune_undecided(merge, rel_dir, layer, what or rel_dir)
+    merge.rules.reset(rel_dir, layer)
 
 
 def _prune_undecided(merge: _Merge, rel_dir: str, layer: int, what: str) -> None:
@@ -378,10 +329,10 @@ def _prune_undecided(merge: _Merge, rel_dir: str, layer: int, what: str) -> None
 def _prune_in(merge: _Merge, fd: int, rel_dir: str, layer: int, what: str) -> None:
     for name in os.listdir(fd):
         rel = f"{rel_dir}/{name}"
-        d = merge.decided.get(rel)
+        d = merge.rules.decision(rel)
         if d is None or d[0] < layer:
             _remove(merge, fd, name, rel)
-        elif d[1] == _DIR:
+        elif d[1] == DIR:
             sub = open_dir_at(fd, name, rel, what)
             if sub is not None:
                 try:
@@ -397,7 +348,7 @@ def _parent_fd(merge: _Merge, path: str, head: str, layer: int) -> int:
     """The fd of ``head``, the directory ``path`` is in, made (with its parents) a
     real directory where it is missing or image content; note that ``layer``
     writes below them."""
-    used = merge.used_dirs
+    used = merge.rules.used_dirs
     dirs = merge.dirs
     prev = used.get(head)
     fd = dirs.cached(head)
@@ -430,7 +381,7 @@ def _make_parent(merge: _Merge, pfd: int, rel: str, path: str) -> int:
     name = rel.rpartition("/")[2]
     s = _lstat_or_none(pfd, name)
     if s is not None:
-        if rel in merge.decided:
+        if merge.rules.decision(rel) is not None:
             raise CorruptLayer(f"refused {path!r}: its parent {rel!r} is not a directory")
         # Content of the image that an older layer replaces by a directory.
         os.unlink(name, dir_fd=pfd)
@@ -444,9 +395,10 @@ def _make_parent(merge: _Merge, pfd: int, rel: str, path: str) -> int:
 def _forget_dirs_below(merge: _Merge, rel: str) -> None:
     prefix = rel + "/"
     merge.dirs.forget(rel)
-    if rel in merge.used_dirs:
-        for k in [k for k in merge.used_dirs if k == rel or k.startswith(prefix)]:
-            del merge.used_dirs[k]
+    used = merge.rules.used_dirs
+    if rel in used:
+        for k in [k for k in used if k == rel or k.startswith(prefix)]:
+            del used[k]
     if merge.inherit:
         merge.inherit -= {k for k in merge.inherit if k == rel or k.startswith(prefix)}
 
@@ -687,11 +639,7 @@ def _link_parent(merge: _Merge, link: _DeferredLink) -> int:
 
 def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
     """A hardlink to a file of an older layer or of the image: link if it is still that file."""
-    d = merge.decided.get(link.target)
-    if d is not None and d[0] > link.layer:
-        raise CorruptLayer(
-            f"hardlink {link.path!r} -> {link.target!r} refers to content a newer layer replaced"
-        )
+    merge.rules.check_late_link(link.path, link.target, link.layer)
     tfd, tname = _link_target(merge, link.target, link.path)
     pfd = _link_parent(merge, link)
     _hardlink(merge, tfd, tname, pfd, link.path.rpartition("/")[2], link.path)

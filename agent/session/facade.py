@@ -12,15 +12,16 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent.checkpoint.diff import DiffLine, report
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
 from agent.checkpoint.scan import MODE, Stat
-from agent.errors import AgentError
+from agent.errors import AgentError, NotFound
 from agent.log import get_logger
 from agent.session.catalog import Catalog
+from agent.session.export import Exporter, ExportOutcome
 from agent.session.lease import SessionLease
 from agent.session.leftovers import (
     RESTORE_MARKER,
@@ -42,6 +43,7 @@ from agent.session.records import (
     StudioDeletion,
 )
 from agent.session.scope import Scope
+from agent.session.squash import Squasher, SquashOutcome
 from agent.session.start import Starter
 from agent.session.verify import Verifier, VerifyReport, resolve
 from agent.settings import Settings
@@ -111,6 +113,12 @@ class Session:
         )
         self._catalog = Catalog(settings.studio, store, self._local, manifests, self.spool)
         self._verifier = Verifier(store, self.spool)
+        self._squasher = Squasher(settings, store, self.spool, self._local, manifests, self._locked)
+        self._exporter = Exporter(settings, store, self.spool, manifests)
+
+    async def _locked(self, step: Callable[[], Awaitable[CheckpointInfo]]) -> CheckpointInfo:
+        async with self._lock:
+            return await step()
 
     def _own_dirs(self) -> None:
         """The state dir and spool, made or checked before anything is written there
@@ -330,6 +338,64 @@ class Session:
             if not every:
                 targets = targets[:1]
         return await self._verifier.verify(targets, read_data=read_data, progress=progress)
+
+    # -- squashing -----------------------------------------------------------------
+
+    async def squash(
+        self,
+        checkpoint: str | None = None,
+        *,
+        start: int = 0,
+        cancel: threading.Event | None = None,
+        low_priority: bool = False,
+    ) -> SquashOutcome:
+        """Squash a checkpoint's chain from layer ``start`` into one layer.
+
+        ``checkpoint``: NAME of this studio's, or STUDIO/NAME (its ref is the one
+        moved); default this session's own, else the studio's latest.  The long
+        part runs without the lock, so checkpoints go on meanwhile (and are kept:
+        the squash rebases onto them); only the manifest and ref step takes it."""
+        if checkpoint:
+            studio, name = self._starter.split_source(checkpoint)
+        else:
+            studio, name = self.studio, await self._default_squash_target()
+        return await self._squasher.squash(
+            studio, name, start=start, cancel=cancel, low_priority=low_priority
+        )
+
+    async def _default_squash_target(self) -> str:
+        local = self._local.peek()
+        if local is not None and local.name in local.refs:
+            return local.name
+        listed = await self.list_checkpoints()
+        if not listed:
+            raise NotFound(f"studio {self.studio} has no checkpoint to squash")
+        return listed[0].name
+
+    # -- exporting ------------------------------------------------------------------
+
+    async def export(
+        self,
+        checkpoint: str,
+        directory: Path,
+        *,
+        base: Path | None = None,
+        tag: str = "",
+        progress: ProgressFn | None = None,
+    ) -> ExportOutcome:
+        """Write a checkpoint (NAME or STUDIO/NAME; default this studio's most
+        recently written) as an OCI image layout in ``directory``, on the image
+        of the layout ``base`` when given.  Reads the store only: no lock."""
+        if checkpoint:
+            studio, name = self._starter.split_source(checkpoint)
+        else:
+            listed = await self.list_checkpoints()
+            if not listed:
+                raise NotFound(f"studio {self.studio} has no checkpoint to export")
+            studio, name = self.studio, listed[0].name
+        return await self._exporter.export(
+            studio, name, directory, base=base, tag=tag, progress=progress
+        )
 
     # -- what changed ---------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import normalize_name
 from agent.checkpoint.pipeline import Pass, scan_and_write
 from agent.checkpoint.scan import Stat
+from agent.checkpoint.squash import replaced_bytes
 from agent.errors import AgentError, BlobMissing, RefConflict
 from agent.faults import crash_point
 from agent.log import get_logger
@@ -112,7 +113,10 @@ class Publisher:
                 skipped.extend(Skipped(p, r) for p, r in layer.skipped)
                 for s in layer.skipped:
                     log.warning("checkpoint.skipped", path=s[0], reason=s[1])
-                chain.append(LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed))
+                replaced = replaced_bytes(parent, changes, current.entries)
+                chain.append(
+                    LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed, replaced)
+                )
             manifest = self._manifest(local, target, chain, state)
             await self.cover(local, [layer.digest] if layer else [], manifest)
             if layer is not None:
