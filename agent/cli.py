@@ -393,7 +393,7 @@ async def _restore(args: argparse.Namespace, session: Session) -> int:
                 args.checkpoint_ref, progress=bar.update, required=True, force=args.force
             )
     except NotFound as e:
-        if not await session.store.list_studios():  # a mistyped work directory, most likely
+        if not await session.store.exists():  # a mistyped work directory, most likely
             raise NotFound(f"{e}: no checkpoint store at {session.store.url}") from None
         raise
     for bad in outcome.invalidated:
@@ -421,9 +421,12 @@ async def _restore(args: argparse.Namespace, session: Session) -> int:
 async def _checkpoints(args: argparse.Namespace, session: Session) -> int:
     infos = await session.list_checkpoints(sizes=True)
     if not infos:
-        studios = await session.store.list_studios()
-        if not studios:
+        if not await session.store.exists():
             raise NotFound(f"no checkpoint store at {session.store.url}")
+        studios = await session.store.list_studios()
+        if not args.json and not studios:
+            print(f"studio {session.studio} has no checkpoints")
+            return 0
         if not args.json:
             print(
                 f"studio {session.studio} has no checkpoints in {session.store.url} "
@@ -614,9 +617,12 @@ async def _gc(args: argparse.Namespace, session: Session) -> int:
 
 async def _studios(args: argparse.Namespace, session: Session) -> int:
     store = session.store
-    studios = await store.list_studios()
-    if not studios:
+    if not await store.exists():
         raise NotFound(f"no checkpoint store at {store.url}")
+    studios = await store.list_studios()
+    if not studios and not args.json:
+        print(f"no studio has checkpoints in {store.url}")
+        return 0
     counts = [len(await store.list_refs(s)) for s in studios]
     if args.json:
         doc = [{"studio": s, "checkpoints": n} for s, n in zip(studios, counts, strict=True)]

@@ -5,9 +5,11 @@ One gc at a time per work directory holds the gc lease (``lease.py``).  In order
 1. list every blob; those last written before the cutoff (now minus the grace
    period) are candidates.  Listing comes first: a blob stored later is no
    candidate, and one stored earlier was named in its writer's lease before.
-2. mark: every ref of every studio, and every unexpired session lease, is a
+2. mark: every unexpired session lease, then every ref of every studio, is a
    root; every manifest a root reaches is followed (``reach.py``), and what it
-   lists (config, layers, manifests) is marked.
+   lists (config, layers, manifests) is marked.  Leases come first: a writer
+   drops its lease only after writing its ref, so what a lease read too late
+   to see protected is reached by a ref read after it.
 3. sweep, in batches: before each, renew the gc lease (a gc whose lease
    expired stops there) and read the session leases again; then delete the
    candidates nothing marked.
@@ -239,10 +241,12 @@ async def collect(
         cutoff = start - grace.total_seconds()
         candidates = await _list(store, cutoff, report, lease, say)
         marker = _Marker(store, scratch, report, lease)
+        # Leases before refs: a writer releases its lease only once its ref is
+        # written, so a lease gone by now means its ref is there to be read.
+        expired = await marker.leases(clock())
         await marker.refs(say)
         if report.stopped is not None:
             return report  # the lease lapsed while marking: nothing was deleted
-        expired = await marker.leases(clock())
         say(
             f"marked {len(marker.marked)} blobs from {report.refs} refs of {report.studios} "
             f"studios and {report.leases} session leases ({report.manifests} manifests)"

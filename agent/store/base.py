@@ -184,6 +184,12 @@ class Store(abc.ABC):
         """All refs of a studio, by name."""
 
     @abc.abstractmethod
+    async def exists(self) -> bool:
+        """Whether a checkpoint store was ever written here (its layout marker):
+        a mistyped work directory is told apart from a store whose checkpoints
+        were all deleted."""
+
+    @abc.abstractmethod
     async def list_studios(self) -> list[str]:
         """Every studio that has (or had) refs in this work directory."""
 

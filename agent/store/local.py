@@ -307,6 +307,9 @@ class LocalStore(Store):
                 out[fname] = ref
         return out
 
+    async def exists(self) -> bool:
+        return await self._run("look for the store", (self.root / "oci-layout").exists)
+
     async def list_studios(self) -> list[str]:
         return await self._run("list the studios", self._list_studios)
 

@@ -193,6 +193,11 @@ class S3Store(Store):
     async def list_refs(self, studio: str) -> dict[str, RefValue]:
         return await self._refs.list_refs(studio)
 
+    async def exists(self) -> bool:
+        return (
+            self._layout_written or await self._conn.size_of(f"{self._root}/oci-layout") is not None
+        )
+
     async def list_studios(self) -> list[str]:
         return sorted(await self._listing.children(f"{self._root}/refs/"))
 
