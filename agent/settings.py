@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     checkpoint_interval: float = Field(
         300.0, gt=0, description="Seconds between periodic checkpoints."
     )
+    squash_layers: int = Field(
+        16,
+        ge=0,
+        description="Squash the session's checkpoint in the background once its chain holds "
+        "more than this many layers, or its superseded bytes pass half of it (0: never).",
+    )
     stop_grace: float = Field(
         30.0, gt=0, description="Seconds from SIGTERM to exit, final checkpoint included."
     )

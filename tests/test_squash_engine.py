@@ -324,3 +324,58 @@ def test_directory_recreated_by_an_entry_below_it(tmp_path: Path, base: Path) ->
     for layers in (chain, _squashed(tmp_path, chain, 0)):
         root = _restored(tmp_path, base, layers, f"r{len(layers)}")
         assert sorted(os.listdir(root / "etc/app")) == ["new"]
+
+
+_MILLION = r"""
+import sys, zstandard
+from pathlib import Path
+from agent.checkpoint import tarformat as tf
+from agent.checkpoint.squash import squash_layers
+
+tmp = Path(sys.argv[1])
+n = int(sys.argv[2])
+def layer(path, entries):
+    with open(path, "wb") as f, zstandard.ZstdCompressor(level=1).stream_writer(f) as z:
+        for e in entries:
+            z.write(e)
+        z.write(tf.end_of_archive())
+def first():
+    for d in range(n // 1000):
+        base = f"usr/lib/python3.11/site-packages/package_{d:04d}"
+        yield tf.encode_header(base + "/", tf.DIRTYPE, 0o755, 0, 0, 0, 1_700_000_000_123_456_789)
+        for i in range(1000):
+            yield tf.encode_header(f"{base}/module_{i:04d}.py", tf.REGTYPE, 0o644, 0, 0, 0,
+                                   1_700_000_000_123_456_789)
+def second():
+    for d in range(0, n // 1000, 10):
+        base = f"usr/lib/python3.11/site-packages/package_{d:04d}"
+        yield tf.encode_header(f"{base}/module_0001.py", tf.REGTYPE, 0o644, 0, 0, 0, 1)
+        yield tf.encode_header(f"{base}/.wh.module_0002.py", tf.REGTYPE, 0o644, 0, 0, 0, 0)
+layer(tmp / "1", first())
+layer(tmp / "2", second())
+def hwm():  # VmHWM, not ru_maxrss: that keeps the forking parent's peak across exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+base = hwm()
+with open(tmp / "out", "wb") as f:
+    result = squash_layers([tmp / "1", tmp / "2"], f, threads=1)
+assert result.layer.entries >= n, result.layer.entries
+print(hwm() // 1024, base // 1024)
+"""
+
+
+def test_a_million_paths_squash_in_bounded_memory(tmp_path: Path) -> None:
+    """Memory holds a key per path, never their names or content: 1M paths under 200 MB."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _MILLION, str(tmp_path), "1000000"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak_mb, _before_mb = (int(x) for x in proc.stdout.split())
+    assert peak_mb < 200, f"peak RSS {peak_mb} MB ({proc.stdout.strip()})"

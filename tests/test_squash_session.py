@@ -38,12 +38,17 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown and xattrs need
 _SLOW = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
 
-async def _restores_to(tmp: Path, base: Path, store: Store, name: str, expected: Any) -> None:
+async def _restored(tmp: Path, base: Path, store: Store, name: str, studio: str = "s") -> Any:
     target = tmp / f"restore-{uuid.uuid4().hex[:6]}"
     copy_tree(base, target)
-    restorer = Session(settings_for(target, tmp / "work", tmp / f"st-{target.name}"), store)
+    state = tmp / f"st-{target.name}"
+    restorer = Session(settings_for(target, tmp / "work", state, studio), store)
     await restorer.start(name, required=True)
-    problems = diff_snapshots(expected, snapshot(target))
+    return snapshot(target)
+
+
+async def _restores_to(tmp: Path, base: Path, store: Store, name: str, expected: Any) -> None:
+    problems = diff_snapshots(expected, await _restored(tmp, base, store, name))
     assert not problems, "\n".join(problems[:10])
 
 
@@ -77,27 +82,36 @@ def test_squash_at_random_steps_restores_the_same_through_s3(
 
 
 async def _squash_steps(tmp: Path, store: Store, ops: list[str], data: st.DataObject) -> None:
-    """The base holds what the changes delete, so a squash that dropped a whiteout,
-    or kept a superseded entry, restores differently."""
+    """Two sessions checkpoint the same root, one squashing at random steps; both
+    restore identically.  The base holds what the changes delete, so a squash that
+    dropped a whiteout, or kept a superseded entry, restores differently."""
     base = tmp / "base"
     base.mkdir()
     _make_base(base)
     live = tmp / "live"
     copy_tree(base, live)
     session = Session(settings_for(live, tmp / "work", tmp / "state"), store)
+    plain = Session(settings_for(live, tmp / "work", tmp / "state-plain", "plain"), store)
     await session.baseline()
+    await plain.baseline()
+
+    async def same() -> None:
+        want = await _restored(tmp, base, store, plain.auto_name, "plain")
+        problems = diff_snapshots(want, await _restored(tmp, base, store, session.auto_name))
+        assert not problems, "\n".join(problems[:10])
+
     for op in ops:
         _apply(op, live, data)
         await session.checkpoint()
+        await plain.checkpoint()
         if data.draw(st.booleans()):
             layers = len(session.chain)
             start = data.draw(st.integers(0, max(0, layers - 1)))
             out = await session.squash(start=start)
             assert out.after.layers == (start + 1 if layers - start >= 2 else layers)
             assert len(session.chain) == out.after.layers  # the local chain follows
-            await _restores_to(tmp, base, store, session.auto_name, snapshot(live))
-    # what was checkpointed after the last squash extends it
-    await _restores_to(tmp, base, store, session.auto_name, snapshot(live))
+            await same()
+    await same()  # what was checkpointed after the last squash extends it
 
 
 # -- fixed scenarios on both stores --------------------------------------------------------

@@ -120,8 +120,10 @@ class Checkpointer:
         metrics: Metrics,
         interval: float,
         reports: Reports,
+        after_periodic: Callable[[CheckpointResult | None], None] | None = None,
     ) -> None:
         self._session = session
+        self._after_periodic = after_periodic  # the background squash's cue
         self._clock = clock
         self._metrics = metrics
         self._interval = interval
@@ -160,7 +162,9 @@ class Checkpointer:
                 self._write(Kind.PERIODIC, state_for(Kind.PERIODIC), skip_unchanged=True)
             )
             # shielded: stopping the ticker must not abandon a checkpoint half-way
-            await asyncio.shield(self._periodic)
+            result = await asyncio.shield(self._periodic)
+            if self._after_periodic is not None:
+                self._after_periodic(result)
 
     async def final(self, budget: float) -> str:
         """The final checkpoint within ``budget`` seconds; a note for the status reason if not."""

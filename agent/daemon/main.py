@@ -36,6 +36,7 @@ from agent.daemon.api_token import api_token
 from agent.daemon.checkpointer import Checkpointer, OwnCheckpoint, StopBudget
 from agent.daemon.client import api_url
 from agent.daemon.clock import Clock, SystemClock, with_timeout
+from agent.daemon.compactor import Compactor
 from agent.daemon.control_plane import ControlPlane
 from agent.daemon.environ import forget_tokens
 from agent.daemon.lifecycle import Lifecycle, Status, Transition
@@ -123,6 +124,7 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self.session: Session | None = None
         self.checkpointer: Checkpointer | None = None
+        self.compactor: Compactor | None = None
         self.outcome: StartOutcome | None = None
         self.token = ""
         # set once the final checkpoint or restore was abandoned mid-flight: its
@@ -341,12 +343,14 @@ class Daemon:
         store = self._store or open_store(s)
         self._store = store
         self.session = self._session_factory(s, store)
+        self.compactor = Compactor(self.session, s.squash_layers)
         self.checkpointer = Checkpointer(
             self.session,
             clock=self.clock,
             metrics=self.metrics,
             interval=s.checkpoint_interval,
             reports=self,
+            after_periodic=self.compactor.after_checkpoint,
         )
         self.token = api_token(s)
         self.api = ApiServer(self, self.token, s.api_host, s.api_port)
@@ -518,6 +522,8 @@ class Daemon:
 
         if self._ticker_task is not None:
             self._ticker_task.cancel()
+        if self.compactor is not None:
+            self.compactor.cancel()  # a squash in progress lets go while the IDE stops
         sup = self.supervisor
         if sup is not None:
             await sup.stop(timeout=budget.ide_stop(self.settings.ide_stop_timeout))
@@ -528,6 +534,8 @@ class Daemon:
             await self._reaper.end_adopted(timeout=min(2.0, budget.left() / 4))
 
         note = ""
+        if self.compactor is not None:
+            await self.compactor.stop()  # the final checkpoint goes first
         if self._started and self.checkpointer is not None:
             note = await self.checkpointer.final(budget.left())
             self.abandoned_work = self.abandoned_work or self.checkpointer.abandoned

@@ -106,8 +106,8 @@ def plan(layers: Sequence[LayerDesc], max_layers: int) -> int | None:
     Triggered by more than ``max_layers`` layers or superseded bytes over half of
     the chain.  It costs what the recent layers cost, as a log-structured store
     compacts: the newest run of layers of like size (each at most ``FACTOR``
-    times the newer ones together) is merged; the bottom layer, usually the big
-    one, is rewritten only when half of it is superseded."""
+    times the newer ones together) is merged; a bottom layer larger than that
+    (a previous squash's) is rewritten only when half of it is superseded."""
     n = len(layers)
     if n < 2:
         return None
@@ -121,7 +121,7 @@ def plan(layers: Sequence[LayerDesc], max_layers: int) -> int | None:
         return 0
     if over_count:
         start, run = n - 1, _bytes(layers[-1])
-        for i in range(n - 2, 0, -1):
+        for i in range(n - 2, -1, -1):  # a bottom of like size is no big rewrite
             if _bytes(layers[i]) > FACTOR * run:
                 break
             run += _bytes(layers[i])
