@@ -62,6 +62,8 @@ class Backend(Protocol):
 
     async def rename_checkpoint(self, old: str, new: str) -> models.CheckpointInfo: ...
 
+    async def delete_checkpoint(self, name: str) -> None: ...
+
     def request_stop(self, reason: str) -> None: ...
 
 
@@ -207,6 +209,14 @@ def build_app(backend: Backend, token: str) -> web.Application:
             raise NotFound(f"no checkpoint named {old!r}: {e}") from None
         return _json(info)
 
+    async def delete_checkpoint(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            await backend.delete_checkpoint(name)
+        except InvalidName as e:  # no checkpoint can have that name
+            raise NotFound(f"no checkpoint named {name!r}: {e}") from None
+        return web.Response(status=204)
+
     async def stop(request: web.Request) -> web.Response:
         backend.request_stop("stop requested through the API")
         return _json(models.Stopping(status=Status(backend.status_value)), 202)
@@ -246,6 +256,7 @@ def build_app(backend: Backend, token: str) -> web.Application:
     r.add_get("/v1/checkpoints", list_checkpoints, allow_head=False)
     r.add_post("/v1/checkpoints", create_checkpoint)
     r.add_patch("/v1/checkpoints/{name}", rename_checkpoint)
+    r.add_delete("/v1/checkpoints/{name}", delete_checkpoint)
     r.add_post("/v1/stop", stop)
     r.add_get("/v1/logs", logs, allow_head=False)
     r.add_get("/metrics", metrics, allow_head=False)

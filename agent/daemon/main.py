@@ -47,6 +47,7 @@ from agent.daemon.supervisor import IdeFailed, IdeState, RingBuffer, Supervisor
 from agent.errors import AgentError, ConfigError
 from agent.log import get_logger, setup_logging
 from agent.session import CheckpointInfo, Progress, Session, StartOutcome
+from agent.session.lease import SESSION_RENEW
 from agent.session.owner import Owner, StateDirBusy
 from agent.settings import Settings
 from agent.store import Store, open_store
@@ -140,6 +141,7 @@ class Daemon:
         self._budget: StopBudget | None = None
         self._ide_failure: IdeFailed | None = None
         self._ticker_task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
         self._reaper: Reaper | None = None
         self._owner: Owner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -211,7 +213,8 @@ class Daemon:
         session = self.session
         if session is None:
             raise Busy("the session has not started yet")
-        return [models.CheckpointInfo.of(i) for i in await session.list_checkpoints()]
+        infos = await session.list_checkpoints(sizes=True)
+        return [models.CheckpointInfo.of(i) for i in infos]
 
     async def rename_checkpoint(self, old: str, new: str) -> models.CheckpointInfo:
         session, ckpt = self.session, self.checkpointer
@@ -221,6 +224,35 @@ class Daemon:
         ckpt.renamed(old, info)
         log.info("checkpoint.renamed", old=old, new=info.name)
         return models.CheckpointInfo.of(info)
+
+    async def delete_checkpoint(self, name: str) -> None:
+        session, ckpt = self.session, self.checkpointer
+        if session is None or ckpt is None or not self._started:
+            raise Busy(f"cannot delete while the session is {self.lifecycle.status.value}")
+        info = await session.delete(name)
+        own = ckpt.own.info
+        if (
+            info is not None
+            and own is not None
+            and (own.studio, own.name)
+            == (
+                info.studio,
+                info.name,
+            )
+        ):
+            ckpt.own.info = None  # gone from the store until the next checkpoint writes it
+        log.info("checkpoint.deleted", checkpoint=name)
+
+    async def _keep_lease(self) -> None:
+        """Renew the session lease while the session runs, so gc keeps the chain
+        the next checkpoint extends even when nothing changes to checkpoint."""
+        assert self.session is not None
+        while True:
+            await self.clock.sleep(SESSION_RENEW)
+            try:
+                await self.session.renew_lease()
+            except AgentError as e:  # the next checkpoint checks its chain
+                log.warning("lease.renew_failed", error=str(e))
 
     # -- documents ------------------------------------------------------------------------
 
@@ -393,6 +425,7 @@ class Daemon:
 
         if self._stop_requested.is_set():  # stopped while restoring: no IDE to start
             return await self._shutdown(None)
+        self._lease_task = self._spawn(self._keep_lease(), "session lease")
 
         # -- the IDE
         self.supervisor = Supervisor(
@@ -522,6 +555,8 @@ class Daemon:
 
         if self._ticker_task is not None:
             self._ticker_task.cancel()
+        if self._lease_task is not None:
+            self._lease_task.cancel()
         if self.compactor is not None:
             self.compactor.cancel()  # a squash in progress lets go while the IDE stops
         sup = self.supervisor
@@ -541,6 +576,14 @@ class Daemon:
             self.abandoned_work = self.abandoned_work or self.checkpointer.abandoned
         self.output.close()
         lost = self.checkpointer is not None and self.checkpointer.final_failed
+        if self._started and self.session is not None and not lost:
+            # only refs keep this session's blobs from now on
+            try:
+                await with_timeout(
+                    self.clock, min(2.0, budget.left()), self.session.release_lease()
+                )
+            except (AgentError, TimeoutError) as e:  # it expires by itself
+                log.warning("lease.release_failed", error=str(e))
         final = Status.ERRORED if failure or lost else Status.STOPPED
         self.lifecycle.move(final, reason + note)
         return await self._finish()

@@ -102,6 +102,8 @@ class CheckpointInfo(Doc):
     updated: Time
     size: Count
     layers: Count
+    # bytes deleting it would free (what no other ref reaches); in listings only
+    frees: Count | None = None
 
     @classmethod
     def of(cls, i: InfoRecord) -> CheckpointInfo:

@@ -56,7 +56,7 @@ def _inline(t: Any) -> dict[str, Any]:
 # -- routes ------------------------------------------------------------------------------
 
 
-Answer = type[BaseModel] | Literal["text", "object"]
+Answer = type[BaseModel] | Literal["text", "object", "empty"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +148,30 @@ ROUTES: tuple[Route, ...] = (
         ],
     ),
     Route(
+        "delete",
+        "/v1/checkpoints/{name}",
+        "deleteCheckpoint",
+        "Delete a checkpoint: this studio's NAME, or STUDIO/NAME (URL-encoded).  Only its ref "
+        "goes; gc removes the blobs nothing else needs.  The session's own checkpoint is "
+        "written again by its next checkpoint.",
+        {
+            204: ("empty", "Deleted."),
+            400: _E400,
+            401: _E401,
+            404: _E404,
+            409: _E409,
+            503: _E503,
+        },
+        parameters=[
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "schema": _inline(Annotated[str, Field(min_length=1)]),
+            }
+        ],
+    ),
+    Route(
         "post",
         "/v1/stop",
         "stop",
@@ -206,6 +230,8 @@ def _ref(name: str) -> dict[str, Any]:
 
 
 def _answer(answer: Answer, description: str) -> dict[str, Any]:
+    if answer == "empty":
+        return {"description": description}
     media, schema = "application/json", {"type": "object"}
     if answer == "text":
         media, schema = "text/plain", {"type": "string"}
