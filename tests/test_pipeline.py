@@ -17,6 +17,7 @@ from agent.checkpoint.layer_writer import write_layer
 from agent.checkpoint.pipeline import scan_and_write
 from agent.checkpoint.restore import apply_layers
 from agent.checkpoint.scan import Excluder, Stat, scan
+from agent.checkpoint.state import load_state
 
 
 def _entries(root: Path) -> dict[str, Stat]:
@@ -61,13 +62,14 @@ def test_one_pass_writes_what_a_finished_diff_writes(tmp_path: Path) -> None:
     _change(root)
 
     out = io.BytesIO()
-    done = scan_and_write(root, Excluder(root, [], []), parent, out)
+    state = tmp_path / "next.state"
+    done = scan_and_write(root, Excluder(root, [], []), parent, out, state=state)
     assert done.layer is not None and done.layer.size == len(out.getvalue())
     batch = io.BytesIO()
     current = _entries(root)
     write_layer(root, diff(parent, current), current, batch)
 
-    assert done.scan.entries == current
+    assert done.state == state and load_state(state) == current
     assert done.changes.deletions == ["etc/old.conf", "opt/tool/gone"]
     assert _members(out.getvalue()) == _members(batch.getvalue())
     assert _members(out.getvalue())[-2:] == [

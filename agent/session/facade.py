@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.checkpoint.diff import report
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
 from agent.session.catalog import Catalog
 from agent.session.local import LocalState
@@ -154,7 +153,6 @@ class Session:
     async def diff(self) -> DiffReport:
         """What changed since the parent state, largest first."""
         local = self._local.current()
-        parent = await asyncio.to_thread(self._local.parent_entries, local)
-        current = await asyncio.to_thread(self._scope.scan, parent)
-        lines = report(parent, current.entries)
+        parent = self._local.parent_state(local)
+        lines, current = await asyncio.to_thread(self._scope.report, parent)
         return DiffReport(lines, [Skipped(p, r) for p, r in current.skipped])

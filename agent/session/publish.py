@@ -23,7 +23,7 @@ from agent.checkpoint.layer_writer import LayerResult
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import normalize_name
 from agent.checkpoint.pipeline import Pass, scan_and_write
-from agent.checkpoint.scan import Stat
+from agent.checkpoint.state import StateReader
 from agent.errors import AgentError, RefConflict
 from agent.log import get_logger
 from agent.session.local import LocalSession, LocalState
@@ -69,7 +69,7 @@ class Publisher:
     async def checkpoint(
         self,
         name: str | None,
-        state: CheckpointState,
+        checkpoint_state: CheckpointState,
         *,
         skip_unchanged: bool,
         progress: ProgressFn | None,
@@ -78,41 +78,49 @@ class Publisher:
         t0 = time.monotonic()
         local = self._local.current()
         target = normalize_name(name) if name else local.name
-        parent = await asyncio.to_thread(self._local.parent_entries, local)
+        parent = self._local.parent_state(local)
         # The store readies itself (an S3 client takes a while) while the root
         # is walked and the layer compressed, mostly outside the GIL.
         ready = asyncio.ensure_future(self._store.prepare())
         tmp = self._spool / f"layer-{uuid.uuid4().hex}.tmp"
+        # The next parent state, written as the walk goes; named by session.json
+        # only once the checkpoint is published.
+        state = self._local.new_state()
+        saved = False
         try:
             try:
-                done = await self._scan_and_write(parent, tmp, progress)
+                try:
+                    done = await self._scan_and_write(parent, state, tmp, progress)
+                finally:
+                    await ready
+                current, changes, layer = done.scan, done.changes, done.layer
+                skipped = [Skipped(p, r) for p, r in current.skipped]
+                if not changes and skip_unchanged:
+                    return None
+                chain = list(local.chain)
+                if layer is not None:
+                    skipped.extend(Skipped(p, r) for p, r in layer.skipped)
+                    for s in layer.skipped:
+                        log.warning("checkpoint.skipped", path=s[0], reason=s[1])
+                    await self._upload(tmp, layer, progress)
+                    chain.append(
+                        LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed)
+                    )
             finally:
-                await ready
-            current, changes, layer = done.scan, done.changes, done.layer
-            skipped = [Skipped(p, r) for p, r in current.skipped]
-            if not changes and skip_unchanged:
-                return None
-            chain = list(local.chain)
-            if layer is not None:
-                skipped.extend(Skipped(p, r) for p, r in layer.skipped)
-                for s in layer.skipped:
-                    log.warning("checkpoint.skipped", path=s[0], reason=s[1])
-                await self._upload(tmp, layer, progress)
-                chain.append(LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed))
+                tmp.unlink(missing_ok=True)
+            t_layer = time.monotonic()
+            info = await self.publish(local, target, chain, checkpoint_state)
+            local.chain = chain
+            await asyncio.to_thread(self._local.save, local, state)
+            saved = True
         finally:
-            tmp.unlink(missing_ok=True)
-        t_layer = time.monotonic()
-        info = await self.publish(local, target, chain, state)
-        new_entries = current.entries
-        if layer is not None:
-            new_entries = next_parent(parent, current.entries, layer)
-        local.chain = chain
-        await asyncio.to_thread(self._local.save, local, new_entries)
+            if not saved:
+                state.unlink(missing_ok=True)
         duration = time.monotonic() - t0
         log.info(
             "checkpoint.written",
             checkpoint=target,
-            state=state.value,
+            state=checkpoint_state.value,
             changed=len(changes),
             layer_size=layer.size if layer else 0,
             size=info.size,
@@ -130,9 +138,10 @@ class Publisher:
         )
 
     async def _scan_and_write(
-        self, parent: dict[str, Stat], tmp: Path, progress: ProgressFn | None
+        self, parent: Path, state: Path, tmp: Path, progress: ProgressFn | None
     ) -> Pass:
-        """Walk the root and write its changes to the spool file ``tmp`` in one pass."""
+        """Walk the root against the parent state ``parent``, in one pass writing its
+        changes to the spool file ``tmp`` and the next parent state to ``state``."""
 
         def on_progress(phase: str, done: int, total: int, b_done: int, b_total: int) -> None:
             if progress is not None:
@@ -140,12 +149,13 @@ class Publisher:
 
         def run() -> Pass:
             self._spool.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with StateReader(parent) as previous, open(tmp, "wb") as f:
                 done = scan_and_write(
                     self._root,
                     self._scope.excluder(),
-                    parent,
+                    previous.blocks(),
                     f,
+                    state=state,
                     level=self._settings.compression_level,
                     threads=self._settings.compression_threads,
                     progress=on_progress,
@@ -200,18 +210,3 @@ class Publisher:
         local.refs[name] = info.digest
         local.created.setdefault(name, created.isoformat())
         return info
-
-
-def next_parent(
-    parent: dict[str, Stat], current: dict[str, Stat], layer: LayerResult
-) -> dict[str, Stat]:
-    """The root as the chain now records it: what was written, as it was read."""
-    entries = dict(current)
-    entries.update(layer.records)
-    for path in layer.reverted:
-        old = parent.get(path)
-        if old is None:
-            entries.pop(path, None)
-        else:
-            entries[path] = old
-    return entries

@@ -71,14 +71,15 @@ class Starter:
         )
         # The state dir first: its parents must not show up as the session's changes.
         self._local.state_dir.mkdir(parents=True, exist_ok=True)
-        result = await asyncio.to_thread(self._scope.scan)
-        await asyncio.to_thread(self._local.save, local, result.entries)
+        state = self._local.new_state()
+        result = await asyncio.to_thread(self._scope.write_state, state)
+        await asyncio.to_thread(self._local.save, local, state)
         log.info(
             "session.begin",
             session=local.session,
             checkpoint=local.name,
             layers=len(chain),
-            entries=len(result.entries),
+            entries=result.count,
         )
 
     async def start(
