@@ -163,6 +163,7 @@ _RECORD = operator.attrgetter(
 _NO_TARGET = ("",)
 _DEV = operator.attrgetter("st_dev")
 _MODE = operator.itemgetter(MODE)
+_NAME = operator.attrgetter("name")
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _DIR_FLAGS = _ROOT_FLAGS | os.O_NOFOLLOW
 
@@ -192,7 +193,6 @@ def walk(root: Path, excluder: Excluder, result: Scan) -> Iterator[Listing]:
         raise ConfigError(f"cannot read the root {root_s}: {e.strerror}") from e
     names_by_dir = excluder.names_by_dir
     glob = excluder.glob
-    lstat = os.lstat
     stack: list[str] = [""]
     while stack:
         rel_dir = stack.pop()
@@ -201,43 +201,49 @@ def walk(root: Path, excluder: Excluder, result: Scan) -> Iterator[Listing]:
             # Never through a symlink that replaced a directory since it was listed
             # (the root itself may be one).
             fd = os.open(abs_dir, _DIR_FLAGS if rel_dir else _ROOT_FLAGS)
-            try:
-                names = os.listdir(fd)
-            finally:
-                os.close(fd)
         except FileNotFoundError:  # gone since its parent was listed
             yield Listing(rel_dir, [], [], True)
             continue
         except OSError as e:
-            if rel_dir and e.errno in (
-                errno.ENOTDIR,
-                errno.ELOOP,
-            ):  # replaced since its parent was listed
+            if rel_dir and e.errno in (errno.ENOTDIR, errno.ELOOP):  # replaced meanwhile
                 yield Listing(rel_dir, [], [], True)
                 continue
-            skipped.append((rel_dir or ".", f"unreadable directory: {e.strerror}"))
-            result.unreadable_dirs.append(rel_dir)
-            yield Listing(rel_dir, [], [], False)
+            yield _unlisted(rel_dir, e, result)
             continue
-        names.sort()
         prefix = f"{rel_dir}/" if rel_dir else ""
-        excluded = names_by_dir.get(rel_dir)
-        if excluded is not None:
-            names = [n for n in names if n not in excluded]
-        if glob is not None:
-            match = glob.match
-            names = [n for n in names if match(prefix + n) is None]
-        if any(map(str.startswith, names, repeat(RESTORE_TEMP_PREFIX))):
-            names = [n for n in names if not n.startswith(RESTORE_TEMP_PREFIX)]
-        dir_abs = abs_dir + "/"
         try:
-            stats = list(map(lstat, map(dir_abs.__add__, names)))
-        except OSError:  # an entry gone or unreadable: one at a time
-            names, stats = _stat_each(dir_abs, prefix, names, skipped)
-        records: list[Stat] = list(map(operator.add, map(_RECORD, stats), repeat(_NO_TARGET)))
-        modes = list(map(_MODE, records))
-        if any(map(st.S_ISLNK, modes)) or any(map(root_dev.__ne__, map(_DEV, stats))):
-            names, records, modes = _rare(dir_abs, root_dev, names, stats, records)
+            with os.scandir(fd) as it:
+                found = sorted(it, key=_NAME)
+        except OSError as e:
+            os.close(fd)
+            yield _unlisted(rel_dir, e, result)
+            continue
+        try:
+            names = list(map(_NAME, found))
+            excluded = names_by_dir.get(rel_dir)
+            if (
+                excluded is not None
+                or glob is not None
+                or any(map(str.startswith, names, repeat(RESTORE_TEMP_PREFIX)))
+            ):
+                found = [de for de in found if _kept(de.name, prefix, excluded, glob)]
+                names = list(map(_NAME, found))
+            # Entries of a directory opened by its fd are stat'ed relative to it
+            # (fstatat: no path to build or resolve), and ``DirEntry.stat`` is an
+            # lstat for an entry d_type says is no symlink.
+            if any(map(os.DirEntry.is_symlink, found)):
+                names, stats = _stat_each(found, prefix, skipped)
+            else:
+                try:
+                    stats = list(map(os.DirEntry.stat, found))
+                except OSError:  # an entry gone or unreadable: one at a time
+                    names, stats = _stat_each(found, prefix, skipped)
+            records: list[Stat] = list(map(operator.add, map(_RECORD, stats), repeat(_NO_TARGET)))
+            modes = list(map(_MODE, records))
+            if any(map(st.S_ISLNK, modes)) or any(map(root_dev.__ne__, map(_DEV, stats))):
+                names, records, modes = _rare(fd, root_dev, names, stats, records)
+        finally:
+            os.close(fd)
         result.count += len(names)
         yield Listing(rel_dir, names, records, True)
         if any(map(st.S_ISDIR, modes)):
@@ -246,25 +252,41 @@ def walk(root: Path, excluder: Excluder, result: Scan) -> Iterator[Listing]:
             stack.extend(reversed(subdirs))
 
 
+def _unlisted(rel_dir: str, e: OSError, result: Scan) -> Listing:
+    result.skipped.append((rel_dir or ".", f"unreadable directory: {e.strerror}"))
+    result.unreadable_dirs.append(rel_dir)
+    return Listing(rel_dir, [], [], False)
+
+
+def _kept(
+    name: str, prefix: str, excluded: frozenset[str] | None, glob: re.Pattern[str] | None
+) -> bool:
+    if excluded is not None and name in excluded:
+        return False
+    if glob is not None and glob.match(prefix + name) is not None:
+        return False
+    return not name.startswith(RESTORE_TEMP_PREFIX)
+
+
 def _stat_each(
-    dir_abs: str, prefix: str, names: list[str], skipped: list[tuple[str, str]]
+    found: list[os.DirEntry[str]], prefix: str, skipped: list[tuple[str, str]]
 ) -> tuple[list[str], list[os.stat_result]]:
     kept, stats = [], []
-    for name in names:
+    for de in found:
         try:
-            s = os.lstat(dir_abs + name)
+            s = de.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
         except OSError as e:
-            skipped.append((prefix + name, f"cannot stat: {e.strerror}"))
+            skipped.append((prefix + de.name, f"cannot stat: {e.strerror}"))
             continue
-        kept.append(name)
+        kept.append(de.name)
         stats.append(s)
     return kept, stats
 
 
 def _rare(
-    dir_abs: str, root_dev: int, names: list[str], stats: list[os.stat_result], records: list[Stat]
+    fd: int, root_dev: int, names: list[str], stats: list[os.stat_result], records: list[Stat]
 ) -> tuple[list[str], list[Stat], list[int]]:
     """A directory with symlinks (their targets) or other filesystems' entries (left out:
     mount points missing from mountinfo, files bind-mounted from elsewhere)."""
@@ -273,7 +295,7 @@ def _rare(
     for name, s, rec in zip(names, stats, records, strict=True):
         if st.S_ISLNK(s.st_mode):
             try:
-                rec = stat_record(s, os.readlink(dir_abs + name))
+                rec = stat_record(s, os.readlink(name, dir_fd=fd))
             except OSError:
                 continue
         elif s.st_dev != root_dev:
