@@ -79,51 +79,56 @@ def main() -> int:
         generate(root, args.files, args.dirs)
         print(f"generated {args.files} files in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     agents = args.agent or [REPO]
-    rows: list[tuple[str, list[float]]] = []
+    for repo in agents:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(repo / "agent")], check=True)
+    renv = dict(os.environ, RESTIC_PASSWORD="bench")
+    renv["RESTIC_REPOSITORY"] = str(scratch / "restic")
+    renv["RESTIC_CACHE_DIR"] = str(scratch / "restic-cache")
+    restic = shutil.which("restic") is not None and not args.no_restic
+    times: dict[str, list[float]] = {}
     try:
-        for repo in agents:
-            env = dict(os.environ, PYTHONPATH=str(repo))
-            subprocess.run([sys.executable, "-m", "compileall", "-q", str(repo / "agent")])
-            cli = [sys.executable, str(repo / "bench" / "peak_rss.py")]
-            times: dict[str, list[float]] = {}
-            for i in range(args.repeat):
-                state = scratch / "state"
-                work = scratch / "work"
+        if restic and not (scratch / "restic").exists():
+            subprocess.run(["restic", "init", "-q"], env=renv, check=True)
+            subprocess.run(["restic", "backup", "-q", str(root / "data")], env=renv, check=True)
+        # Rounds interleave the agents and restic, so a busy moment of the
+        # machine is shared rather than met by one side alone.
+        for i in range(args.repeat):
+            for repo in agents:
+                env = dict(os.environ, PYTHONPATH=str(repo))
+                cli = [sys.executable, str(repo / "bench" / "peak_rss.py")]
+                state, work = scratch / "state", scratch / "work"
                 shutil.rmtree(state, ignore_errors=True)
                 shutil.rmtree(work, ignore_errors=True)
                 common = ["--root", str(root), "--workdir", str(work), "--state-dir", str(state)]
                 common += ["--studio", "many"]
                 for key, step in (("baseline", ["baseline"]), ("unchanged", ["checkpoint"])):
                     t, rss = run([*cli, *common, *step], env)
-                    times.setdefault(f"{key} s", []).append(t)
-                    times.setdefault(f"{key} MB", []).append(rss)
-                    print(
-                        f"  {repo.name} round {i + 1} {key}: {t:.2f} s {rss:.0f} MB",
-                        file=sys.stderr,
-                    )
-            rows.extend((f"{repo.name} {k}", v) for k, v in times.items())
-        if shutil.which("restic") and not args.no_restic:
-            renv = dict(
-                os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=str(scratch / "restic")
-            )
-            renv["RESTIC_CACHE_DIR"] = str(scratch / "restic-cache")
-            if not (scratch / "restic").exists():
-                subprocess.run(["restic", "init", "-q"], env=renv, check=True)
-                subprocess.run(["restic", "backup", "-q", str(root / "data")], env=renv, check=True)
-            rt = []
-            for i in range(args.repeat):
+                    times.setdefault(f"{repo.name} {key} s", []).append(t)
+                    times.setdefault(f"{repo.name} {key} MB", []).append(rss)
+                    line = f"  round {i + 1} {repo.name} {key}: {t:.2f} s {rss:.0f} MB"
+                    print(line, file=sys.stderr)
+            if restic:
                 subprocess.run(["sync"], check=True)
                 t0 = time.perf_counter()
                 subprocess.run(["restic", "backup", "-q", str(root / "data")], env=renv, check=True)
-                rt.append(time.perf_counter() - t0)
-                print(f"  restic round {i + 1} unchanged: {rt[-1]:.2f} s", file=sys.stderr)
-            rows.append(("restic unchanged s", rt))
+                times.setdefault("restic unchanged s", []).append(time.perf_counter() - t0)
+                line = f"  round {i + 1} restic unchanged: {times['restic unchanged s'][-1]:.2f} s"
+                print(line, file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     print(f"{'':32} min / median / max")
-    for key, values in rows:
+    for key, values in times.items():
         print(f"{key:32} {summary(values)}")
+    if restic:
+        for repo in agents:
+            ratios = [
+                a / b
+                for a, b in zip(
+                    times[f"{repo.name} unchanged s"], times["restic unchanged s"], strict=True
+                )
+            ]
+            print(f"{repo.name + ' unchanged / restic':32} {summary(ratios)}")
     return 0
 
 

@@ -69,7 +69,7 @@ class Publisher:
     async def checkpoint(
         self,
         name: str | None,
-        checkpoint_state: CheckpointState,
+        state: CheckpointState,
         *,
         skip_unchanged: bool,
         progress: ProgressFn | None,
@@ -85,12 +85,12 @@ class Publisher:
         tmp = self._spool / f"layer-{uuid.uuid4().hex}.tmp"
         # The next parent state, written as the walk goes; named by session.json
         # only once the checkpoint is published.
-        state = self._local.new_state()
+        next_state = self._local.new_state()
         saved = False
         try:
             try:
                 try:
-                    done = await self._scan_and_write(parent, state, tmp, progress)
+                    done = await self._scan_and_write(parent, next_state, tmp, progress)
                 finally:
                     await ready
                 current, changes, layer = done.scan, done.changes, done.layer
@@ -109,18 +109,18 @@ class Publisher:
             finally:
                 tmp.unlink(missing_ok=True)
             t_layer = time.monotonic()
-            info = await self.publish(local, target, chain, checkpoint_state)
+            info = await self.publish(local, target, chain, state)
             local.chain = chain
-            await asyncio.to_thread(self._local.save, local, state)
+            await asyncio.to_thread(self._local.save, local, next_state)
             saved = True
         finally:
             if not saved:
-                state.unlink(missing_ok=True)
+                next_state.unlink(missing_ok=True)
         duration = time.monotonic() - t0
         log.info(
             "checkpoint.written",
             checkpoint=target,
-            state=checkpoint_state.value,
+            state=state.value,
             changed=len(changes),
             layer_size=layer.size if layer else 0,
             size=info.size,
