@@ -137,7 +137,7 @@ def _one_pass(
         if closed:
             state.unlink(missing_ok=True)
         else:
-            next_state.abandon()
+            next_state.abandon()  # nothing left of it, whether it failed in close or before
         raise
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import marshal
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -36,11 +38,15 @@ _MAGIC = b"STUDIO-STATE-2\n"
 _FRAME = struct.Struct("<I")
 _READ_SIZE = 1 << 20
 _WRITE_SIZE = 1 << 20
+_QUEUE_DEPTH = 4
 
 
 class StateWriter:
     """Writes a state block by block to ``path``, made visible whole at ``close``
-    (written beside it, fsynced, renamed): a crash leaves no partial state there."""
+    (written beside it, fsynced, renamed): a crash leaves no partial state there.
+
+    Compression runs on a thread of its own (zstd lets go of the GIL), beside the
+    walk that feeds it, with a few buffers of 1 MiB queued at most."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +56,21 @@ class StateWriter:
         self._file.write(_MAGIC)
         self._zw = zstandard.ZstdCompressor(level=1).stream_writer(self._file, closefd=False)
         self._buf = bytearray()
+        self._queue: queue.Queue[bytearray | None] = queue.Queue(_QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="state-compress", daemon=True)
+        self._thread.start()
         self.entries = 0
+
+    def _run(self) -> None:
+        data = self._queue.get()
+        while data is not None:
+            if self._error is None:
+                try:
+                    self._zw.write(data)
+                except BaseException as e:  # handed to the writer at its next write or close
+                    self._error = e
+            data = self._queue.get()
 
     def write(self, block: Block, raw: bytes | None = None) -> None:
         """Add the next block; ``raw`` is its marshal'ed form when known already."""
@@ -62,20 +82,36 @@ class StateWriter:
         self._buf += data
         self.entries += len(names)
         if len(self._buf) >= _WRITE_SIZE:
-            self._zw.write(self._buf)
+            if self._error is not None:
+                raise self._error
+            self._queue.put(self._buf)  # the thread's from now on
             self._buf = bytearray()
 
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
     def close(self) -> Path:
-        self._buf += _FRAME.pack(0)
-        self._zw.write(self._buf)
-        self._zw.flush(zstandard.FLUSH_FRAME)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
+        """Finish the file and put it in place (on failure, nothing is left)."""
+        try:
+            self._buf += _FRAME.pack(0)
+            self._queue.put(self._buf)
+            self._stop()
+            if self._error is not None:
+                raise self._error
+            self._zw.flush(zstandard.FLUSH_FRAME)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abandon()
+            raise
         return self.path
 
     def abandon(self) -> None:
+        self._stop()
         self._file.close()
         self._tmp.unlink(missing_ok=True)
 
