@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import stat as st
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import compress, count
+from operator import ne
+from typing import NamedTuple
 
-from agent.checkpoint.scan import MODE, SIZE, Scan, Stat
+from agent.checkpoint.scan import MODE, SIZE, Listing, Stat, dir_key, join_path
+from agent.checkpoint.state import Block, blocks_of
 
 
 @dataclass(slots=True)
@@ -15,6 +20,9 @@ class Changes:
     upserts: list[str] = field(default_factory=list)
     added: set[str] = field(default_factory=set)
     deletions: list[str] = field(default_factory=list)
+    # Content bytes of the parent's regular files the changes rewrite or delete
+    # (gone with what held them too): what the new layer makes obsolete below it.
+    replaced: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.upserts or self.deletions)
@@ -29,53 +37,129 @@ class Changes:
             self.added.add(path)
         elif old == rec:
             return False
+        elif st.S_ISREG(old[MODE]):
+            self.replaced += old[SIZE]
         self.upserts.append(path)
         return True
 
 
-def diff(parent: dict[str, Stat], current: dict[str, Stat]) -> Changes:
-    """Compare a whole scan with the parent state (the one-pass checkpoint applies
-    the same test, ``Changes.note``, as its walk goes)."""
-    changes = Changes()
-    note = changes.note
-    get = parent.get
-    for path, rec in current.items():
-        note(path, get(path), rec)
-    changes.deletions = deletions(parent, current, len(changes.added))
-    return changes
+ParentBlocks = Iterable[tuple[Block, bytes | None]]
 
 
-def deletions(parent: dict[str, Stat], current: dict[str, Stat], added: int) -> list[str]:
-    """Deleted paths whose parent directory still exists as a directory, given
-    how many paths of ``current`` the parent lacks.
+class Joined(NamedTuple):
+    """One directory of the new state, as the join of a walk and the parent state
+    made it: the walk's listing, or the parent's block where the walk could not
+    list it (then ``raw`` may be its stored form, and nothing changed)."""
 
-    Below a deleted directory one whiteout suffices; below a directory replaced
-    by a file the new file's entry already hides everything.
+    dir: str
+    names: list[str]
+    records: list[Stat]
+    changed: list[int]  # indices of new or modified entries, in order
+    old: dict[str, Stat]  # the parent's records of the modified ones, by name
+    raw: bytes | None  # the block as stored in the parent state, when unchanged
+
+
+_NONE: list[int] = []
+_EMPTY: dict[str, Stat] = {}
+
+
+def join(parent: ParentBlocks, listings: Iterable[Listing], changes: Changes) -> Iterator[Joined]:
+    """Merge the walk's listings with the parent state's blocks, both in walk order
+    (``dir_key``), noting each change in ``changes`` (``Changes.note``) as the
+    walk goes; the deletions are complete (and sorted) once the walk is.
+
+    A deleted entry is one a listed directory no longer holds: the top-most
+    deletions, as one whiteout hides all below it, and the new entry of a
+    directory replaced by a file hides all below it too.  Parent blocks the walk
+    passed without listing them lie below such paths, or below a directory the
+    walk could not list: there, what the parent recorded stands.
     """
-    if len(parent) + added == len(current):  # nothing was deleted
-        return []
-    out = []
-    for path in parent:
-        if path in current:
+    note = changes.note
+    deleted = changes.deletions
+    it = iter(parent)
+    nxt = next(it, None)
+    keep: str | None = None  # the last unlistable directory
+
+    def kept(d: str) -> bool:
+        return keep is not None and (d == keep or not keep or d.startswith(keep + "/"))
+
+    for listing in listings:
+        d = listing.dir
+        key = dir_key(d)
+        pnames: list[str] = []
+        precs: list[Stat] = []
+        raw: bytes | None = None
+        while nxt is not None:
+            (pd, pn, pr), praw = nxt
+            pkey = dir_key(pd)
+            if pkey > key:
+                break
+            nxt = next(it, None)
+            if pkey == key:
+                pnames, precs, raw = pn, pr, praw
+                break
+            if kept(pd):
+                yield Joined(pd, pn, pr, _NONE, _EMPTY, praw)
+            else:  # below a deletion
+                changes.replaced += _content_bytes(pr)
+        if not listing.listed:
+            keep = d
+            yield Joined(d, pnames, precs, _NONE, _EMPTY, raw)
             continue
-        head, _, _ = path.rpartition("/")
-        if head:
-            rec = current.get(head)
-            if rec is None or not st.S_ISDIR(rec[MODE]):
+        names, records = listing.names, listing.records
+        if names == pnames:
+            if records == precs:
+                yield Joined(d, names, records, _NONE, _EMPTY, raw)
                 continue
-        out.append(path)
-    out.sort()
+            changed = list(compress(count(), map(ne, records, precs)))
+            old = {names[i]: precs[i] for i in changed}
+            for i in changed:
+                note(join_path(d, names[i]), precs[i], records[i])
+            yield Joined(d, names, records, changed, old, None)
+            continue
+        olds = dict(zip(pnames, precs, strict=True))
+        pop = olds.pop
+        changed = []
+        old = {}
+        for i, (name, rec) in enumerate(zip(names, records, strict=True)):
+            was = pop(name, None)
+            if note(join_path(d, name), was, rec):
+                changed.append(i)
+                if was is not None:
+                    old[name] = was
+        deleted.extend(join_path(d, name) for name in olds)
+        changes.replaced += _content_bytes(olds.values())
+        yield Joined(d, names, records, changed, old, None)
+    while nxt is not None:
+        (pd, pn, pr), praw = nxt
+        if kept(pd):
+            yield Joined(pd, pn, pr, _NONE, _EMPTY, praw)
+        else:
+            changes.replaced += _content_bytes(pr)
+        nxt = next(it, None)
+    deleted.sort()
+
+
+def _content_bytes(records: Iterable[Stat]) -> int:
+    return sum(rec[SIZE] for rec in records if st.S_ISREG(rec[MODE]))
+
+
+def listings_of(entries: dict[str, Stat]) -> list[Listing]:
+    """A whole scan's dict as the walk lists it: every directory, empty ones too."""
+    blocks = {d: (n, r) for d, n, r in blocks_of(entries)}
+    dirs = {""} | {p for p, rec in entries.items() if st.S_ISDIR(rec[MODE])}
+    out = [Listing(d, *blocks.get(d, ([], [])), True) for d in dirs]
+    out.sort(key=lambda x: dir_key(x.dir))
     return out
 
 
-def keep_unlisted(scan: Scan, parent: dict[str, Stat]) -> None:
-    """Directories the scan could not list are unknown, not deleted: what the
-    parent recorded below them stands."""
-    for d in scan.unreadable_dirs:
-        prefix = d + "/" if d else ""
-        for path, rec in parent.items():
-            if path.startswith(prefix) and path not in scan.entries:
-                scan.entries[path] = rec
+def diff(parent: dict[str, Stat], current: dict[str, Stat]) -> Changes:
+    """Compare a whole scan with a whole parent state (small trees and tests: a
+    checkpoint joins them as streams, with the same ``join``)."""
+    changes = Changes()
+    for _ in join(((b, None) for b in blocks_of(parent)), listings_of(current), changes):
+        pass
+    return changes
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +169,22 @@ class DiffLine:
     size: int
 
 
-def report(parent: dict[str, Stat], current: dict[str, Stat]) -> list[DiffLine]:
-    """Each change with the bytes it will add, largest first (what makes a checkpoint big)."""
-    changes = diff(parent, current)
-    lines = [
-        DiffLine(p, "added" if p in changes.added else "modified", _content_size(current[p]))
-        for p in changes.upserts
-    ]
+def report(
+    parent: ParentBlocks, listings: Iterable[Listing], found: dict[str, Stat] | None = None
+) -> list[DiffLine]:
+    """Each change with the bytes it will add, largest first (what makes a checkpoint
+    big); into ``found``, if given, the record the walk read of each added or
+    modified path."""
+    changes = Changes()
+    lines = []
+    for j in join(parent, listings, changes):
+        names, records, old = j.names, j.records, j.old
+        for i in j.changed:
+            kind = "modified" if names[i] in old else "added"
+            path = join_path(j.dir, names[i])
+            lines.append(DiffLine(path, kind, _content_size(records[i])))
+            if found is not None:
+                found[path] = records[i]
     lines.extend(DiffLine(p, "deleted", 0) for p in changes.deletions)
     lines.sort(key=lambda d: (-d.size, d.path))
     return lines

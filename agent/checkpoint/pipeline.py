@@ -2,15 +2,20 @@
 
 Writing while walking lets the walk overlap with reading files and compressing,
 as ``tar | zstd`` overlaps them, instead of the compressor's threads waiting for
-a whole scan first.  Data still flows one way, scan → diff → layer.  Deletions
-are known only once the walk is complete, so their whiteouts, and the names of
-hardlinked files the walk had passed before their inode was written, close the
-layer.
+a whole scan first.  Data still flows one way, scan → diff → layer: the walk's
+listings are joined with the parent state's blocks as both stream by (``join``),
+each change goes to the layer, and each directory, as the layer wrote it, to
+the next parent state.  Memory follows the largest directory and the change
+list, never the number of files.  Deletions are known only once the walk is
+complete, so their whiteouts, and the names of hardlinked files the walk had
+passed before their inode was written, close the layer.
 """
 
 from __future__ import annotations
 
+import shutil
 import stat as st
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.checkpoint.diff import Changes, deletions, keep_unlisted
+from agent.checkpoint.diff import Changes, Joined, ParentBlocks, join
 from agent.checkpoint.layer_writer import LayerResult, LayerWriter
-from agent.checkpoint.scan import MODE, SIZE, Excluder, Scan, Stat, walk
+from agent.checkpoint.scan import INO, MODE, NLINK, SIZE, Excluder, Scan, Stat, join_path, walk
+from agent.checkpoint.state import StateReader, StateWriter, blocks_of
 
 # (phase, entries written, entries to write, content bytes written, bytes to write).
 # The phase is "scan" while the walk goes on (nothing to write is known yet: 0),
@@ -30,33 +36,66 @@ PassProgress = Callable[[str, int, int, int, int], None]
 
 @dataclass(slots=True)
 class Pass:
-    scan: Scan
+    scan: Scan  # what the walk skipped and how many entries it kept (no entries)
     changes: Changes
     layer: LayerResult | None  # None: nothing changed, nothing written
     walk_seconds: float
+    state: Path | None  # the next parent state (None: not asked for)
 
 
 def scan_and_write(
     root: Path,
     excluder: Excluder,
-    parent: dict[str, Stat],
+    parent: ParentBlocks | dict[str, Stat],
     out: BinaryIO,
     *,
+    state: Path | None = None,
     level: int = 3,
     threads: int = 0,
     progress: PassProgress | None = None,
     cancel: threading.Event | None = None,
 ) -> Pass:
-    """Scan ``root``, diff it against ``parent`` and write the changes to ``out`` as
-    one layer; ``out`` stays empty when nothing changed."""
+    """Scan ``root``, diff it against ``parent`` (a state's blocks, or a whole dict)
+    and write the changes to ``out`` as one layer (``out`` stays empty when nothing
+    changed), and the root as the layer records it to the state file ``state``."""
+    if isinstance(parent, dict):
+        parent = [(b, None) for b in blocks_of(parent)]
+    if state is not None:
+        return _one_pass(
+            root, excluder, parent, out, state,
+            level=level, threads=threads, progress=progress, cancel=cancel,
+        )  # fmt: skip
+    # Written all the same: the late hardlink names are found in it.
+    scratch = Path(tempfile.mkdtemp(prefix="studio-state-"))
+    try:
+        done = _one_pass(
+            root, excluder, parent, out, scratch / "next.state",
+            level=level, threads=threads, progress=progress, cancel=cancel,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    done.state = None
+    return done
+
+
+def _one_pass(
+    root: Path,
+    excluder: Excluder,
+    parent: ParentBlocks,
+    out: BinaryIO,
+    state: Path,
+    *,
+    level: int,
+    threads: int,
+    progress: PassProgress | None,
+    cancel: threading.Event | None,
+) -> Pass:
     t0 = time.monotonic()
     result = Scan()
     changes = Changes()
-    note = changes.note
-    entries = result.entries
-    old_record = parent.get
     writer: LayerWriter | None = None
     phase, total_entries, total_bytes = "scan", 0, 0
+    linked: set[int] = set()  # inodes of hardlinked files written
 
     def on_write(done: int, bytes_done: int) -> None:
         if progress is not None:
@@ -67,25 +106,93 @@ def scan_and_write(
             root, out, level=level, threads=threads, progress=on_write, cancel=cancel
         )
 
+    next_state = StateWriter(state)
+    closed = False
     try:
-        for path in walk(root, excluder, result):
-            rec = entries[path]
-            if not note(path, old_record(path), rec):
+        for j in join(parent, walk(root, excluder, result), changes):
+            if not j.changed:
+                next_state.write((j.dir, j.names, j.records), j.raw)
                 continue
             if writer is None:
                 writer = start()
-            writer.add(path, rec)
+            total_bytes += _write_changed(writer, j, linked)
+            next_state.write((j.dir, j.names, j.records))
         walked = time.monotonic() - t0
-        keep_unlisted(result, parent)
-        changes.deletions = deletions(parent, entries, len(changes.added))
+        next_state.close()
+        closed = True
         if not changes:
-            return Pass(result, changes, None, walked)
+            return Pass(result, changes, None, walked, state)
         phase, total_entries = "write", len(changes)
-        total_bytes = sum(entries[p][SIZE] for p in changes.upserts if st.S_ISREG(entries[p][MODE]))
         if writer is None:
             writer = start()
-        return Pass(result, changes, writer.finish(changes.deletions, entries), walked)
+        links = _hardlinked(state, linked) if linked else {}
+        layer = writer.finish(changes.deletions, links)
+        late = {p: r for p, r in links.items() if layer.records.get(p, r) != r}
+        if late:  # link names of a file that changed while read: poisoned too
+            _patch(state, late)
+        return Pass(result, changes, layer, walked, state)
     except BaseException:
         if writer is not None:
             writer.abandon()
+        if closed:
+            state.unlink(missing_ok=True)
+        else:
+            next_state.abandon()  # nothing left of it, whether it failed in close or before
         raise
+
+
+def _write_changed(writer: LayerWriter, j: Joined, linked: set[int]) -> int:
+    """Add a directory's changed entries to the layer and put what it wrote into
+    ``j.records``: the record as read (poisoned when the file changed meanwhile),
+    or for one not written the parent's (none when the parent had none); the
+    content bytes to write."""
+    names, records, layer = j.names, j.records, writer.result
+    gone: list[int] = []
+    size = 0
+    for i in j.changed:
+        rec = records[i]
+        path = join_path(j.dir, names[i])
+        if st.S_ISREG(rec[MODE]):
+            size += rec[SIZE]
+            if rec[NLINK] > 1:
+                linked.add(rec[INO])
+        reverted = len(layer.reverted)
+        writer.add(path, rec)
+        if len(layer.reverted) > reverted:
+            was = j.old.get(names[i])
+            if was is None:
+                gone.append(i)
+            else:
+                records[i] = was
+        else:
+            records[i] = layer.records.get(path, rec)
+    for i in reversed(gone):
+        del names[i], records[i]
+    return size
+
+
+def _hardlinked(state: Path, inodes: set[int]) -> dict[str, Stat]:
+    """Every regular file of the state on one of ``inodes``: the names a hardlinked
+    file written has besides the ones the walk found changed."""
+    out: dict[str, Stat] = {}
+    with StateReader(state) as r:
+        for (d, names, records), _ in r.blocks():
+            for name, rec in zip(names, records, strict=True):
+                if rec[NLINK] > 1 and rec[INO] in inodes and st.S_ISREG(rec[MODE]):
+                    out[join_path(d, name)] = rec
+    return out
+
+
+def _patch(state: Path, records: dict[str, Stat]) -> None:
+    """Rewrite ``state`` with the given records instead of its own."""
+    by_dir: dict[str, dict[str, Stat]] = {}
+    for path, rec in records.items():
+        head, _, name = path.rpartition("/")
+        by_dir.setdefault(head, {})[name] = rec
+    with StateReader(state) as r, StateWriter(state) as w:
+        for (d, names, recs), raw in r.blocks():
+            fix = by_dir.get(d)
+            if fix is None:
+                w.write((d, names, recs), raw)
+                continue
+            w.write((d, names, [fix.get(n, rec) for n, rec in zip(names, recs, strict=True)]))

@@ -10,14 +10,17 @@ and cannot be set back by a user).
 
 from __future__ import annotations
 
+import errno
 import fnmatch
+import operator
 import os
 import re
 import stat as st
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
 from agent.errors import ConfigError
@@ -53,12 +56,24 @@ def stat_record(s: os.stat_result, target: str = "") -> Stat:
 
 @dataclass(slots=True)
 class Scan:
-    """Every kept entry by root-relative path, parents before children."""
+    """What a walk saw besides its listings: every kept entry by root-relative path
+    (filled by ``scan`` only: a checkpoint streams them), what it skipped, and how many."""
 
     entries: dict[str, Stat] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # Directories that could not be listed: what lies below them is unknown, not gone.
     unreadable_dirs: list[str] = field(default_factory=list)
+    count: int = 0
+
+
+class Listing(NamedTuple):
+    """One directory as the walk found it: its kept entries' names, sorted, and their
+    records; ``listed`` is False when it could not be listed (then both are empty)."""
+
+    dir: str
+    names: list[str]
+    records: list[Stat]
+    listed: bool
 
 
 class Excluder:
@@ -77,6 +92,14 @@ class Excluder:
         self.prefixes.update(plain)
         wild = [g for g in patterns if g not in plain]
         self._glob = re.compile("|".join(fnmatch.translate(g) for g in wild)) if wild else None
+        # The plain prefixes by the directory that holds them, so that a walk looks
+        # up names, not paths, and skips the look-up where none is excluded.
+        self.names_by_dir: dict[str, frozenset[str]] = {}
+        by_dir: dict[str, set[str]] = {}
+        for prefix in self.prefixes:
+            head, _, name = prefix.rpartition("/")
+            by_dir.setdefault(head, set()).add(name)
+        self.names_by_dir = {d: frozenset(n) for d, n in by_dir.items()}
 
     def _relative(self, p: Path) -> str | None:
         try:
@@ -85,6 +108,11 @@ class Excluder:
             return None
         s = str(rel)
         return None if s == "." else s
+
+    @property
+    def glob(self) -> re.Pattern[str] | None:
+        """The wildcard globs as one pattern over root-relative paths (None: there are none)."""
+        return self._glob
 
     def excluded(self, rel: str) -> bool:
         if rel in self.prefixes:
@@ -116,67 +144,162 @@ def _unescape_mount(s: str) -> str:
 
 
 def scan(root: Path, excluder: Excluder) -> Scan:
-    """Walk ``root`` depth-first with sorted names; never cross a filesystem boundary."""
+    """The whole walk as one dict (small trees and tests: a checkpoint streams it)."""
     result = Scan()
-    for _ in walk(root, excluder, result):
-        pass
+    entries = result.entries
+    for d, names, records, _ in walk(root, excluder, result):
+        prefix = f"{d}/" if d else ""
+        entries.update(zip(map(prefix.__add__, names), records, strict=True))
     return result
 
 
-def walk(root: Path, excluder: Excluder, result: Scan) -> Iterator[str]:
-    """Record ``root``'s entries into ``result``, yielding each path once recorded,
-    so that a checkpoint can write it while the walk goes on."""
-    entries = result.entries
+def join_path(d: str, name: str) -> str:
+    return f"{d}/{name}" if d else name
+
+
+_RECORD = operator.attrgetter(
+    "st_mode", "st_uid", "st_gid", "st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_nlink"
+)
+_NO_TARGET = ("",)
+_DEV = operator.attrgetter("st_dev")
+_MODE = operator.itemgetter(MODE)
+_NAME = operator.attrgetter("name")
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_FLAGS = _ROOT_FLAGS | os.O_NOFOLLOW
+
+
+def dir_key(d: str) -> str:
+    """Directories in walk order sort by this key: depth-first with names sorted is
+    the order of their paths' components, and "\\0" sorts before any name's character."""
+    return d.replace("/", "\0")
+
+
+def walk(root: Path, excluder: Excluder, result: Scan) -> Iterator[Listing]:
+    """List ``root``'s directories depth-first, each one's names sorted: the order
+    of the parent state, whose directories compare by ``dir_key``.
+
+    Each directory comes with all its kept entries, before any directory below
+    it, so parents come before children, and a checkpoint can write its changes
+    while the walk goes on.  The per-entry work is done by C loops (``map``) over
+    a directory at a time: one ``lstat`` per entry, a record tuple straight from
+    the stat result, the rare cases (a symlink, a mount point, an entry gone
+    meanwhile) found and handled per directory.
+    """
     skipped = result.skipped
     root_s = str(root)
     try:
         root_dev = os.lstat(root_s).st_dev
     except OSError as e:
         raise ConfigError(f"cannot read the root {root_s}: {e.strerror}") from e
-    excluded = excluder.excluded
-    S_ISDIR, S_ISLNK = st.S_ISDIR, st.S_ISLNK
+    names_by_dir = excluder.names_by_dir
+    glob = excluder.glob
     stack: list[str] = [""]
     while stack:
         rel_dir = stack.pop()
         abs_dir = os.path.join(root_s, rel_dir) if rel_dir else root_s
         try:
-            with os.scandir(abs_dir) as it:
-                names = sorted(it, key=lambda e: e.name)
+            # Never through a symlink that replaced a directory since it was listed
+            # (the root itself may be one).
+            fd = os.open(abs_dir, _DIR_FLAGS if rel_dir else _ROOT_FLAGS)
+        except FileNotFoundError:  # gone since its parent was listed
+            yield Listing(rel_dir, [], [], True)
+            continue
+        except OSError as e:
+            if rel_dir and e.errno in (errno.ENOTDIR, errno.ELOOP):  # replaced meanwhile
+                yield Listing(rel_dir, [], [], True)
+                continue
+            yield _unlisted(rel_dir, e, result)
+            continue
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        try:
+            with os.scandir(fd) as it:
+                found = sorted(it, key=_NAME)
+        except OSError as e:
+            os.close(fd)
+            yield _unlisted(rel_dir, e, result)
+            continue
+        try:
+            names = list(map(_NAME, found))
+            excluded = names_by_dir.get(rel_dir)
+            if (
+                excluded is not None
+                or glob is not None
+                or any(map(str.startswith, names, repeat(RESTORE_TEMP_PREFIX)))
+            ):
+                found = [de for de in found if _kept(de.name, prefix, excluded, glob)]
+                names = list(map(_NAME, found))
+            # Entries of a directory opened by its fd are stat'ed relative to it
+            # (fstatat: no path to build or resolve), and ``DirEntry.stat`` is an
+            # lstat for an entry d_type says is no symlink.
+            if any(map(os.DirEntry.is_symlink, found)):
+                names, stats = _stat_each(found, prefix, skipped)
+            else:
+                try:
+                    stats = list(map(os.DirEntry.stat, found))
+                except OSError:  # an entry gone or unreadable: one at a time
+                    names, stats = _stat_each(found, prefix, skipped)
+            records: list[Stat] = list(map(operator.add, map(_RECORD, stats), repeat(_NO_TARGET)))
+            modes = list(map(_MODE, records))
+            if any(map(st.S_ISLNK, modes)) or any(map(root_dev.__ne__, map(_DEV, stats))):
+                names, records, modes = _rare(fd, root_dev, names, stats, records)
+        finally:
+            os.close(fd)
+        result.count += len(names)
+        yield Listing(rel_dir, names, records, True)
+        if any(map(st.S_ISDIR, modes)):
+            subdirs = [prefix + n for n, m in zip(names, modes, strict=True) if st.S_ISDIR(m)]
+            # Depth-first in name order: push in reverse.
+            stack.extend(reversed(subdirs))
+
+
+def _unlisted(rel_dir: str, e: OSError, result: Scan) -> Listing:
+    result.skipped.append((rel_dir or ".", f"unreadable directory: {e.strerror}"))
+    result.unreadable_dirs.append(rel_dir)
+    return Listing(rel_dir, [], [], False)
+
+
+def _kept(
+    name: str, prefix: str, excluded: frozenset[str] | None, glob: re.Pattern[str] | None
+) -> bool:
+    if excluded is not None and name in excluded:
+        return False
+    if glob is not None and glob.match(prefix + name) is not None:
+        return False
+    return not name.startswith(RESTORE_TEMP_PREFIX)
+
+
+def _stat_each(
+    found: list[os.DirEntry[str]], prefix: str, skipped: list[tuple[str, str]]
+) -> tuple[list[str], list[os.stat_result]]:
+    kept, stats = [], []
+    for de in found:
+        try:
+            s = de.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
         except OSError as e:
-            skipped.append((rel_dir or ".", f"unreadable directory: {e.strerror}"))
-            result.unreadable_dirs.append(rel_dir)
+            skipped.append((prefix + de.name, f"cannot stat: {e.strerror}"))
             continue
-        subdirs: list[str] = []
-        for de in names:
-            rel = f"{rel_dir}/{de.name}" if rel_dir else de.name
-            if excluded(rel) or de.name.startswith(RESTORE_TEMP_PREFIX):
-                continue
+        kept.append(de.name)
+        stats.append(s)
+    return kept, stats
+
+
+def _rare(
+    fd: int, root_dev: int, names: list[str], stats: list[os.stat_result], records: list[Stat]
+) -> tuple[list[str], list[Stat], list[int]]:
+    """A directory with symlinks (their targets) or other filesystems' entries (left out:
+    mount points missing from mountinfo, files bind-mounted from elsewhere)."""
+    kept: list[str] = []
+    kept_records: list[Stat] = []
+    for name, s, rec in zip(names, stats, records, strict=True):
+        if st.S_ISLNK(s.st_mode):
             try:
-                s = de.stat(follow_symlinks=False)
-            except FileNotFoundError:
+                rec = stat_record(s, os.readlink(name, dir_fd=fd))
+            except OSError:
                 continue
-            except OSError as e:
-                skipped.append((rel, f"cannot stat: {e.strerror}"))
-                continue
-            mode = s.st_mode
-            if S_ISDIR(mode):
-                if s.st_dev != root_dev:
-                    continue  # a mount point we did not see in mountinfo
-                entries[rel] = stat_record(s)
-                subdirs.append(rel)
-            elif S_ISLNK(mode):
-                try:
-                    target = os.readlink(de.path)
-                except OSError:
-                    continue
-                entries[rel] = stat_record(s, target)
-            else:
-                if s.st_dev != root_dev:
-                    continue
-                entries[rel] = stat_record(s)
-            yield rel
-        # Depth-first, parents before children, names in order: push in reverse.
-        for d in reversed(subdirs):
-            stack.append(d)
+        elif s.st_dev != root_dev:
+            continue
+        kept.append(name)
+        kept_records.append(rec)
+    return kept, kept_records, list(map(_MODE, kept_records))

@@ -23,7 +23,6 @@ never content.
 
 from __future__ import annotations
 
-import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,14 +30,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.checkpoint import tarformat as tf
-from agent.checkpoint.diff import Changes
 from agent.checkpoint.layer_reader import LayerReader
 from agent.checkpoint.layer_writer import Cancelled, LayerResult, LayerWriter
 from agent.checkpoint.merge import REG_TYPES, Entry, Link, MergeRules, Whiteout, path_key
 from agent.checkpoint.merge import whiteout_target as _whiteout_target
 from agent.checkpoint.paths import clean_member_name, parents, symlink_escapes
 from agent.checkpoint.restore import LayerFile
-from agent.checkpoint.scan import MODE, SIZE, Stat
 from agent.errors import CorruptLayer, UnsafeLayer
 
 __all__ = [
@@ -46,7 +43,6 @@ __all__ = [
     "LayerUse",
     "SquashProgress",
     "SquashResult",
-    "replaced_bytes",
     "squash_layers",
 ]
 
@@ -278,20 +274,3 @@ def _finish(state: _Pass) -> None:
     for path in state.whiteouts:
         if not opaque or not any(a in opaque for a in parents(path)):
             writer.add_whiteout(path)
-
-
-def replaced_bytes(parent: dict[str, Stat], changes: Changes, current: dict[str, Stat]) -> int:
-    """Content bytes of the older versions a checkpoint's changes replace or
-    delete (files rewritten, or gone with what held them), from the parent
-    state: what its layer makes obsolete below it, in the chain or the image."""
-    total = 0
-    added = changes.added
-    for path in changes.upserts:
-        old = parent.get(path)
-        if old is not None and path not in added and stat.S_ISREG(old[MODE]):
-            total += old[SIZE]
-    if len(parent) + len(added) != len(current):  # something is gone
-        for path, old in parent.items():
-            if stat.S_ISREG(old[MODE]) and path not in current:
-                total += old[SIZE]
-    return total

@@ -15,9 +15,10 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from agent.checkpoint.diff import DiffLine, report
+from agent.checkpoint.diff import DiffLine
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
 from agent.checkpoint.scan import MODE, Stat
+from agent.checkpoint.state import drop_unchanged
 from agent.errors import AgentError, NotFound
 from agent.log import get_logger
 from agent.session.catalog import Catalog
@@ -211,32 +212,36 @@ class Session:
     def _forget(self, paths: list[str], before: dict[str, Stat]) -> None:
         """Drop from the parent state the unsaved entries the restore left as they were."""
         local = self._local.current()
-        entries = self._local.parent_entries(local)
-        untouched = [p for p in paths if p in entries and entries[p] == before.get(p)]
-        for path in untouched:
-            del entries[path]
-        if untouched:
-            self._local.save(local, entries)
+        drop = {p: before[p] for p in paths if p in before}
+        if not drop:
+            return
+        parent = self._local.parent_state(local)
+        fresh = self._local.new_state()
+        try:
+            dropped = drop_unchanged(parent, fresh, drop)
+            if dropped:
+                self._local.save(local, fresh)
+        finally:
+            if local.state_file != fresh.name:
+                fresh.unlink(missing_ok=True)
 
     async def _unsaved(self) -> tuple[list[DiffLine], dict[str, Stat]]:
         """What changed on the root since its session's parent state (none: no session),
-        and the root as scanned."""
+        and the records the scan read of what was added or modified."""
         try:
             local = self._local.peek()
             if local is None:
                 return [], {}
-            parent = await asyncio.to_thread(self._local.parent_entries, local)
-        except AgentError:  # another studio's session, or no parent state: nothing to compare
+            parent = self._local.parent_state(local)
+            found: dict[str, Stat] = {}
+            lines, _ = await asyncio.to_thread(self._scope.report, parent, found)
+        except AgentError:  # another studio's session, no parent state or a corrupt one
             return [], {}
-        current = await asyncio.to_thread(self._scope.scan, parent)
-        entries = current.entries
         # a directory whose entries changed is modified too, but holds nothing of its own
         lines = [
-            x
-            for x in report(parent, entries)
-            if not (x.kind == "modified" and stat.S_ISDIR(entries[x.path][MODE]))
+            x for x in lines if not (x.kind == "modified" and stat.S_ISDIR(found[x.path][MODE]))
         ]
-        return lines, entries
+        return lines, found
 
     async def clear_leftovers(self) -> None:
         """Remove what a killed process of this agent left (its spool files, partial
@@ -402,7 +407,6 @@ class Session:
     async def diff(self) -> DiffReport:
         """What changed since the parent state, largest first."""
         local = self._local.current()
-        parent = await asyncio.to_thread(self._local.parent_entries, local)
-        current = await asyncio.to_thread(self._scope.scan, parent)
-        lines = report(parent, current.entries)
+        parent = self._local.parent_state(local)
+        lines, current = await asyncio.to_thread(self._scope.report, parent)
         return DiffReport(lines, [Skipped(p, r) for p, r in current.skipped])

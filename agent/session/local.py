@@ -3,26 +3,28 @@
 ``session.json`` (session id, start epoch, chain and the store it lives in,
 the refs this session wrote) names its parent-state file, which is replaced by
 generation so the two always agree: the new parent state is written under a
-new name, then ``session.json`` is switched to it, then the old one is removed.
+new name (as a checkpoint's walk goes), then ``session.json`` is switched to
+it, then the old one is removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.checkpoint.manifest import LayerDesc
-from agent.checkpoint.scan import Stat
-from agent.checkpoint.state import load_state, save_state
 from agent.errors import AgentError, NoParentState
 from agent.faults import crash_point
 from agent.statedir import create_file, ensure_private_dir
 
 SESSION_FILE = "session.json"
+# A parent state, or one being written (the names leftovers.py clears too).
+_PARENT_FILES = re.compile(r"parent-[0-9a-f]+\.state(\.tmp)?")
 
 
 @dataclass(slots=True)
@@ -107,14 +109,19 @@ class LocalState:
             )
         return local
 
-    def save(self, local: LocalSession, entries: dict[str, Stat] | None) -> None:
-        """Write the parent state under a new name, then switch session.json to it."""
+    def new_state(self) -> Path:
+        """A new parent state's name, unused, for a walk to write (``save`` switches to it)."""
         ensure_private_dir(self.state_dir, self._root)
-        old = local.state_file
-        if entries is not None:
-            local.state_file = f"parent-{uuid.uuid4().hex[:12]}.state"
-            save_state(self.state_dir / local.state_file, entries)
+        return self.state_dir / f"parent-{uuid.uuid4().hex[:12]}.state"
+
+    def save(self, local: LocalSession, state: Path | None) -> None:
+        """Switch session.json to the parent state ``state`` (a file ``new_state``
+        named, written whole, or the one it names already), then remove the
+        previous one and any left by a checkpoint stopped before it got here."""
+        ensure_private_dir(self.state_dir, self._root)
+        if state is not None:
             crash_point("state")
+            local.state_file = state.name
         path = self.state_dir / SESSION_FILE
         tmp = path.with_name(path.name + ".tmp")
         with os.fdopen(create_file(tmp), "w") as f:
@@ -122,15 +129,17 @@ class LocalState:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        if entries is not None and old and old != local.state_file:
-            (self.state_dir / old).unlink(missing_ok=True)
+        if state is not None:
+            for other in self.state_dir.glob("parent-*.state*"):
+                if other.name != local.state_file and _PARENT_FILES.fullmatch(other.name):
+                    other.unlink(missing_ok=True)
         self._local = local
 
-    def parent_entries(self, local: LocalSession) -> dict[str, Stat]:
-        """The root as the session's chain records it."""
-        try:
-            return load_state(self.state_dir / local.state_file)
-        except FileNotFoundError:
+    def parent_state(self, local: LocalSession) -> Path:
+        """The file of the root as the session's chain records it."""
+        path = self.state_dir / local.state_file
+        if not local.state_file or not path.is_file():
             raise NoParentState(
                 f"parent state of session {local.session} is missing; run baseline again"
-            ) from None
+            )
+        return path

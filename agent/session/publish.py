@@ -16,6 +16,7 @@ and the chain's head, so gc keeps them until the ref reaches them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -25,12 +26,12 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from agent.checkpoint.diff import ParentBlocks
 from agent.checkpoint.layer_writer import LayerResult
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import normalize_name
 from agent.checkpoint.pipeline import Pass, scan_and_write
-from agent.checkpoint.scan import Stat
-from agent.checkpoint.squash import replaced_bytes
+from agent.checkpoint.state import StateReader
 from agent.errors import AgentError, BlobMissing, RefConflict
 from agent.faults import crash_point
 from agent.log import get_logger
@@ -91,48 +92,59 @@ class Publisher:
         t0 = time.monotonic()
         local = self._local.current()
         target = normalize_name(name) if name else local.name
-        parent = await asyncio.to_thread(self._local.parent_entries, local)
+        parent: Path | None = self._local.parent_state(local)
         local, note = await self._rebased(local)
         if note:
-            parent = {}  # a new chain: its first layer holds the whole root
+            parent = None  # a new chain: its first layer holds the whole root
         # The store readies itself (an S3 client takes a while) while the root
         # is walked and the layer compressed, mostly outside the GIL.
         ready = asyncio.ensure_future(self._store.prepare())
         tmp = self._spool / f"layer-{uuid.uuid4().hex}.tmp"
+        # The next parent state, written as the walk goes; named by session.json
+        # only once the checkpoint is published.
+        next_state = self._local.new_state()
+        saved = False
         try:
             try:
-                done = await self._scan_and_write(parent, tmp, progress)
+                try:
+                    done = await self._scan_and_write(parent, next_state, tmp, progress)
+                finally:
+                    await ready
+                current, changes, layer = done.scan, done.changes, done.layer
+                skipped = [Skipped(p, r) for p, r in current.skipped]
+                if not changes and skip_unchanged:
+                    return None
+                chain = list(local.chain)
+                if layer is not None:
+                    skipped.extend(Skipped(p, r) for p, r in layer.skipped)
+                    for s in layer.skipped:
+                        log.warning("checkpoint.skipped", path=s[0], reason=s[1])
+                    chain.append(
+                        LayerDesc(
+                            layer.digest,
+                            layer.size,
+                            layer.entries,
+                            layer.uncompressed,
+                            changes.replaced,
+                        )
+                    )
+                manifest = self._manifest(local, target, chain, state)
+                await self.cover(local, [layer.digest] if layer else [], manifest)
+                if layer is not None:
+                    await self._upload(tmp, layer, progress)
+                    crash_point("layer")
+                    self._present.add(layer.digest)
             finally:
-                await ready
-            current, changes, layer = done.scan, done.changes, done.layer
-            skipped = [Skipped(p, r) for p, r in current.skipped]
-            if not changes and skip_unchanged:
-                return None
-            chain = list(local.chain)
-            if layer is not None:
-                skipped.extend(Skipped(p, r) for p, r in layer.skipped)
-                for s in layer.skipped:
-                    log.warning("checkpoint.skipped", path=s[0], reason=s[1])
-                replaced = replaced_bytes(parent, changes, current.entries)
-                chain.append(
-                    LayerDesc(layer.digest, layer.size, layer.entries, layer.uncompressed, replaced)
-                )
-            manifest = self._manifest(local, target, chain, state)
-            await self.cover(local, [layer.digest] if layer else [], manifest)
-            if layer is not None:
-                await self._upload(tmp, layer, progress)
-                crash_point("layer")
-                self._present.add(layer.digest)
+                tmp.unlink(missing_ok=True)
+            t_layer = time.monotonic()
+            info = await self.publish(local, target, manifest)
+            crash_point("ref")
+            local.chain = chain
+            await asyncio.to_thread(self._local.save, local, next_state)
+            saved = True
         finally:
-            tmp.unlink(missing_ok=True)
-        t_layer = time.monotonic()
-        info = await self.publish(local, target, manifest)
-        crash_point("ref")
-        new_entries = current.entries
-        if layer is not None:
-            new_entries = next_parent(parent, current.entries, layer)
-        local.chain = chain
-        await asyncio.to_thread(self._local.save, local, new_entries)
+            if not saved:
+                next_state.unlink(missing_ok=True)
         duration = time.monotonic() - t0
         log.info(
             "checkpoint.written",
@@ -156,9 +168,10 @@ class Publisher:
         )
 
     async def _scan_and_write(
-        self, parent: dict[str, Stat], tmp: Path, progress: ProgressFn | None
+        self, parent: Path | None, state: Path, tmp: Path, progress: ProgressFn | None
     ) -> Pass:
-        """Walk the root and write its changes to the spool file ``tmp`` in one pass."""
+        """Walk the root against the parent state ``parent``, in one pass writing its
+        changes to the spool file ``tmp`` and the next parent state to ``state``."""
 
         def on_progress(phase: str, done: int, total: int, b_done: int, b_total: int) -> None:
             if progress is not None:
@@ -166,12 +179,17 @@ class Publisher:
 
         def run() -> Pass:
             ensure_private_dir(self._spool, self._root)
-            with os.fdopen(create_file(tmp), "wb") as f:
+            with contextlib.ExitStack() as stack:
+                blocks: ParentBlocks = []  # no parent: the whole root is new
+                if parent is not None:
+                    blocks = stack.enter_context(StateReader(parent)).blocks()
+                f = stack.enter_context(os.fdopen(create_file(tmp), "wb"))
                 done = scan_and_write(
                     self._root,
                     self._scope.excluder(),
-                    parent,
+                    blocks,
                     f,
+                    state=state,
                     level=self._settings.compression_level,
                     threads=self._settings.compression_threads,
                     progress=on_progress,
@@ -344,18 +362,3 @@ _MAX_SUFFIX = 1000
 
 class _TakenByOther(Exception):
     """The name is another session's checkpoint."""
-
-
-def next_parent(
-    parent: dict[str, Stat], current: dict[str, Stat], layer: LayerResult
-) -> dict[str, Stat]:
-    """The root as the chain now records it: what was written, as it was read."""
-    entries = dict(current)
-    entries.update(layer.records)
-    for path in layer.reverted:
-        old = parent.get(path)
-        if old is None:
-            entries.pop(path, None)
-        else:
-            entries[path] = old
-    return entries

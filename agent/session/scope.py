@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from agent.checkpoint.diff import keep_unlisted
-from agent.checkpoint.scan import Excluder, Scan, Stat, scan
+from agent.checkpoint.diff import DiffLine, report
+from agent.checkpoint.scan import Excluder, Scan, Stat, walk
+from agent.checkpoint.state import StateReader, StateWriter
 from agent.log import get_logger
 from agent.settings import Settings
 
@@ -37,13 +38,26 @@ class Scope:
     def excluder(self) -> Excluder:
         return Excluder(self._root, self.own_paths(), self._settings.exclude)
 
-    def scan(self, parent: dict[str, Stat] | None = None) -> Scan:
-        """The root now; with ``parent``, what it recorded below unlistable directories stands."""
-        result = scan(self._root, self.excluder())
-        if parent:
-            keep_unlisted(result, parent)
+    def write_state(self, path: Path) -> Scan:
+        """Walk the root and write it as the parent state ``path``, as the walk goes."""
+        result = Scan()
+        with StateWriter(path) as w:
+            for d, names, records, _ in walk(self._root, self.excluder(), result):
+                w.write((d, names, records))
         log_skipped(result)
         return result
+
+    def report(
+        self, parent: Path, found: dict[str, Stat] | None = None
+    ) -> tuple[list[DiffLine], Scan]:
+        """What changed since the parent state ``parent``, largest first (into
+        ``found``, the records read of what was added or modified); what the
+        parent recorded below unlistable directories stands."""
+        result = Scan()
+        with StateReader(parent) as r:
+            lines = report(r.blocks(), walk(self._root, self.excluder(), result), found)
+        log_skipped(result)
+        return lines, result
 
 
 def log_skipped(result: Scan) -> None:

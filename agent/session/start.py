@@ -25,7 +25,7 @@ from pathlib import Path
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import auto_name
 from agent.checkpoint.restore import LayerFile, RestoreStats, apply_layers
-from agent.checkpoint.scan import Stat
+from agent.checkpoint.state import check_state
 from agent.errors import AgentError, BlobMissing, CorruptLayer, DigestMismatch, NotFound
 from agent.log import get_logger
 from agent.session.catalog import split_source
@@ -73,10 +73,10 @@ class Starter:
         self._verifier = Verifier(store, spool)
 
     async def begin(
-        self, chain: list[LayerDesc], parent: dict[str, Stat] | None = None, store: str = ""
+        self, chain: list[LayerDesc], parent: Path | None = None, store: str = ""
     ) -> None:
         """A new session carrying on from ``chain``, on the root as it is now or, with
-        ``parent``, as that parent state records it (what differs is unsaved work).
+        ``parent``, as that parent state file records it (what differs is unsaved work).
 
         The automatic name is only a first choice: two sessions started within
         one second share it, and the first write of each decides (publish.py).
@@ -92,8 +92,10 @@ class Starter:
         )
         # The state dir first: its parents must not show up as the session's changes.
         ensure_private_dir(self._local.state_dir, self._root)
+        entries: int | None = None  # a parent state carried on from was counted before
         if parent is None:
-            parent = (await asyncio.to_thread(self._scope.scan)).entries
+            parent = self._local.new_state()
+            entries = (await asyncio.to_thread(self._scope.write_state, parent)).count
         await asyncio.to_thread(self._local.save, local, parent)
         # The restored manifest (if any) stays the head; the lease now says whose.
         head = self._lease.manifests if chain else []
@@ -103,7 +105,7 @@ class Starter:
             session=local.session,
             checkpoint=local.name,
             layers=len(chain),
-            entries=len(parent),
+            entries=entries,
         )
 
     async def resume(self) -> LocalSession | None:
@@ -119,7 +121,8 @@ class Starter:
             earlier = self._local.peek()
             if earlier is None:
                 return None
-            parent = await asyncio.to_thread(self._local.parent_entries, earlier)
+            parent = self._local.parent_state(earlier)
+            await asyncio.to_thread(check_state, parent)
         except AgentError as e:  # unreadable, another studio's, no parent state
             log.warning("session.not_resumed", reason=str(e))
             return None
