@@ -105,6 +105,7 @@ async def make_history(root: Path, work: Path, state: Path, n: int, per: int, se
         if i:
             (tree / f"notes/n{i - 1}.py").unlink()
         await session.checkpoint()
+    await session.release_lease()  # the session ends, as at a clean stop
     return session.auto_name
 
 
@@ -160,6 +161,9 @@ def main() -> None:
         )
         gc_line = "gc: `studio-agent gc` not in this build; storage after gc not measured"
         if has_gc():
+            # The unsquashed chain is kept only to time its restore: deleted
+            # first, as a user deletes what is superseded, it is gc's to take.
+            run(agent(root, work, state, "delete", "unsquashed"))
             run(agent(root, work, state, "gc", "--grace", "0s"))
             bytes_gc, blobs_gc = blob_bytes(work)
             gc_line = f"after gc --grace 0s: {bytes_gc / 1e6:.1f} MB in {blobs_gc} blobs"
