@@ -16,14 +16,17 @@ entries.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from enum import IntEnum
+from typing import TypeVar
 
 from agent.checkpoint import tarformat as tf
-from agent.checkpoint.paths import parents
+from agent.checkpoint.layer_reader import LayerReader
+from agent.checkpoint.paths import clean_member_name, parents
 from agent.errors import CorruptLayer, UnsafeLayer
 
 DIR, NONDIR, WHITEOUT = 1, 2, 3
+L = TypeVar("L")  # a hardlink waiting for its target, as its caller records it
 REG_TYPES = (tf.REGTYPE, tf.AREGTYPE, tf.CONTTYPE)
 
 _M64 = (1 << 64) - 1
@@ -205,3 +208,21 @@ def whiteout_target(head: str, base: str, raw: str) -> str | None:
     if name in ("", ".", "..") or name.startswith(tf.WHITEOUT_PREFIX):
         raise UnsafeLayer(f"refused whiteout {raw!r}: it does not name an entry of its directory")
     return f"{head}/{name}" if head else name
+
+
+def targets_read_again(
+    reader: LayerReader, pending: dict[str, list[L]]
+) -> Iterator[tuple[tf.Member, list[L]]]:
+    """The regular files of a layer read a second time whose names ``pending``
+    holds, each with the hardlinks waiting for it (taken out of ``pending``): a
+    newer layer replaced what they linked to, so their content comes from here."""
+    for m in reader.members():
+        if m.type not in REG_TYPES:
+            continue
+        try:
+            name = clean_member_name(m.name)
+        except UnsafeLayer:
+            continue
+        links = pending.pop(name, None)
+        if links:
+            yield m, links

@@ -38,7 +38,15 @@ from typing import BinaryIO
 from agent.checkpoint import tarformat as tf
 from agent.checkpoint.diskspace import FreeSpace
 from agent.checkpoint.layer_reader import LayerReader
-from agent.checkpoint.merge import DIR, REG_TYPES, Entry, Link, MergeRules, Whiteout
+from agent.checkpoint.merge import (
+    DIR,
+    REG_TYPES,
+    Entry,
+    Link,
+    MergeRules,
+    Whiteout,
+    targets_read_again,
+)
 from agent.checkpoint.merge import whiteout_target as _whiteout_target
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX as _TMP_PREFIX
 from agent.checkpoint.paths import clean_member_name, parents, symlink_escapes
@@ -650,16 +658,7 @@ def _relink_overridden(
 ) -> None:
     """Second read of one layer for hardlinks whose target a newer layer replaced."""
     with source.open() as f, LayerReader(f, name=f"layer {layer + 1}") as reader:
-        for m in reader.members():
-            if m.type not in _REG_TYPES:
-                continue
-            try:
-                name = clean_member_name(m.name)
-            except UnsafeLayer:
-                continue
-            links = pending.pop(name, None)
-            if not links:
-                continue
+        for m, links in targets_read_again(reader, pending):
             try:
                 _relink(merge, reader, m, links)
             except OSError as e:

@@ -32,7 +32,15 @@ from typing import BinaryIO
 from agent.checkpoint import tarformat as tf
 from agent.checkpoint.layer_reader import LayerReader
 from agent.checkpoint.layer_writer import Cancelled, LayerResult, LayerWriter
-from agent.checkpoint.merge import REG_TYPES, Entry, Link, MergeRules, Whiteout, path_key
+from agent.checkpoint.merge import (
+    REG_TYPES,
+    Entry,
+    Link,
+    MergeRules,
+    Whiteout,
+    path_key,
+    targets_read_again,
+)
 from agent.checkpoint.merge import whiteout_target as _whiteout_target
 from agent.checkpoint.paths import clean_member_name, parents, symlink_escapes
 from agent.checkpoint.restore import LayerFile
@@ -244,16 +252,7 @@ def _write_again(
     content once, under the first link's name, read again; the others link to it."""
     writer = state.writer
     with layer.open() as f, LayerReader(f, name=f"layer {index + 1}") as reader:
-        for m in reader.members():
-            if m.type not in REG_TYPES:
-                continue
-            try:
-                name = clean_member_name(m.name)
-            except UnsafeLayer:
-                continue
-            links = pending.pop(name, None)
-            if not links:
-                continue
+        for m, links in targets_read_again(reader, pending):
             first = links[0].path
             writer.add_member(m, first, "", reader.read)
             for link in links[1:]:
