@@ -33,6 +33,7 @@ from agent.session.leftovers import (
 )
 from agent.session.local import LocalState
 from agent.session.manifests import Manifests
+from agent.session.parts import Parts
 from agent.session.publish import Publisher
 from agent.session.records import (
     CheckpointInfo,
@@ -89,18 +90,7 @@ class Session:
         self._scope = Scope(settings, self.root, self.state_dir)
         manifests = Manifests(store, self.spool, clock)
         self._lease = SessionLease(store, settings.studio, clock)
-        self._starter = Starter(
-            settings.studio,
-            store,
-            self.root,
-            self.spool,
-            clock,
-            self._local,
-            self._scope,
-            manifests,
-            self._lease,
-        )
-        self._publisher = Publisher(
+        parts = Parts(
             settings,
             store,
             self.root,
@@ -109,9 +99,10 @@ class Session:
             self._local,
             self._scope,
             manifests,
-            self._cancel,
             self._lease,
         )
+        self._starter = Starter(parts)
+        self._publisher = Publisher(parts, self._cancel)
         self._catalog = Catalog(settings.studio, store, self._local, manifests, self.spool)
         self._verifier = Verifier(store, self.spool)
         self._squasher = Squasher(settings, store, self.spool, self._local, manifests, self._locked)

@@ -21,7 +21,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,9 +34,8 @@ from agent.checkpoint.state import StateReader
 from agent.errors import AgentError, BlobMissing, RefConflict
 from agent.faults import crash_point
 from agent.log import get_logger
-from agent.session.lease import SessionLease
-from agent.session.local import LocalSession, LocalState
-from agent.session.manifests import Manifests
+from agent.session.local import LocalSession
+from agent.session.parts import Parts
 from agent.session.records import (
     CheckpointInfo,
     CheckpointResult,
@@ -45,8 +43,7 @@ from agent.session.records import (
     ProgressFn,
     Skipped,
 )
-from agent.session.scope import Scope, log_skipped
-from agent.settings import Settings
+from agent.session.scope import log_skipped
 from agent.statedir import create_file, ensure_private_dir
 from agent.store.base import Store
 
@@ -54,30 +51,18 @@ log = get_logger("session")
 
 
 class Publisher:
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        root: Path,
-        spool: Path,
-        clock: Callable[[], float],
-        local: LocalState,
-        scope: Scope,
-        manifests: Manifests,
-        cancel: threading.Event,
-        lease: SessionLease,
-    ) -> None:
-        self._settings = settings
-        self._studio = settings.studio
-        self._store = store
-        self._root = root
-        self._spool = spool
-        self._clock = clock
-        self._local = local
-        self._scope = scope
-        self._manifests = manifests
+    def __init__(self, parts: Parts, cancel: threading.Event) -> None:
+        self._settings = parts.settings
+        self._studio = parts.settings.studio
+        self._store = parts.store
+        self._root = parts.root
+        self._spool = parts.spool
+        self._clock = parts.clock
+        self._local = parts.local
+        self._scope = parts.scope
+        self._manifests = parts.manifests
         self._cancel = cancel
-        self._lease = lease
+        self._lease = parts.lease
         self._present: set[str] = set()  # blobs seen in the store by this process
 
     async def checkpoint(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
@@ -29,9 +28,8 @@ from agent.checkpoint.state import check_state
 from agent.errors import AgentError, BlobMissing, CorruptLayer, DigestMismatch, NotFound
 from agent.log import get_logger
 from agent.session.catalog import split_source
-from agent.session.lease import SessionLease
-from agent.session.local import LocalSession, LocalState
-from agent.session.manifests import Manifests
+from agent.session.local import LocalSession
+from agent.session.parts import Parts
 from agent.session.records import (
     CheckpointInfo,
     Progress,
@@ -39,38 +37,25 @@ from agent.session.records import (
     StartOutcome,
     info_of,
 )
-from agent.session.scope import Scope
 from agent.session.verify import Verifier
 from agent.statedir import ensure_private_dir, protected_paths
-from agent.store.base import Store
 from agent.store.fetch import Fetch
 
 log = get_logger("session")
 
 
 class Starter:
-    def __init__(
-        self,
-        studio: str,
-        store: Store,
-        root: Path,
-        spool: Path,
-        clock: Callable[[], float],
-        local: LocalState,
-        scope: Scope,
-        manifests: Manifests,
-        lease: SessionLease,
-    ) -> None:
-        self._lease = lease
-        self._studio = studio
-        self._store = store
-        self._root = root
-        self._spool = spool
-        self._clock = clock
-        self._local = local
-        self._scope = scope
-        self._manifests = manifests
-        self._verifier = Verifier(store, spool)
+    def __init__(self, parts: Parts) -> None:
+        self._lease = parts.lease
+        self._studio = parts.settings.studio
+        self._store = parts.store
+        self._root = parts.root
+        self._spool = parts.spool
+        self._clock = parts.clock
+        self._local = parts.local
+        self._scope = parts.scope
+        self._manifests = parts.manifests
+        self._verifier = Verifier(parts.store, parts.spool)
 
     async def begin(
         self, chain: list[LayerDesc], parent: Path | None = None, store: str = ""
