@@ -74,7 +74,6 @@ def join(parent: ParentBlocks, listings: Iterable[Listing], changes: Changes) ->
     passed without listing them lie below such paths, or below a directory the
     walk could not list: there, what the parent recorded stands.
     """
-    note = changes.note
     deleted = changes.deletions
     it = iter(parent)
     nxt = next(it, None)
@@ -101,46 +100,59 @@ def join(parent: ParentBlocks, listings: Iterable[Listing], changes: Changes) ->
             if kept(pd):
                 yield Joined(pd, pn, pr, _NONE, _EMPTY, praw)
             else:  # below a deletion
-                changes.replaced += _content_bytes(pr)
+                changes.replaced += content_bytes(pr)
         if not listing.listed:
             keep = d
             yield Joined(d, pnames, precs, _NONE, _EMPTY, raw)
             continue
-        names, records = listing.names, listing.records
-        if names == pnames:
-            if records == precs:
-                yield Joined(d, names, records, _NONE, _EMPTY, raw)
-                continue
-            changed = list(compress(count(), map(ne, records, precs)))
-            old = {names[i]: precs[i] for i in changed}
-            for i in changed:
-                note(join_path(d, names[i]), precs[i], records[i])
-            yield Joined(d, names, records, changed, old, None)
-            continue
-        olds = dict(zip(pnames, precs, strict=True))
-        pop = olds.pop
-        changed = []
-        old = {}
-        for i, (name, rec) in enumerate(zip(names, records, strict=True)):
-            was = pop(name, None)
-            if note(join_path(d, name), was, rec):
-                changed.append(i)
-                if was is not None:
-                    old[name] = was
-        deleted.extend(join_path(d, name) for name in olds)
-        changes.replaced += _content_bytes(olds.values())
-        yield Joined(d, names, records, changed, old, None)
+        yield join_dir(d, listing.names, listing.records, pnames, precs, raw, changes)
     while nxt is not None:
         (pd, pn, pr), praw = nxt
         if kept(pd):
             yield Joined(pd, pn, pr, _NONE, _EMPTY, praw)
         else:
-            changes.replaced += _content_bytes(pr)
+            changes.replaced += content_bytes(pr)
         nxt = next(it, None)
     deleted.sort()
 
 
-def _content_bytes(records: Iterable[Stat]) -> int:
+def join_dir(
+    d: str,
+    names: list[str],
+    records: list[Stat],
+    pnames: list[str],
+    precs: list[Stat],
+    raw: bytes | None,
+    changes: Changes,
+) -> Joined:
+    """One listed directory against the parent's block of it (empty lists: none),
+    its changes noted in ``changes``; the deleted names are appended unsorted."""
+    note = changes.note
+    if names == pnames:
+        if records == precs:
+            return Joined(d, names, records, _NONE, _EMPTY, raw)
+        changed = list(compress(count(), map(ne, records, precs)))
+        old = {names[i]: precs[i] for i in changed}
+        for i in changed:
+            note(join_path(d, names[i]), precs[i], records[i])
+        return Joined(d, names, records, changed, old, None)
+    olds = dict(zip(pnames, precs, strict=True))
+    pop = olds.pop
+    changed = []
+    old = {}
+    for i, (name, rec) in enumerate(zip(names, records, strict=True)):
+        was = pop(name, None)
+        if note(join_path(d, name), was, rec):
+            changed.append(i)
+            if was is not None:
+                old[name] = was
+    changes.deletions.extend(join_path(d, name) for name in olds)
+    changes.replaced += content_bytes(olds.values())
+    return Joined(d, names, records, changed, old, None)
+
+
+def content_bytes(records: Iterable[Stat]) -> int:
+    """The content bytes of the regular files among ``records``."""
     return sum(rec[SIZE] for rec in records if st.S_ISREG(rec[MODE]))
 
 

@@ -27,6 +27,7 @@ from agent.checkpoint.diff import Changes, Joined, ParentBlocks, join
 from agent.checkpoint.layer_writer import LayerResult, LayerWriter
 from agent.checkpoint.scan import INO, MODE, NLINK, SIZE, Excluder, Scan, Stat, join_path, walk
 from agent.checkpoint.state import StateReader, StateWriter, blocks_of
+from agent.checkpoint.watched import Dirty, join_changed
 
 # (phase, entries written, entries to write, content bytes written, bytes to write).
 # The phase is "scan" while the walk goes on (nothing to write is known yet: 0),
@@ -41,6 +42,7 @@ class Pass:
     layer: LayerResult | None  # None: nothing changed, nothing written
     walk_seconds: float
     state: Path | None  # the next parent state (None: not asked for)
+    watched: bool = False  # only what a change watch named was read, not the whole root
 
 
 def scan_and_write(
@@ -54,22 +56,26 @@ def scan_and_write(
     threads: int = 0,
     progress: PassProgress | None = None,
     cancel: threading.Event | None = None,
+    dirty: Dirty | None = None,
 ) -> Pass:
     """Scan ``root``, diff it against ``parent`` (a state's blocks, or a whole dict)
     and write the changes to ``out`` as one layer (``out`` stays empty when nothing
-    changed), and the root as the layer records it to the state file ``state``."""
+    changed), and the root as the layer records it to the state file ``state``.
+
+    ``dirty``: what a change watch saw change since ``parent`` was written, all
+    that is read then (``watched.join_changed``); None walks the whole root."""
     if isinstance(parent, dict):
         parent = [(b, None) for b in blocks_of(parent)]
     if state is not None:
         return _one_pass(
-            root, excluder, parent, out, state,
+            root, excluder, parent, out, state, dirty,
             level=level, threads=threads, progress=progress, cancel=cancel,
         )  # fmt: skip
     # Written all the same: the late hardlink names are found in it.
     scratch = Path(tempfile.mkdtemp(prefix="studio-state-"))
     try:
         done = _one_pass(
-            root, excluder, parent, out, scratch / "next.state",
+            root, excluder, parent, out, scratch / "next.state", dirty,
             level=level, threads=threads, progress=progress, cancel=cancel,
         )  # fmt: skip
     finally:
@@ -84,6 +90,7 @@ def _one_pass(
     parent: ParentBlocks,
     out: BinaryIO,
     state: Path,
+    dirty: Dirty | None,
     *,
     level: int,
     threads: int,
@@ -106,10 +113,15 @@ def _one_pass(
             root, out, level=level, threads=threads, progress=on_write, cancel=cancel
         )
 
+    if dirty is None:
+        joined = join(parent, walk(root, excluder, result), changes)
+    else:
+        joined = join_changed(parent, root, excluder, dirty, result, changes)
+    watched = dirty is not None
     next_state = StateWriter(state)
     closed = False
     try:
-        for j in join(parent, walk(root, excluder, result), changes):
+        for j in joined:
             if not j.changed:
                 next_state.write((j.dir, j.names, j.records), j.raw)
                 continue
@@ -121,7 +133,7 @@ def _one_pass(
         next_state.close()
         closed = True
         if not changes:
-            return Pass(result, changes, None, walked, state)
+            return Pass(result, changes, None, walked, state, watched)
         phase, total_entries = "write", len(changes)
         if writer is None:
             writer = start()
@@ -130,7 +142,7 @@ def _one_pass(
         late = {p: r for p, r in links.items() if layer.records.get(p, r) != r}
         if late:  # link names of a file that changed while read: poisoned too
             _patch(state, late)
-        return Pass(result, changes, layer, walked, state)
+        return Pass(result, changes, layer, walked, state, watched)
     except BaseException:
         if writer is not None:
             writer.abandon()

@@ -174,9 +174,10 @@ def dir_key(d: str) -> str:
     return d.replace("/", "\0")
 
 
-def walk(root: Path, excluder: Excluder, result: Scan) -> Iterator[Listing]:
+def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterator[Listing]:
     """List ``root``'s directories depth-first, each one's names sorted: the order
-    of the parent state, whose directories compare by ``dir_key``.
+    of the parent state, whose directories compare by ``dir_key``.  ``top``: only
+    the tree below that root-relative directory (itself included).
 
     Each directory comes with all its kept entries, before any directory below
     it, so parents come before children, and a checkpoint can write its changes
@@ -187,13 +188,10 @@ def walk(root: Path, excluder: Excluder, result: Scan) -> Iterator[Listing]:
     """
     skipped = result.skipped
     root_s = str(root)
-    try:
-        root_dev = os.lstat(root_s).st_dev
-    except OSError as e:
-        raise ConfigError(f"cannot read the root {root_s}: {e.strerror}") from e
+    root_dev = root_device(root)
     names_by_dir = excluder.names_by_dir
     glob = excluder.glob
-    stack: list[str] = [""]
+    stack: list[str] = [top]
     while stack:
         rel_dir = stack.pop()
         abs_dir = os.path.join(root_s, rel_dir) if rel_dir else root_s
@@ -250,6 +248,73 @@ def walk(root: Path, excluder: Excluder, result: Scan) -> Iterator[Listing]:
             subdirs = [prefix + n for n, m in zip(names, modes, strict=True) if st.S_ISDIR(m)]
             # Depth-first in name order: push in reverse.
             stack.extend(reversed(subdirs))
+
+
+def root_device(root: Path) -> int:
+    """The device of the root's filesystem: the walk never leaves it."""
+    try:
+        return os.lstat(root).st_dev
+    except OSError as e:
+        raise ConfigError(f"cannot read the root {root}: {e.strerror}") from e
+
+
+def restat(
+    root: Path,
+    root_dev: int,
+    excluder: Excluder,
+    listing: Listing,
+    names: Iterable[str],
+    result: Scan,
+) -> Listing:
+    """``listing`` (a directory as the parent state holds it) with ``names`` read
+    again, as the walk would read them: a name gone, excluded, unreadable or on
+    another filesystem is left out, any other gets its record as of now.
+
+    What a change watch reported changed is all a watched checkpoint reads; the
+    directory is opened as the walk opens it (never through a symlink), and when
+    it is gone or replaced it is empty, as the walk would find it.
+    """
+    d = listing.dir
+    abs_dir = os.path.join(root, d) if d else str(root)
+    try:
+        fd = os.open(abs_dir, _DIR_FLAGS if d else _ROOT_FLAGS)
+    except FileNotFoundError:
+        return Listing(d, [], [], True)
+    except OSError as e:
+        if d and e.errno in (errno.ENOTDIR, errno.ELOOP):
+            return Listing(d, [], [], True)
+        return _unlisted(d, e, result)
+    prefix = f"{d}/" if d else ""
+    excluded = excluder.names_by_dir.get(d)
+    glob = excluder.glob
+    entries = dict(zip(listing.names, listing.records, strict=True))
+    before = len(entries)
+    added = False
+    try:
+        for name in names:
+            if not _kept(name, prefix, excluded, glob):
+                entries.pop(name, None)
+                continue
+            try:
+                s = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if s.st_dev != root_dev:
+                    raise FileNotFoundError  # a mount point: never part of the root
+                target = os.readlink(name, dir_fd=fd) if st.S_ISLNK(s.st_mode) else ""
+            except FileNotFoundError:
+                entries.pop(name, None)
+                continue
+            except OSError as e:
+                result.skipped.append((prefix + name, f"cannot stat: {e.strerror}"))
+                entries.pop(name, None)
+                continue
+            added |= name not in entries
+            entries[name] = stat_record(s, target)
+    finally:
+        os.close(fd)
+    if not added and len(entries) == before:  # the same names: the same order
+        return Listing(d, listing.names, list(map(entries.__getitem__, listing.names)), True)
+    kept = sorted(entries)
+    return Listing(d, kept, list(map(entries.__getitem__, kept)), True)
 
 
 def _unlisted(rel_dir: str, e: OSError, result: Scan) -> Listing:

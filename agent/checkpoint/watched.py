@@ -1,0 +1,157 @@
+"""A checkpoint's join when a change watch says what changed: no walk of the root.
+
+The parent state streams by as in a full checkpoint, and every directory the
+watch saw no change in is written on as it was read (its stored bytes, not
+even decoded again).  A directory the watch names is the parent's block with
+just the named entries read again (``scan.restat``).  A directory that is new
+at a path, or another directory than the parent's there (created, moved in,
+replaced), is walked whole, as a full checkpoint would: the watch may have
+missed what was written into it before it was watched.  Below a path that is
+gone, or that is no longer a directory, the parent's blocks are dropped.
+
+The result is the same stream of ``Joined`` directories, in walk order, that
+``diff.join`` makes of a full walk, so the layer and the next parent state are
+written by the same code; only how many entries were read differs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import stat as st
+from collections.abc import Iterator, Mapping, Set
+from pathlib import Path
+
+from agent.checkpoint.diff import (
+    Changes,
+    Joined,
+    ParentBlocks,
+    content_bytes,
+    join_dir,
+)
+from agent.checkpoint.scan import (
+    INO,
+    MODE,
+    Excluder,
+    Listing,
+    Scan,
+    Stat,
+    dir_key,
+    join_path,
+    restat,
+    root_device,
+    walk,
+)
+
+# Root-relative directory -> the names in it the watch saw change.
+Dirty = Mapping[str, Set[str]]
+
+_NONE: list[int] = []
+_EMPTY: dict[str, Stat] = {}
+
+
+def _under(d: str, tops: set[str]) -> bool:
+    """Whether ``d`` is one of ``tops`` or lies below one."""
+    if not tops:
+        return False
+    while True:
+        if d in tops:
+            return True
+        if not d:
+            return False
+        d = d.rpartition("/")[0]
+
+
+def join_changed(
+    parent: ParentBlocks,
+    root: Path,
+    excluder: Excluder,
+    dirty: Dirty,
+    result: Scan,
+    changes: Changes,
+) -> Iterator[Joined]:
+    """The parent state with what ``dirty`` names read again, as ``diff.join``
+    would join it with a full walk; the deletions are sorted once it is done.
+
+    Work waits in a heap by walk order: the directories to read again, and the
+    walks of new directories, one listing of each at a time (a walk is found
+    while its parent is read again, and ordered in among the rest).
+    """
+    root_dev = root_device(root)
+    seq = 0  # ties never compare the payloads
+    # (dir_key, seq, dir, the walk's listing and the walk, or None: read again)
+    heap: list[tuple[str, int, str, tuple[Listing, Iterator[Listing]] | None]] = []
+    for d in dirty:
+        heap.append((dir_key(d), seq, d, None))
+        seq += 1
+    heapq.heapify(heap)
+    gone: set[str] = set()  # parent directories that are gone, or files now
+    walked: set[str] = set()  # tops of whole walks: below them, the walk decides
+    it = iter(parent)
+    nxt = next(it, None)
+    while nxt is not None or heap:
+        pkey = dir_key(nxt[0][0]) if nxt is not None else None
+        if not heap or (pkey is not None and pkey < heap[0][0]):
+            assert nxt is not None
+            (pd, pn, pr), praw = nxt
+            nxt = next(it, None)
+            if _under(pd, gone) or _under(pd, walked):  # below a deletion
+                changes.replaced += content_bytes(pr)
+            else:
+                yield Joined(pd, pn, pr, _NONE, _EMPTY, praw)
+            continue
+        key, _, d, walking = heapq.heappop(heap)
+        if walking is None and (_under(d, gone) or _under(d, walked)):
+            continue  # gone with what held it, or the walk lists it
+        pnames: list[str] = []
+        precs: list[Stat] = []
+        raw: bytes | None = None
+        if pkey == key:
+            assert nxt is not None
+            (_, pnames, precs), raw = nxt
+            nxt = next(it, None)
+        if walking is None:
+            # A directory the parent has no block of was empty then (a new one is
+            # walked from its parent's new entry, and skipped above).
+            listing = restat(root, root_dev, excluder, Listing(d, pnames, precs, True),
+                             sorted(dirty[d]), result)  # fmt: skip
+        else:
+            listing, rest = walking
+            following = next(rest, None)
+            if following is not None:
+                heapq.heappush(heap, (dir_key(following.dir), seq, following.dir,
+                                      (following, rest)))  # fmt: skip
+                seq += 1
+        if not listing.listed:  # what the parent recorded stands
+            yield Joined(d, pnames, precs, _NONE, _EMPTY, raw)
+            continue
+        if walking is None:
+            for sub in _new_dirs(listing, pnames, precs, gone):
+                first = walk(root, excluder, result, top=sub)
+                start = next(first, None)
+                if start is not None:
+                    walked.add(sub)
+                    heapq.heappush(heap, (dir_key(sub), seq, sub, (start, first)))
+                    seq += 1
+        result.count += len(listing.names)
+        yield join_dir(d, listing.names, listing.records, pnames, precs, raw, changes)
+    changes.deletions.sort()
+
+
+def _new_dirs(listing: Listing, pnames: list[str], precs: list[Stat], gone: set[str]) -> list[str]:
+    """The directories of ``listing`` to walk whole (new, or another directory than
+    the parent's), noting in ``gone`` the parent's directories that are no more."""
+    old = dict(zip(pnames, precs, strict=True))
+    out = []
+    d = listing.dir
+    for name, rec in zip(listing.names, listing.records, strict=True):
+        was = old.pop(name, None)
+        is_dir = st.S_ISDIR(rec[MODE])
+        if was is not None and st.S_ISDIR(was[MODE]):
+            if not is_dir:
+                gone.add(join_path(d, name))
+            elif was[INO] != rec[INO]:
+                out.append(join_path(d, name))
+        elif is_dir:
+            out.append(join_path(d, name))
+    gone.update(join_path(d, name) for name, was in old.items() if st.S_ISDIR(was[MODE]))
+    return out
