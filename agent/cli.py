@@ -63,10 +63,12 @@ class Parser(argparse.ArgumentParser):
     Subcommands are made with this class too (argparse builds them with the
     parent's class), so every command, present and future, errs the same way;
     the namespace remembers which parser parsed it, so an unknown flag is
-    reported by its subcommand."""
+    reported by its subcommand.  Flags are never abbreviated: with a flag per
+    setting, a prefix that names one today names two tomorrow."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.set_defaults(_parser=self)
 

@@ -76,6 +76,24 @@ class Settings(BaseSettings):
     checkpoint_interval: float = Field(
         300.0, gt=0, description="Seconds between periodic checkpoints."
     )
+    checkpoint_min_interval: float = Field(
+        60.0,
+        ge=0,
+        description="With the change watch on: checkpoint once changes have settled for a "
+        "few seconds, at most this often, so a kill loses at most this much work (0: only "
+        "every checkpoint_interval).",
+    )
+    change_watch: bool = Field(
+        True,
+        description="Watch the root for changes (inotify) so that a periodic checkpoint reads "
+        "only what changed; off: every checkpoint walks the whole root.",
+    )
+    full_scan_every: int = Field(
+        12,
+        ge=1,
+        description="Walk the whole root at every this many periodic checkpoints even when "
+        "the change watch is sound (it cannot see writes through a shared mmap).",
+    )
     squash_layers: int = Field(
         16,
         ge=0,

@@ -117,8 +117,19 @@ def test_nothing_changed_is_an_empty_period(tmp_path: Path) -> None:
 
 _OPS = strat.lists(
     strat.tuples(
-        strat.sampled_from(["write", "append", "delete", "mkdir", "rmtree", "rename", "chmod",
-                            "symlink", "replace"]),  # fmt: skip
+        strat.sampled_from(
+            [
+                "write",
+                "append",
+                "delete",
+                "mkdir",
+                "rmtree",
+                "rename",
+                "chmod",
+                "symlink",
+                "replace",
+            ]
+        ),
         strat.integers(0, 40),
         strat.integers(0, 40),
     ),

@@ -68,8 +68,8 @@ class ChangeWatch:
     """Watches ``root`` below which ``excluder`` keeps nothing out of checkpoints.
 
     ``now`` is the clock the change times are read off (the daemon's, so that its
-    timing logic can be tested); ``on_change`` is called, from the watch's
-    thread, when a period's first change is seen.
+    timing logic can be tested); ``on_change`` (set before ``start``) is called,
+    from the watch's thread, when a period's first change is seen.
     """
 
     def __init__(
@@ -83,7 +83,7 @@ class ChangeWatch:
         self.root = Path(os.path.abspath(root))
         self._excluder = excluder
         self._now = now
-        self._on_change = on_change
+        self.on_change = on_change
         self._root_dev = root_device(self.root)
         self._lock = threading.Lock()
         self._dirty: dict[str, set[str]] = {}
@@ -125,10 +125,8 @@ class ChangeWatch:
 
     def pending(self) -> Pending:
         with self._lock:
-            return Pending(
-                self._names, self._first, self._last, self._sound and not self._broken,
-                self._broken,
-            )  # fmt: skip
+            sound = self._sound and not self._broken
+            return Pending(self._names, self._first, self._last, sound, self._broken)
 
     @property
     def watched(self) -> int:
@@ -171,10 +169,10 @@ class ChangeWatch:
             with self._lock:
                 first = self._names == 0
                 self._drain()
-                call = first and self._names > 0 and self._on_change is not None
+                call = first and self._names > 0 and self.on_change is not None
             if call:
-                assert self._on_change is not None
-                self._on_change()
+                assert self.on_change is not None
+                self.on_change()
 
     def _watch_all(self) -> None:
         """A new inotify instance watching every directory; replaces the last."""

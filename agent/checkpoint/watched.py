@@ -20,6 +20,7 @@ import heapq
 import stat as st
 from collections.abc import Iterator, Mapping, Set
 from pathlib import Path
+from typing import Protocol
 
 from agent.checkpoint.diff import (
     Changes,
@@ -44,6 +45,19 @@ from agent.checkpoint.scan import (
 
 # Root-relative directory -> the names in it the watch saw change.
 Dirty = Mapping[str, Set[str]]
+
+
+class ChangeSource(Protocol):
+    """Where a checkpoint learns what changed since its parent state (a change watch)."""
+
+    def take(self) -> Dirty | None:
+        """The changes since the last ``take`` (None: unknown, walk the whole root)."""
+        ...
+
+    def spoil(self) -> None:
+        """The last ``take``'s changes reached no checkpoint: the next must walk."""
+        ...
+
 
 _NONE: list[int] = []
 _EMPTY: dict[str, Stat] = {}
@@ -112,14 +126,14 @@ def join_changed(
         if walking is None:
             # A directory the parent has no block of was empty then (a new one is
             # walked from its parent's new entry, and skipped above).
-            listing = restat(root, root_dev, excluder, Listing(d, pnames, precs, True),
-                             sorted(dirty[d]), result)  # fmt: skip
+            was = Listing(d, pnames, precs, True)
+            listing = restat(root, root_dev, excluder, was, sorted(dirty[d]), result)
         else:
             listing, rest = walking
             following = next(rest, None)
             if following is not None:
-                heapq.heappush(heap, (dir_key(following.dir), seq, following.dir,
-                                      (following, rest)))  # fmt: skip
+                item = (dir_key(following.dir), seq, following.dir, (following, rest))
+                heapq.heappush(heap, item)
                 seq += 1
         if not listing.listed:  # what the parent recorded stands
             yield Joined(d, pnames, precs, _NONE, _EMPTY, raw)

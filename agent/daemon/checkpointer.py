@@ -10,6 +10,14 @@ any other name has no later write to finalize it, so it is finalized at once.
 
 A failed periodic checkpoint is retried at the next tick, never sooner, so a
 store outage cannot turn into a busy loop against it, and never stops the IDE.
+
+With a change watch, a periodic checkpoint reads only what the watch saw
+change (nothing at all when it saw nothing), and one comes as soon as changes
+have settled for ``SETTLE`` seconds, ``min_interval`` after the last at the
+soonest, and ``min_interval`` after the first unsaved change at the latest
+while changes go on: a kill loses at most that much work.  The final
+checkpoint, every ``full_every``-th periodic one, and any after the watch
+could not be trusted walk the whole root.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from agent.checkpoint.manifest import CheckpointState
+from agent.checkpoint.watched import Dirty
 from agent.daemon.clock import Clock, with_timeout
 from agent.errors import AgentError
 from agent.log import get_logger
 
 if TYPE_CHECKING:
+    from agent.checkpoint.watch import ChangeWatch
     from agent.daemon.metrics import Metrics
     from agent.session import CheckpointInfo, CheckpointResult, Session
 
@@ -43,6 +53,7 @@ class Kind(StrEnum):
 
 
 START_STATE = CheckpointState.EMPTY  # the session's own checkpoint before anything is written
+SETTLE = 5.0  # seconds without a change before the changes are checkpointed
 
 
 def state_for(kind: Kind, *, own: bool = True) -> CheckpointState:
@@ -59,6 +70,7 @@ class OwnCheckpoint:
     info: CheckpointInfo | None = None
     duration: float | None = None
     changed: int | None = None
+    scan: str | None = None  # "watch": only what the change watch named was read; "full"
     last_attempt: datetime | None = None
     last_error: str | None = None
 
@@ -71,6 +83,24 @@ class Reports(Protocol):
     def final_checkpoint_failed(self, reason: str) -> None: ...
 
     def final_checkpoint_abandoned(self, reason: str, kept: CheckpointInfo | None) -> None: ...
+
+
+class _Take:
+    """What a checkpoint reads: the watch's changes, or (``full``) the whole root,
+    the watch's period starting anew all the same."""
+
+    def __init__(self, watch: ChangeWatch, full: bool) -> None:
+        self._watch = watch
+        self._full = full
+        self.watched = False
+
+    def take(self) -> Dirty | None:
+        dirty = self._watch.take()
+        self.watched = dirty is not None and not self._full
+        return dirty if self.watched else None
+
+    def spoil(self) -> None:
+        self._watch.spoil()
 
 
 class StopBudget:
@@ -121,8 +151,17 @@ class Checkpointer:
         interval: float,
         reports: Reports,
         after_periodic: Callable[[CheckpointResult | None], None] | None = None,
+        min_interval: float = 0.0,
+        full_every: int = 1,
     ) -> None:
         self._session = session
+        self._min_interval = min_interval
+        self._full_every = full_every
+        self._watch: ChangeWatch | None = None
+        self._since_full = 0  # periodic checkpoints since the last full walk
+        self._last_start: float | None = None
+        self._changed = asyncio.Event()  # a period's first change was seen
+        self._periodic_lock = asyncio.Lock()
         self._after_periodic = after_periodic  # the background squash's cue
         self._clock = clock
         self._metrics = metrics
@@ -154,17 +193,52 @@ class Checkpointer:
         assert result is not None
         return result
 
+    def follow(self, watch: ChangeWatch) -> Callable[[], None]:
+        """Read what ``watch`` saw change from now on; what it calls (from its own
+        thread, on the event loop's behalf) when a period's first change is seen."""
+        self._watch = watch
+        loop = asyncio.get_running_loop()
+
+        def changed() -> None:
+            loop.call_soon_threadsafe(self._changed.set)
+
+        return changed
+
     async def run_periodic(self) -> None:
         """Interim checkpoints every interval; a failure waits for the next tick, never more."""
         while True:
             await self._clock.sleep(self._interval)
+            await self._periodic_write()
+
+    async def run_settled(self) -> None:
+        """Interim checkpoints as soon as the watch's changes settle (see the module)."""
+        watch = self._watch
+        assert watch is not None
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            while True:
+                p = watch.pending()
+                if p.broken or not p.names or p.first is None or p.last is None:
+                    break  # nothing to write, or the interval's full walks take over
+                due = min(p.last + SETTLE, p.first + self._min_interval)
+                if self._last_start is not None:
+                    due = max(due, self._last_start + self._min_interval)
+                wait = due - self._clock.monotonic()
+                if wait > 0:
+                    await self._clock.sleep(wait)
+                    continue
+                await self._periodic_write()
+
+    async def _periodic_write(self) -> None:
+        async with self._periodic_lock:
             self._periodic = asyncio.create_task(
                 self._write(Kind.PERIODIC, state_for(Kind.PERIODIC), skip_unchanged=True)
             )
             # shielded: stopping the ticker must not abandon a checkpoint half-way
             result = await asyncio.shield(self._periodic)
-            if self._after_periodic is not None:
-                self._after_periodic(result)
+        if self._after_periodic is not None:
+            self._after_periodic(result)
 
     async def final(self, budget: float) -> str:
         """The final checkpoint within ``budget`` seconds; a note for the status reason if not."""
@@ -212,8 +286,17 @@ class Checkpointer:
         own = name is None or name == session.auto_name
         if own:
             self.own.last_attempt = self._clock.now()
+        self._last_start = self._clock.monotonic()
+        source: _Take | None = None
+        if self._watch is not None:
+            full = kind is Kind.FINAL or (
+                kind is Kind.PERIODIC and self._since_full + 1 >= self._full_every
+            )
+            source = _Take(self._watch, full)
         try:
-            result = await session.checkpoint(name, state, skip_unchanged=skip_unchanged)
+            result = await session.checkpoint(
+                name, state, skip_unchanged=skip_unchanged, changes_since=source
+            )
         except AgentError as e:
             m.checkpoint_failures.labels(kind.value).inc()
             log.error("checkpoint.failed", kind=kind.value, error=str(e))
@@ -224,6 +307,10 @@ class Checkpointer:
             if raise_errors:
                 raise
             return None
+        if source is None or not source.watched:
+            self._since_full = 0
+        elif kind is Kind.PERIODIC:
+            self._since_full += 1
         if result is None:
             m.checkpoint_unchanged.inc()
             log.debug("checkpoint.unchanged", kind=kind.value)
@@ -237,6 +324,7 @@ class Checkpointer:
             self.own.info = result.info
             self.own.duration = result.duration
             self.own.changed = result.changed
+            self.own.scan = "watch" if result.watched else "full"
             self.own.last_error = None
         log.info(
             "checkpoint.done",
@@ -248,5 +336,6 @@ class Checkpointer:
             size=result.info.size,
             seconds=round(result.duration, 3),
             skipped=len(result.skipped),
+            scan="watch" if result.watched else "full",
         )
         return result

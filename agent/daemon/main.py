@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from agent import __version__
+from agent.checkpoint.watch import ChangeWatch
 from agent.daemon import models
 from agent.daemon.api import ApiServer, Busy
 from agent.daemon.api_token import api_token
@@ -141,6 +142,8 @@ class Daemon:
         self._budget: StopBudget | None = None
         self._ide_failure: IdeFailed | None = None
         self._ticker_task: asyncio.Task[None] | None = None
+        self._settled_task: asyncio.Task[None] | None = None
+        self._watch: ChangeWatch | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._reaper: Reaper | None = None
         self._owner: Owner | None = None
@@ -383,6 +386,8 @@ class Daemon:
             interval=s.checkpoint_interval,
             reports=self,
             after_periodic=self.compactor.after_checkpoint,
+            min_interval=s.checkpoint_min_interval,
+            full_every=s.full_scan_every,
         )
         self.token = api_token(s)
         self.api = ApiServer(self, self.token, s.api_host, s.api_port)
@@ -426,6 +431,8 @@ class Daemon:
         if self._stop_requested.is_set():  # stopped while restoring: no IDE to start
             return await self._shutdown(None)
         self._lease_task = self._spawn(self._keep_lease(), "session lease")
+        if s.change_watch:
+            self._watch_changes()
 
         # -- the IDE
         self.supervisor = Supervisor(
@@ -445,6 +452,9 @@ class Daemon:
         if failure is None and not self._stop_requested.is_set():
             ticker = self.checkpointer.run_periodic()
             self._ticker_task = self._spawn(ticker, "checkpoint ticker")
+            if self._watch is not None and s.checkpoint_min_interval > 0:
+                settled = self.checkpointer.run_settled()
+                self._settled_task = self._spawn(settled, "settled checkpoints")
             failure = await self._wait_running(sup_task)
         return await self._shutdown(failure)
 
@@ -555,6 +565,8 @@ class Daemon:
 
         if self._ticker_task is not None:
             self._ticker_task.cancel()
+        if self._settled_task is not None:
+            self._settled_task.cancel()
         if self._lease_task is not None:
             self._lease_task.cancel()
         if self.compactor is not None:
@@ -597,7 +609,18 @@ class Daemon:
         log.info("daemon.exit", status=status.value, reason=self.lifecycle.reason)
         return EXIT_OK if status is Status.STOPPED else EXIT_ERRORED
 
+    def _watch_changes(self) -> None:
+        """Follow the root's changes from now on (the restore is done), so that the
+        periodic checkpoints read only those; the first one walks all the same."""
+        assert self.session is not None and self.checkpointer is not None
+        watch = ChangeWatch(self.session.root, self.session.excluder(), now=self.clock.monotonic)
+        watch.on_change = self.checkpointer.follow(watch)
+        watch.start()
+        self._watch = watch
+
     async def _cleanup(self) -> None:
+        if self._watch is not None:
+            await asyncio.to_thread(self._watch.close)
         self.output.close()
         self._remove_signals()
         if self.supervisor is not None and self.supervisor.pid is not None:

@@ -124,6 +124,10 @@ class CheckpointResult(Doc):
     changed: Count
     layer_size: Count
     duration: Seconds
+    scan: Literal["full", "watch"] = Field(
+        description="full: the whole root was walked; watch: only what the change watch "
+        "saw change was read."
+    )
     skipped: list[Skipped]
     skipped_total: Count
 
@@ -135,6 +139,7 @@ class CheckpointResult(Doc):
             changed=r.changed,
             layer_size=r.layer_size,
             duration=round(r.duration, 6),
+            scan="watch" if r.watched else "full",
             skipped=[
                 Skipped(path=s.path, reason=s.reason) for s in r.skipped[:MAX_SKIPPED_REPORTED]
             ],
@@ -174,6 +179,7 @@ class SessionCheckpoint(Doc):
     size: int | None
     layers: int | None
     changed: int | None
+    scan: Literal["full", "watch"] | None
     last_attempt: Time | None
     last_error: str | None
 
@@ -188,6 +194,7 @@ class SessionCheckpoint(Doc):
             size=i.size if i else None,
             layers=i.layers if i else None,
             changed=own.changed,
+            scan="watch" if own.scan == "watch" else "full" if own.scan else None,
             last_attempt=own.last_attempt,
             last_error=own.last_error,
         )

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from agent.checkpoint.diff import DiffLine
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
-from agent.checkpoint.scan import MODE, Stat
+from agent.checkpoint.scan import MODE, Excluder, Stat
 from agent.checkpoint.state import drop_unchanged
+from agent.checkpoint.watched import ChangeSource
 from agent.errors import AgentError, NotFound
 from agent.log import get_logger
 from agent.session.catalog import Catalog
@@ -119,6 +120,10 @@ class Session:
         ensure_private_dir(self.spool, self.root)
 
     # -- identity -------------------------------------------------------------------
+
+    def excluder(self) -> Excluder:
+        """What checkpoints leave out of the root as of now (a change watch too)."""
+        return self._scope.excluder()
 
     @property
     def studio(self) -> str:
@@ -260,12 +265,18 @@ class Session:
         *,
         skip_unchanged: bool = False,
         progress: ProgressFn | None = None,
+        changes_since: ChangeSource | None = None,
     ) -> CheckpointResult | None:
-        """Write the changes since the parent state as a layer and point ``name`` at it."""
+        """Write the changes since the parent state as a layer and point ``name`` at it
+        (``changes_since``: what changed since then, when a change watch knows)."""
         async with self._lock:
             self._own_dirs()
             return await self._publisher.checkpoint(
-                name, state, skip_unchanged=skip_unchanged, progress=progress
+                name,
+                state,
+                skip_unchanged=skip_unchanged,
+                progress=progress,
+                changes_since=changes_since,
             )
 
     async def mark(self, state: CheckpointState, name: str | None = None) -> CheckpointInfo:

@@ -31,6 +31,7 @@ from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import normalize_name
 from agent.checkpoint.pipeline import Pass, scan_and_write
 from agent.checkpoint.state import StateReader
+from agent.checkpoint.watched import ChangeSource, Dirty
 from agent.errors import AgentError, BlobMissing, RefConflict
 from agent.faults import crash_point
 from agent.log import get_logger
@@ -72,15 +73,40 @@ class Publisher:
         *,
         skip_unchanged: bool,
         progress: ProgressFn | None,
+        changes_since: ChangeSource | None = None,
     ) -> CheckpointResult | None:
-        """Write the changes since the parent state as a layer and point ``name`` at it."""
+        """Write the changes since the parent state as a layer and point ``name`` at it.
+
+        ``changes_since``: what changed since the parent state, when known (the
+        caller holds the session lock: no other checkpoint takes them meanwhile);
+        then only that is read, and if it is nothing, nothing is."""
         t0 = time.monotonic()
+        dirty = changes_since.take() if changes_since is not None else None
+        try:
+            return await self._checkpoint(t0, name, state, skip_unchanged, progress, dirty)
+        except BaseException:
+            if changes_since is not None:
+                changes_since.spoil()
+            raise
+
+    async def _checkpoint(
+        self,
+        t0: float,
+        name: str | None,
+        state: CheckpointState,
+        skip_unchanged: bool,
+        progress: ProgressFn | None,
+        dirty: Dirty | None,
+    ) -> CheckpointResult | None:
         local = self._local.current()
         target = normalize_name(name) if name else local.name
         parent: Path | None = self._local.parent_state(local)
         local, note = await self._rebased(local)
-        if note:
+        if note or parent is None:
             parent = None  # a new chain: its first layer holds the whole root
+            dirty = None
+        if dirty is not None and not dirty and skip_unchanged:
+            return None  # the watch saw nothing change: not even the state is read
         # The store readies itself (an S3 client takes a while) while the root
         # is walked and the layer compressed, mostly outside the GIL.
         ready = asyncio.ensure_future(self._store.prepare())
@@ -92,7 +118,7 @@ class Publisher:
         try:
             try:
                 try:
-                    done = await self._scan_and_write(parent, next_state, tmp, progress)
+                    done = await self._scan_and_write(parent, next_state, tmp, progress, dirty)
                 finally:
                     await ready
                 current, changes, layer = done.scan, done.changes, done.layer
@@ -141,6 +167,7 @@ class Publisher:
             layers=info.layers,
             seconds=round(duration, 3),
             walk_seconds=round(done.walk_seconds, 3),
+            scan="watch" if done.watched else "full",
             layer_seconds=round(t_layer - t0, 3),
         )
         return CheckpointResult(
@@ -150,13 +177,20 @@ class Publisher:
             duration=duration,
             skipped=skipped,
             note=note,
+            watched=done.watched,
         )
 
     async def _scan_and_write(
-        self, parent: Path | None, state: Path, tmp: Path, progress: ProgressFn | None
+        self,
+        parent: Path | None,
+        state: Path,
+        tmp: Path,
+        progress: ProgressFn | None,
+        dirty: Dirty | None,
     ) -> Pass:
-        """Walk the root against the parent state ``parent``, in one pass writing its
-        changes to the spool file ``tmp`` and the next parent state to ``state``."""
+        """Walk the root against the parent state ``parent`` (or read what ``dirty``
+        names again), in one pass writing its changes to the spool file ``tmp`` and
+        the next parent state to ``state``."""
 
         def on_progress(phase: str, done: int, total: int, b_done: int, b_total: int) -> None:
             if progress is not None:
@@ -179,6 +213,7 @@ class Publisher:
                     threads=self._settings.compression_threads,
                     progress=on_progress,
                     cancel=self._cancel,
+                    dirty=dirty,
                 )
             log_skipped(done.scan)
             return done

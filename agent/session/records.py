@@ -74,6 +74,7 @@ class CheckpointResult:
     duration: float
     skipped: list[Skipped]
     note: str = ""  # something the user should hear (a new chain was started)
+    watched: bool = False  # only what a change watch named was read, not the whole root
 
 
 @dataclass(frozen=True, slots=True)

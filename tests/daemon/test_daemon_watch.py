@@ -1,0 +1,149 @@
+"""The daemon with the change watch: checkpoints as soon as changes settle, reading
+only what changed, full walks where the watch cannot see, and nothing read at all
+when nothing changed.  A real daemon on a ManualClock, the real inotify watch,
+the real Session and local store.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_helpers import Harness, eventually, fake_ide, layer_names, read_manifest
+
+from agent.checkpoint.state import StateReader
+from agent.daemon.checkpointer import SETTLE
+from agent.daemon.clock import ManualClock
+from agent.session import publish
+from agent.settings import Settings
+
+HarnessFactory = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+def start(harness: HarnessFactory) -> HarnessFactory:
+    async def make(settings: Settings, argv: list[str], **kw: Any) -> Harness:
+        return await harness(settings, argv, clock=ManualClock(), reap_orphans=False, **kw)
+
+    return make
+
+
+async def _watching(h: Harness) -> None:
+    watch = h.daemon._watch
+    assert watch is not None
+    await eventually(watch.ready.is_set, what="every directory watched")
+
+
+async def _next_checkpoint(h: Harness, within: float) -> tuple[str, str, float]:
+    """Let daemon time pass until the session's checkpoint is rewritten: which way it
+    read the root, its layer, and the daemon time it took to come."""
+    own = h.daemon.checkpointer.own  # type: ignore[union-attr]
+    before = (own.info.updated, own.info.layers) if own.info else None
+    t0 = h.clock.monotonic()
+
+    def rewritten() -> bool:
+        return (
+            own.info is not None
+            and own.scan is not None
+            and ((own.info.updated, own.info.layers) != before)
+        )
+
+    await h.step_until(rewritten, within=within, what="the next checkpoint")
+    assert own.info is not None and own.scan is not None
+    m = await read_manifest(Path(h.daemon.settings.workdir), "s1", own.info.name)
+    assert m is not None
+    return own.scan, m.layers[-1].digest, h.clock.monotonic() - t0
+
+
+async def test_changes_are_checkpointed_once_settled_reading_only_them(
+    make_settings: Callable[..., Settings], start: HarnessFactory, root: Path, workdir: Path
+) -> None:
+    settings = make_settings(checkpoint_interval=3000.0, checkpoint_min_interval=60.0)
+    h = await start(settings, fake_ide())
+    await h.wait_running()
+    await _watching(h)
+
+    (root / "home/user/first.txt").write_text("first change\n")
+    scan, layer, waited = await _next_checkpoint(h, within=60.0)
+    assert scan == "full"  # the watch's first period began before it watched everything
+    assert waited == pytest.approx(SETTLE)  # as soon as the change settled
+    assert "home/user/first.txt" in await layer_names(workdir, layer)
+
+    (root / "home/user/second.txt").write_text("second change\n")
+    scan, layer, waited = await _next_checkpoint(h, within=60.0)
+    assert scan == "watch"
+    assert waited == pytest.approx(60.0)  # no sooner than the minimum interval
+    assert await layer_names(workdir, layer) == {"home/user", "home/user/second.txt"}
+
+
+async def test_nothing_changed_reads_nothing(
+    make_settings: Callable[..., Settings],
+    start: HarnessFactory,
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = make_settings(checkpoint_interval=300.0, checkpoint_min_interval=60.0)
+    h = await start(settings, fake_ide())
+    await h.wait_running()
+    await _watching(h)
+    (root / "home/user/first.txt").write_text("first change\n")
+    await _next_checkpoint(h, within=60.0)  # the full walk that makes the watch count
+
+    opened: list[Path] = []
+
+    class Counting(StateReader):
+        def __init__(self, path: Path) -> None:
+            opened.append(path)
+            super().__init__(path)
+
+    monkeypatch.setattr(publish, "StateReader", Counting)  # a spy: the real reader runs
+    metrics = h.daemon.metrics
+    unchanged = metrics.checkpoint_unchanged._value.get()
+    await h.step_until(
+        lambda: metrics.checkpoint_unchanged._value.get() > unchanged,
+        within=300.0,
+        what="a periodic checkpoint with nothing changed",
+    )
+    assert opened == []  # not even the parent state was read
+
+
+async def test_what_the_watch_cannot_see_is_in_the_full_walks(
+    make_settings: Callable[..., Settings], start: HarnessFactory, root: Path, workdir: Path
+) -> None:
+    settings = make_settings(
+        checkpoint_interval=3000.0, checkpoint_min_interval=60.0, full_scan_every=3
+    )
+    data = root / "home/user/data.bin"
+    data.write_bytes(b"\0" * 4096)
+    h = await start(settings, fake_ide())
+    await h.wait_running()
+    await _watching(h)
+    scans = []
+    with open(data, "r+b") as f, mmap.mmap(f.fileno(), 4096) as m:
+        (root / "home/user/a.txt").write_text("a\n")
+        scans.append((await _next_checkpoint(h, within=60.0))[0])
+        m[:5] = b"first"  # through the mapping: no inotify event
+        m.flush()
+        for name in ("b.txt", "c.txt"):
+            (root / "home/user" / name).write_text("seen\n")
+            scan, layer, _ = await _next_checkpoint(h, within=60.0)
+            scans.append(scan)
+            assert "home/user/data.bin" not in await layer_names(workdir, layer)
+        (root / "home/user/d.txt").write_text("d\n")
+        scan, layer, _ = await _next_checkpoint(h, within=60.0)
+        scans.append(scan)
+        assert "home/user/data.bin" in await layer_names(workdir, layer)  # the full walk's
+        m[:6] = b"second"
+        m.flush()
+        h.daemon.request_stop("test")
+        await h.step_until(h.task.done, within=60.0, what="stopped")  # type: ignore[union-attr]
+    assert scans == ["full", "watch", "watch", "full"]  # every third periodic one walks
+    own = h.daemon.checkpointer.own  # type: ignore[union-attr]
+    assert own.scan == "full"  # and the final one always does
+    assert own.info is not None
+    final = await read_manifest(workdir, "s1", own.info.name)
+    assert final is not None
+    assert "home/user/data.bin" in await layer_names(workdir, final.layers[-1].digest)
