@@ -292,7 +292,9 @@ def test_an_overflowed_queue_is_a_full_walk_then_watched_again(tmp_path: Path) -
             (root / f"etc/many{i}").write_text("x")
         assert watch.take() is None  # events were lost: walk
         assert watch.ready.wait(30)  # everything watched anew
-        assert watch.take() is None  # the period that began before that
+        # The period that began with that take is sound only if the watch was
+        # complete again by then (the watch's thread may have seen the overflow first).
+        assert watch.take() in (None, {})
         (root / "etc/c0.conf").write_text("seen again\n")
         dirty = watch.take()
         assert dirty is not None and "c0.conf" in dirty["etc"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import stat as st
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Set
 from pathlib import Path
 from typing import Protocol
@@ -123,49 +124,58 @@ def join_changed(
             assert nxt is not None
             (_, pnames, precs), raw = nxt
             nxt = next(it, None)
-        if walking is None:
-            # A directory the parent has no block of was empty then (a new one is
-            # walked from its parent's new entry, and skipped above).
-            was = Listing(d, pnames, precs, True)
-            listing = restat(root, root_dev, excluder, was, sorted(dirty[d]), result)
-        else:
+        if walking is not None:  # the next directory of a walk
             listing, rest = walking
             following = next(rest, None)
             if following is not None:
                 item = (dir_key(following.dir), seq, following.dir, (following, rest))
                 heapq.heappush(heap, item)
                 seq += 1
-        if not listing.listed:  # what the parent recorded stands
-            yield Joined(d, pnames, precs, _NONE, _EMPTY, raw)
-            continue
-        if walking is None:
-            for sub in _new_dirs(listing, pnames, precs, gone):
+            if not listing.listed:  # what the parent recorded stands
+                yield Joined(d, pnames, precs, _NONE, _EMPTY, raw)
+                continue
+        else:
+            # A directory the parent has no block of was empty then (a new one is
+            # walked from its parent's new entry, and skipped above).
+            named = sorted(dirty[d])
+            was = Listing(d, pnames, precs, True)
+            listing = restat(root, root_dev, excluder, was, named, result)
+            if not listing.listed:
+                yield Joined(d, pnames, precs, _NONE, _EMPTY, raw)
+                continue
+            result.count += len(named)
+            for sub in _new_dirs(listing, pnames, precs, named, gone):
                 first = walk(root, excluder, result, top=sub)
                 start = next(first, None)
                 if start is not None:
                     walked.add(sub)
                     heapq.heappush(heap, (dir_key(sub), seq, sub, (start, first)))
                     seq += 1
-        result.count += len(listing.names)
         yield join_dir(d, listing.names, listing.records, pnames, precs, raw, changes)
     changes.deletions.sort()
 
 
-def _new_dirs(listing: Listing, pnames: list[str], precs: list[Stat], gone: set[str]) -> list[str]:
-    """The directories of ``listing`` to walk whole (new, or another directory than
-    the parent's), noting in ``gone`` the parent's directories that are no more."""
-    old = dict(zip(pnames, precs, strict=True))
+def _new_dirs(
+    listing: Listing, pnames: list[str], precs: list[Stat], named: list[str], gone: set[str]
+) -> list[str]:
+    """The directories among the ``named`` entries of ``listing`` to walk whole (new,
+    or another directory than the parent's there), noting in ``gone`` the parent's
+    directories that are no more.  Only named entries were read again: the others
+    are the parent's, unchanged, so only those are looked up (both lists are sorted)."""
     out = []
     d = listing.dir
-    for name, rec in zip(listing.names, listing.records, strict=True):
-        was = old.pop(name, None)
-        is_dir = st.S_ISDIR(rec[MODE])
+    names, records = listing.names, listing.records
+    for name in named:
+        i = bisect_left(names, name)
+        rec = records[i] if i < len(names) and names[i] == name else None
+        j = bisect_left(pnames, name)
+        was = precs[j] if j < len(pnames) and pnames[j] == name else None
+        is_dir = rec is not None and st.S_ISDIR(rec[MODE])
         if was is not None and st.S_ISDIR(was[MODE]):
             if not is_dir:
                 gone.add(join_path(d, name))
-            elif was[INO] != rec[INO]:
+            elif rec is not None and was[INO] != rec[INO]:
                 out.append(join_path(d, name))
         elif is_dir:
             out.append(join_path(d, name))
-    gone.update(join_path(d, name) for name, was in old.items() if st.S_ISDIR(was[MODE]))
     return out
