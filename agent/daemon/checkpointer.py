@@ -159,6 +159,7 @@ class Checkpointer:
         self._full_every = full_every
         self._watch: ChangeWatch | None = None
         self._since_full = 0  # periodic checkpoints since the last full walk
+        self._told_broken = False
         self._last_start: float | None = None
         self._changed = asyncio.Event()  # a period's first change was seen
         self._periodic_lock = asyncio.Lock()
@@ -289,6 +290,10 @@ class Checkpointer:
         self._last_start = self._clock.monotonic()
         source: _Take | None = None
         if self._watch is not None:
+            broken = self._watch.pending().broken
+            if broken and not self._told_broken:
+                self._told_broken = True
+                log.warning("watch.given_up", reason=broken, then="every checkpoint walks")
             full = kind is Kind.FINAL or (
                 kind is Kind.PERIODIC and self._since_full + 1 >= self._full_every
             )
