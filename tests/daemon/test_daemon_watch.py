@@ -139,7 +139,7 @@ async def test_what_the_watch_cannot_see_is_in_the_full_walks(
         m[:6] = b"second"
         m.flush()
         h.daemon.request_stop("test")
-        await h.step_until(h.task.done, within=60.0, what="stopped")  # type: ignore[union-attr]
+        await h.step_until(h.task.done, within=5.0, what="stopped")  # type: ignore[union-attr]
     assert scans == ["full", "watch", "watch", "full"]  # every third periodic one walks
     own = h.daemon.checkpointer.own  # type: ignore[union-attr]
     assert own.scan == "full"  # and the final one always does
