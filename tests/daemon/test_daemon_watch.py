@@ -147,3 +147,29 @@ async def test_what_the_watch_cannot_see_is_in_the_full_walks(
     final = await read_manifest(workdir, "s1", own.info.name)
     assert final is not None
     assert "home/user/data.bin" in await layer_names(workdir, final.layers[-1].digest)
+
+
+async def test_a_watch_at_its_limit_leaves_every_checkpoint_to_a_full_walk(
+    make_settings: Callable[..., Settings], start: HarnessFactory, root: Path, workdir: Path
+) -> None:
+    limit = Path("/proc/sys/fs/inotify/max_user_watches")
+    try:
+        old = limit.read_text()
+        limit.write_text("2\n")  # the root and one directory at most
+    except OSError as e:
+        pytest.skip(f"cannot set {limit} here: {e}")
+    try:
+        settings = make_settings(checkpoint_interval=300.0, checkpoint_min_interval=60.0)
+        h = await start(settings, fake_ide())
+        await h.wait_running()
+        await _watching(h)
+    finally:
+        limit.write_text(old)
+    watch = h.daemon._watch
+    assert watch is not None and "max_user_watches" in watch.pending().broken
+    for name in ("one.txt", "two.txt"):
+        (root / "home/user" / name).write_text("the watch is not told\n")
+        scan, layer, waited = await _next_checkpoint(h, within=300.0)
+        assert scan == "full"
+        assert waited == pytest.approx(300.0)  # the interval's, no settled ones
+        assert f"home/user/{name}" in await layer_names(workdir, layer)
