@@ -20,7 +20,14 @@ from agent.checkpoint.layer_writer import write_layer
 from agent.checkpoint.pipeline import scan_and_write
 from agent.checkpoint.restore import apply_layers
 from agent.checkpoint.scan import Excluder, Listing, Stat, scan
-from agent.checkpoint.state import StateReader, blocks_of, entries_of, load_state, save_state
+from agent.checkpoint.state import (
+    StateReader,
+    StateWriter,
+    blocks_of,
+    entries_of,
+    load_state,
+    save_state,
+)
 from agent.errors import AgentError
 
 
@@ -215,3 +222,40 @@ def test_a_truncated_state_is_refused(tmp_path: Path) -> None:
         state.write_bytes(data[:cut])
         with pytest.raises(AgentError, match="corrupt"):
             load_state(state)
+
+
+class _FullDisk(io.RawIOBase):
+    """A layer file whose disk is full: the error surfaces when the layer is finished
+    (a small tree's zstd frame is written out only then)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_layer_failing_at_its_end_leaves_no_state_closed_beside_it(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _tree(root)
+    state = tmp_path / "next.state"
+    with pytest.raises(OSError, match="No space"):
+        scan_and_write(root, Excluder(root, [], []), {}, _FullDisk(), state=state)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]  # neither state nor .tmp
+
+
+def test_a_state_closed_in_the_background_is_whole_or_gone(tmp_path: Path) -> None:
+    entries = {f"d/f{i}": (0o100644, 0, 0, i, 1, 1, i, 1, "") for i in range(5000)}
+    entries["d"] = (0o40755, 0, 0, 0, 1, 1, 0, 2, "")
+    kept, dropped = tmp_path / "kept.state", tmp_path / "dropped.state"
+    for path in (kept, dropped):
+        w = StateWriter(path)
+        for block in blocks_of(entries):
+            w.write(block)
+        w.start_close()  # the caller goes on; the thread ends the file
+        if path == kept:
+            assert w.close() == kept
+        else:
+            w.abandon()  # after the thread put it in place or before: nothing is left
+    assert load_state(kept) == entries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.state"]

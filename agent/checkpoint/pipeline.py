@@ -130,8 +130,12 @@ def _one_pass(
             total_bytes += _write_changed(writer, j, linked)
             next_state.write((j.dir, j.names, j.records))
         walked = time.monotonic() - t0
-        next_state.close()
-        closed = True
+        # The state's end (its last blocks, fsync and rename) goes on beside the
+        # layer's: zstd's last jobs, the whiteouts and the late hardlink names.
+        next_state.start_close()
+        if not changes or linked:  # (the late link names are read from the state)
+            next_state.close()
+            closed = True
         if not changes:
             return Pass(result, changes, None, walked, state, watched)
         phase, total_entries = "write", len(changes)
@@ -139,6 +143,9 @@ def _one_pass(
             writer = start()
         links = _hardlinked(state, linked) if linked else {}
         layer = writer.finish(changes.deletions, links)
+        if not closed:
+            next_state.close()
+            closed = True
         late = {p: r for p, r in links.items() if layer.records.get(p, r) != r}
         if late:  # link names of a file that changed while read: poisoned too
             _patch(state, late)
@@ -148,8 +155,8 @@ def _one_pass(
             writer.abandon()
         if closed:
             state.unlink(missing_ok=True)
-        else:
-            next_state.abandon()  # nothing left of it, whether it failed in close or before
+        else:  # nothing left of it, whether it failed in close, before, or beside the layer
+            next_state.abandon()
         raise
 
 

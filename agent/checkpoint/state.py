@@ -46,7 +46,8 @@ class StateWriter:
     (written beside it, fsynced, renamed): a crash leaves no partial state there.
 
     Compression runs on a thread of its own (zstd lets go of the GIL), beside the
-    walk that feeds it, with a few buffers of 1 MiB queued at most."""
+    walk that feeds it, with a few buffers of 1 MiB queued at most; so does the
+    end of the file (``start_close``), while the caller finishes other work."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,8 @@ class StateWriter:
         self._buf = bytearray()
         self._queue: queue.Queue[bytearray | None] = queue.Queue(_QUEUE_DEPTH)
         self._error: BaseException | None = None
+        self._closing = False  # the end is the thread's: it finishes the file
+        self._committed = False  # the file is in place
         self._thread = threading.Thread(target=self._run, name="state-compress", daemon=True)
         self._thread.start()
         self.entries = 0
@@ -71,6 +74,16 @@ class StateWriter:
                 except BaseException as e:  # handed to the writer at its next write or close
                     self._error = e
             data = self._queue.get()
+        if self._closing and self._error is None:
+            try:
+                self._zw.flush(zstandard.FLUSH_FRAME)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                os.replace(self._tmp, self.path)
+                self._committed = True
+            except BaseException as e:  # raised by close
+                self._error = e
 
     def write(self, block: Block, raw: bytes | None = None) -> None:
         """Add the next block; ``raw`` is its marshal'ed form when known already."""
@@ -89,31 +102,42 @@ class StateWriter:
 
     def _stop(self) -> None:
         if self._thread.is_alive():
-            self._queue.put(None)
+            if not self._closing:  # (a closing thread has its end queued already)
+                self._queue.put(None)
             self._thread.join()
+
+    def start_close(self) -> None:
+        """Hand the end of the file to the thread: the last blocks, the fsync and the
+        rename into place go on while the caller does something else (``close``
+        waits for them).  Nothing may be written after this."""
+        if self._closing:
+            return
+        self._closing = True
+        self._buf += _FRAME.pack(0)
+        self._queue.put(self._buf)
+        self._buf = bytearray()
+        self._queue.put(None)
 
     def close(self) -> Path:
         """Finish the file and put it in place (on failure, nothing is left)."""
         try:
-            self._buf += _FRAME.pack(0)
-            self._queue.put(self._buf)
-            self._stop()
+            self.start_close()
+            self._thread.join()
             if self._error is not None:
                 raise self._error
-            self._zw.flush(zstandard.FLUSH_FRAME)
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp, self.path)
         except BaseException:
             self.abandon()
             raise
         return self.path
 
     def abandon(self) -> None:
+        """Remove what was written, the file in place included if it got there."""
         self._stop()
         self._file.close()
         self._tmp.unlink(missing_ok=True)
+        if self._committed:
+            self.path.unlink(missing_ok=True)
+            self._committed = False
 
     def __enter__(self) -> StateWriter:
         return self

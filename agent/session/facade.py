@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.checkpoint.diff import DiffLine
 from agent.checkpoint.manifest import CheckpointState, LayerDesc
@@ -23,7 +24,6 @@ from agent.checkpoint.watched import ChangeSource
 from agent.errors import AgentError, NotFound
 from agent.log import get_logger
 from agent.session.catalog import Catalog
-from agent.session.export import Exporter, ExportOutcome
 from agent.session.lease import SessionLease
 from agent.session.leftovers import (
     RESTORE_MARKER,
@@ -46,12 +46,17 @@ from agent.session.records import (
     StudioDeletion,
 )
 from agent.session.scope import Scope
-from agent.session.squash import Squasher, SquashOutcome
 from agent.session.start import Starter
-from agent.session.verify import Verifier, VerifyReport, resolve
 from agent.settings import Settings
 from agent.statedir import ensure_private_dir
 from agent.store.base import Store
+
+# Loaded by the commands that use them: a checkpoint, a baseline or a restore
+# (a one-shot process each) needs none of them.
+if TYPE_CHECKING:
+    from agent.session.export import ExportOutcome
+    from agent.session.squash import SquashOutcome
+    from agent.session.verify import VerifyReport
 
 log = get_logger("session")
 
@@ -89,7 +94,7 @@ class Session:
         self._restore_interrupted = False
         self._local = LocalState(self.state_dir, settings.studio, self.root)
         self._scope = Scope(settings, self.root, self.state_dir)
-        manifests = Manifests(store, self.spool, clock)
+        self._manifests = manifests = Manifests(store, self.spool, clock)
         self._lease = SessionLease(store, settings.studio, clock)
         parts = Parts(
             settings,
@@ -105,9 +110,6 @@ class Session:
         self._starter = Starter(parts)
         self._publisher = Publisher(parts, self._cancel)
         self._catalog = Catalog(settings.studio, store, self._local, manifests, self.spool)
-        self._verifier = Verifier(store, self.spool)
-        self._squasher = Squasher(settings, store, self.spool, self._local, manifests, self._locked)
-        self._exporter = Exporter(settings, store, self.spool, manifests)
 
     async def _locked(self, step: Callable[[], Awaitable[CheckpointInfo]]) -> CheckpointInfo:
         async with self._lock:
@@ -337,6 +339,8 @@ class Session:
     ) -> VerifyReport:
         """Check checkpoints as stored: ``source`` (NAME or STUDIO/NAME), every one of
         this studio (``every``), or else this studio's most recently written one."""
+        from agent.session.verify import Verifier, resolve
+
         if source:
             studio, name = self._starter.split_source(source)
             targets = await resolve(self.store, studio, name)
@@ -344,7 +348,8 @@ class Session:
             targets = await resolve(self.store, self.studio, None)
             if not every:
                 targets = targets[:1]
-        return await self._verifier.verify(targets, read_data=read_data, progress=progress)
+        verifier = Verifier(self.store, self.spool)
+        return await verifier.verify(targets, read_data=read_data, progress=progress)
 
     # -- squashing -----------------------------------------------------------------
 
@@ -362,11 +367,16 @@ class Session:
         moved); default this session's own, else the studio's latest.  The long
         part runs without the lock, so checkpoints go on meanwhile (and are kept:
         the squash rebases onto them); only the manifest and ref step takes it."""
+        from agent.session.squash import Squasher
+
         if checkpoint:
             studio, name = self._starter.split_source(checkpoint)
         else:
             studio, name = self.studio, await self._default_squash_target()
-        return await self._squasher.squash(
+        squasher = Squasher(
+            self.settings, self.store, self.spool, self._local, self._manifests, self._locked
+        )
+        return await squasher.squash(
             studio, name, start=start, cancel=cancel, low_priority=low_priority
         )
 
@@ -393,6 +403,8 @@ class Session:
         """Write a checkpoint (NAME or STUDIO/NAME; default this studio's most
         recently written) as an OCI image layout in ``directory``, on the image
         of the layout ``base`` when given.  Reads the store only: no lock."""
+        from agent.session.export import Exporter
+
         if checkpoint:
             studio, name = self._starter.split_source(checkpoint)
         else:
@@ -400,9 +412,8 @@ class Session:
             if not listed:
                 raise NotFound(f"studio {self.studio} has no checkpoint to export")
             studio, name = self.studio, listed[0].name
-        return await self._exporter.export(
-            studio, name, directory, base=base, tag=tag, progress=progress
-        )
+        exporter = Exporter(self.settings, self.store, self.spool, self._manifests)
+        return await exporter.export(studio, name, directory, base=base, tag=tag, progress=progress)
 
     # -- what changed ---------------------------------------------------------------
 

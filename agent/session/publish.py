@@ -45,6 +45,7 @@ from agent.session.records import (
     Skipped,
 )
 from agent.session.scope import log_skipped
+from agent.session.writeback import WriteBackFile
 from agent.statedir import create_file, ensure_private_dir
 from agent.store.base import Store
 
@@ -202,7 +203,10 @@ class Publisher:
                 blocks: ParentBlocks = []  # no parent: the whole root is new
                 if parent is not None:
                     blocks = stack.enter_context(StateReader(parent)).blocks()
-                f = stack.enter_context(os.fdopen(create_file(tmp), "wb"))
+                fd = create_file(tmp)
+                # (the local store keeps this file as the blob: see writeback.py)
+                keeps = self._store.keeps_staged(self._spool)
+                f = stack.enter_context(WriteBackFile(fd) if keeps else os.fdopen(fd, "wb"))
                 done = scan_and_write(
                     self._root,
                     self._scope.excluder(),

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.checkpoint.diff import DiffLine
 from agent.checkpoint.manifest import CheckpointState, Manifest
-from agent.checkpoint.restore import RestoreStats
 from agent.store.base import RefValue
+
+if TYPE_CHECKING:  # the restore engine loads with the first restore
+    from agent.checkpoint.restore import RestoreStats
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,10 @@ import asyncio
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import auto_name
-from agent.checkpoint.restore import LayerFile, RestoreStats, apply_layers
 from agent.checkpoint.state import check_state
 from agent.errors import AgentError, BlobMissing, CorruptLayer, DigestMismatch, NotFound
 from agent.log import get_logger
@@ -37,9 +37,12 @@ from agent.session.records import (
     StartOutcome,
     info_of,
 )
-from agent.session.verify import Verifier
 from agent.statedir import ensure_private_dir, protected_paths
-from agent.store.fetch import Fetch
+
+# The restore engine, the verifier and the fetch load with the first restore: a
+# baseline, which begins a session too, needs none of them.
+if TYPE_CHECKING:
+    from agent.checkpoint.restore import RestoreStats
 
 log = get_logger("session")
 
@@ -55,7 +58,6 @@ class Starter:
         self._local = parts.local
         self._scope = parts.scope
         self._manifests = parts.manifests
-        self._verifier = Verifier(parts.store, parts.spool)
 
     async def begin(
         self, chain: list[LayerDesc], parent: Path | None = None, store: str = ""
@@ -160,6 +162,9 @@ class Starter:
     async def _restore_latest(
         self, progress: ProgressFn | None, invalidated: list[CheckpointInfo]
     ) -> tuple[CheckpointInfo, Manifest, RestoreStats] | None:
+        from agent.session.verify import Verifier
+
+        verifier = Verifier(self._store, self._spool)
         refs = await self._store.list_refs(self._studio)
         for name, ref in sorted(refs.items(), key=lambda kv: kv[1].updated, reverse=True):
             try:
@@ -176,7 +181,7 @@ class Starter:
             # Left by a session that never finalized (force stop, OOM, spot
             # reclamation): checked before use; if unsound, marked invalid and
             # passed over for the next one.
-            why = await self._verifier.unsound(self._studio, name, ref.digest) if unfinished else ""
+            why = await verifier.unsound(self._studio, name, ref.digest) if unfinished else ""
             if not why:
                 try:
                     stats = await self.restore(manifest, progress, verify_first=unfinished)
@@ -201,6 +206,9 @@ class Starter:
         layer is applied as soon as it is verified, newest first, while the
         older ones still download.
         """
+        from agent.checkpoint.restore import LayerFile, RestoreStats, apply_layers
+        from agent.store.fetch import Fetch
+
         layers = list(manifest.layers)
         if not layers:
             return RestoreStats()

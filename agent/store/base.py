@@ -123,6 +123,13 @@ class Store(abc.ABC):
         returns, has the whole size.
         """
 
+    def keeps_staged(self, directory: Path) -> bool:
+        """Whether ``put_blob`` of a file in ``directory`` keeps that very file as the
+        blob (renamed into place, then fsynced) rather than copying or uploading it.
+        Then a writer may send the file to disk while writing it, so that the fsync
+        finds little left (``session/writeback.py``); otherwise that only costs the disk."""
+        return False
+
     async def put_bytes(self, data: bytes, digest: str, dest_dir: Path) -> None:
         """Store a small blob (a manifest) held in memory."""
         # Unique: two puts of one blob at once (equal manifests) must not share a file.

@@ -100,6 +100,17 @@ class LocalStore(Store):
     async def put_blob(self, src: Path, digest: str, size: int) -> None:
         await self._run(f"write blob {digest}", self._put_blob, src, digest, size)
 
+    def keeps_staged(self, directory: Path) -> bool:
+        # renamed when on the store's filesystem (the store's directory, or its
+        # nearest parent that exists yet)
+        there = self.root
+        while not there.exists() and there != there.parent:
+            there = there.parent
+        try:
+            return os.stat(directory).st_dev == os.stat(there).st_dev
+        except OSError:
+            return False
+
     def _put_blob(self, src: Path, digest: str, size: int) -> None:
         final = self._blob_path(digest)
         if final.is_file():

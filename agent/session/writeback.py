@@ -1,0 +1,65 @@
+"""A layer's spool file sent to disk while it is written, so that storing it waits on little.
+
+The local store keeps the very file a checkpoint wrote (renamed into place) and
+fsyncs it before any manifest may name it.  Left to that fsync, the whole layer
+goes to disk at the end while nothing else runs (tens of ms for 150 MB on a fast
+disk, several times that on a slow one).  Sent to disk every few MiB from a
+thread of its own, the writing overlaps the walk and the compression instead.
+It is no durability step: the store's fsync, unchanged, is still what makes the
+blob durable before the manifest is written.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+# Bytes written between two write-backs: what the store's fsync has left at most
+# (beside what was written while the last one ran).
+WRITE_BACK_EVERY = 16 << 20
+
+
+class WriteBackFile(io.BufferedWriter):
+    """A writer of the new file ``fd`` (closed with it) that ``fdatasync``s the
+    file from a thread of its own after every ``every`` bytes written."""
+
+    def __init__(self, fd: int, every: int = WRITE_BACK_EVERY) -> None:
+        super().__init__(io.FileIO(fd, "wb"))
+        self._fd = fd
+        self._every = every
+        self._pending = 0
+        self._kick = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="write-back", daemon=True)
+        self._thread.start()
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        n = super().write(data)
+        self._pending += n
+        if self._pending >= self._every:
+            self._pending = 0
+            self._kick.set()
+        return n
+
+    def _run(self) -> None:
+        while True:
+            self._kick.wait()
+            self._kick.clear()
+            if self._stopping:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError:
+                return  # the store's fsync meets it again, and reports it
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._stopping = True
+            self._kick.set()
+            self._thread.join()
+        super().close()
