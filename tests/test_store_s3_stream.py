@@ -20,6 +20,7 @@ import random
 import signal
 import sys
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -35,7 +36,7 @@ from agent.session.gc import collect
 from agent.session.lease import SessionLease
 from agent.settings import Settings
 from agent.statedir import create_file
-from agent.store.base import BlobSink, Store
+from agent.store.base import BlobSink, SpooledBlob, Store
 from agent.store.local import LocalStore
 from agent.store.s3 import S3Store
 
@@ -182,20 +183,27 @@ async def test_parts_go_to_the_temporary_key_and_reach_the_address_by_a_checked_
     temp = f"/{bucket.name}/{bucket.root}/uploads/{upload}"
     parts = [s for s in fault_proxy.seen if s.operation == "UploadPart"]
     assert {s.path for s in parts} == {temp}
+    # Each part names the CRC32 of its bytes, which S3 checks.
     chunks = [data[i : i + PART] for i in range(0, len(data), PART)]
-    checksums = sorted(s.headers["x-amz-checksum-sha256"] for s in parts)
-    assert checksums == sorted(
-        base64.b64encode(hashlib.sha256(c).digest()).decode() for c in chunks
+    crcs = sorted(s.headers["x-amz-checksum-crc32"] for s in parts)
+    assert crcs == sorted(
+        base64.b64encode(zlib.crc32(c).to_bytes(4, "big")).decode() for c in chunks
     )
     # Nothing is written under blobs/ but by the copy of the completed object,
-    # and only while it is the object this writer completed.
+    # only while it is the object this writer completed, and with S3's CRC32 of
+    # the whole copy (checked against the bytes written), which the blob keeps.
     to_blobs = [s for s in fault_proxy.seen if "/blobs/" in s.path and s.operation != "HeadObject"]
     assert [s.operation for s in to_blobs] == ["CopyObject"]
     etag = hashlib.md5(b"".join(hashlib.md5(c).digest() for c in chunks)).hexdigest()
     copy = to_blobs[0].headers
     assert copy["x-amz-copy-source"].endswith(f"/uploads/{upload}")
     assert copy["x-amz-copy-source-if-match"].strip('"') == f"{etag}-{len(chunks)}"
+    assert copy["x-amz-checksum-algorithm"] == "CRC32"
     assert bucket.blob(digest) == data
+    head = bucket.admin.head_object(
+        Bucket=bucket.name, Key=f"{bucket.root}/blobs/sha256/{digest[7:]}", ChecksumMode="ENABLED"
+    )
+    assert head["ChecksumCRC32"] == base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
 async def test_a_blob_within_one_part_is_one_put_checked_against_its_digest(
@@ -209,6 +217,29 @@ async def test_a_blob_within_one_part_is_one_put_checked_against_its_digest(
     assert (
         put.headers["x-amz-checksum-sha256"] == base64.b64encode(bytes.fromhex(digest[7:])).decode()
     )
+
+
+async def test_with_streaming_off_a_layer_is_put_once_written(
+    fault_proxy: FaultProxy, s3_workdir: str, s3_endpoint: S3Endpoint, store: S3Store,
+    store_settings: Settings, tmp_path: Path,
+) -> None:  # fmt: skip
+    off = S3Store.from_url(
+        s3_workdir, store_settings.model_copy(update={"s3_stream_uploads": False})
+    )
+    try:
+        sink = open_sink(off, tmp_path)
+        assert isinstance(sink, SpooledBlob)
+        data = os.urandom(2 * PART + 1)
+        try:
+            await write_all(sink, data)
+            assert fault_proxy.seen == []  # nothing sent while it is written
+            await sink.commit(digest_of(data), len(data))
+        finally:
+            await sink.discard()
+    finally:
+        await off.close()
+    assert not any("/uploads/" in s.path for s in fault_proxy.seen)
+    assert Bucket(s3_endpoint, store).blob(digest_of(data)) == data
 
 
 # -- what a failure leaves ----------------------------------------------------------------

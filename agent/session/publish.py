@@ -135,12 +135,13 @@ class Publisher:
                         self._present.add(layer.digest)
                     else:
                         await self.cover(local, [], manifest)
+                    t_layer = time.monotonic()
+                    info = await self.publish(local, target, manifest)
                 finally:
+                    # After the ref: what the store tidies up of the upload runs meanwhile.
                     if sink is not None:
                         await sink.discard()
                     tmp.unlink(missing_ok=True)
-                t_layer = time.monotonic()
-                info = await self.publish(local, target, manifest)
             crash_point("ref")
             local.chain = chain
             await asyncio.to_thread(self._local.save, local, next_state)

@@ -49,6 +49,7 @@ class S3Store(Store):
         read_timeout: float = 60.0,
         backoff_base: float = 0.5,
         list_page_size: int = 1000,
+        stream_uploads: bool = True,
     ) -> None:
         self.bucket = bucket
         prefix = prefix.strip("/")
@@ -56,6 +57,7 @@ class S3Store(Store):
         self.url = f"s3://{bucket}/{self._root}"
         self.part_size = part_size
         self.concurrency = concurrency
+        self.stream_uploads = stream_uploads
         # As many blobs at a time as transfers: small layers then fill every
         # transfer slot, and a big one's ranges share them (``transfers`` bounds
         # all of them together).
@@ -99,6 +101,7 @@ class S3Store(Store):
             part_size=settings.s3_part_size,
             concurrency=settings.s3_concurrency,
             max_attempts=settings.s3_max_attempts,
+            stream_uploads=settings.s3_stream_uploads,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             backoff_base=backoff_base,
@@ -138,6 +141,8 @@ class S3Store(Store):
         src.unlink(missing_ok=True)
 
     def open_blob(self, fd: int, spool: Path, upload: str) -> BlobSink:
+        if not self.stream_uploads:  # spooled, then put whole (``put_blob``)
+            return super().open_blob(fd, spool, upload)
         try:
             return StreamedBlob(
                 self._conn,

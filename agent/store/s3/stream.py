@@ -5,12 +5,20 @@ multipart upload names its key when it starts, so the parts go to a temporary
 key, ``<root>/uploads/<owner>/<id>``, as they fill: each is sent once the bytes
 after it begin, read back from the spool file (so memory holds no part, and a
 slow store only lets the spool grow), a bounded number at a time.  Each part's
-SHA-256 is computed from the bytes as they are written, before they reach the
+CRC32 is computed from the bytes as they are written, before they reach the
 file, and S3 checks every part against it: what S3 holds is what the writer
 hashed.  ``commit`` completes the temporary object, then copies it inside S3
 to ``blobs/sha256/<hex>``, only while its ETag is the one this writer completed
 (``CopySourceIfMatch``), so nothing else at the temporary key can become a
-blob; then deletes it.  A blob already stored is refreshed instead.
+blob, and with S3's own CRC32 of the copy checked against the writer's of the
+bytes it wrote; then deletes the temporary object, while the caller goes on
+(``discard`` waits for that).  A blob already stored is refreshed instead.
+
+CRC32 rather than SHA-256 for these checks: they only guard the transfer and
+the copy (the digest is the writer's SHA-256 of the very bytes it wrote, and
+every reader checks it), and CRC32, which the AWS SDKs use by default for that,
+costs the writer and the server a fraction of a SHA-256 (moto, hashing the copy
+with SHA-256, spends about 0.4 s more CPU per 150 MB).
 
 A blob that ends within one part never starts a multipart upload: it is put
 from the spool file straight to its content address, checked by S3 against
@@ -26,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import os
 import threading
+import time
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,7 +89,8 @@ class StreamedBlob(BlobSink):
         self._number = 1  # the part being filled
         self._start = 0  # its offset
         self._fill = 0  # its bytes so far
-        self._hash = hashlib.sha256()
+        self._crc = 0  # their CRC32
+        self._whole_crc = 0  # every byte's, for the check of the copy
         # -- the event loop's ------------------------------------------------------------
         self._error: BaseException | None = None  # the first failed part (read by write)
         # What the part uploads read, opened now: the spool file exists already.
@@ -91,6 +101,8 @@ class StreamedBlob(BlobSink):
         self._etag: str | None = None  # the temporary object's, once completed
         self._finished = False
         self._done = False  # committed or discarded
+        self._times: dict[str, float] = {}  # what the tail took, for the log
+        self._removing: asyncio.Task[None] | None = None  # the temporary object's deletion
 
     def _part_size(self, number: int) -> int:
         return self._uploader.part_size * (1 + (number - 1) // PARTS_PER_STEP)
@@ -108,6 +120,7 @@ class StreamedBlob(BlobSink):
             rest = view
             while rest:
                 rest = rest[os.write(self._fd, rest) :]
+            self._whole_crc = zlib.crc32(view, self._whole_crc)
             pos = 0
             while pos < n:
                 size = self._part_size(self._number)
@@ -115,7 +128,7 @@ class StreamedBlob(BlobSink):
                     self._loop.call_soon_threadsafe(self._start_part, *self._next_part())
                     size = self._part_size(self._number)
                 take = min(size - self._fill, n - pos)
-                self._hash.update(view[pos : pos + take])
+                self._crc = zlib.crc32(view[pos : pos + take], self._crc)
                 self._fill += take
                 pos += take
             self.written += n
@@ -123,10 +136,10 @@ class StreamedBlob(BlobSink):
 
     def _next_part(self) -> tuple[int, int, int, str]:
         """The part being filled, as (number, offset, length, checksum); start the next."""
-        checksum = base64.b64encode(self._hash.digest()).decode()
+        checksum = base64.b64encode(self._crc.to_bytes(4, "big")).decode()
         part = (self._number, self._start, self._fill, checksum)
         self._number, self._start, self._fill = self._number + 1, self._start + self._fill, 0
-        self._hash = hashlib.sha256()
+        self._crc = 0
         return part
 
     def _close_file(self) -> None:
@@ -141,7 +154,7 @@ class StreamedBlob(BlobSink):
         if self._done:
             return  # discarded meanwhile
         if self._create is None:
-            self._create = asyncio.ensure_future(self._uploader.create(self._key))
+            self._create = asyncio.ensure_future(self._uploader.create(self._key, "CRC32"))
         task = asyncio.ensure_future(self._part(number, offset, length, checksum))
         self._tasks.add(task)
         task.add_done_callback(self._part_done)
@@ -150,7 +163,7 @@ class StreamedBlob(BlobSink):
         assert self._create is not None
         upload_id, _ = await asyncio.shield(self._create)
         self._parts[number] = await self._uploader.upload_part(
-            self._source, self._key, upload_id, number, offset, length, checksum
+            self._source, self._key, upload_id, number, offset, length, checksum, algorithm="CRC32"
         )
 
     def _part_done(self, task: asyncio.Task[None]) -> None:
@@ -172,11 +185,15 @@ class StreamedBlob(BlobSink):
             return  # nothing sent: ``commit`` puts the file whole
         # The writer is done, and the parts it handed over were started before its
         # end was reported here; the last one has at least a byte.
+        t0 = time.monotonic()
+        self._times["parts_left"] = len(self._tasks) + 1
         self._start_part(*self._next_part())
         await asyncio.gather(*self._tasks)
+        t1 = time.monotonic()
         upload_id, _ = await self._create
         parts = [self._parts[n] for n in range(1, self._number)]
         self._etag = await self._uploader.complete(self._key, upload_id, parts, self.written)
+        self._times |= {"parts_s": t1 - t0, "complete_s": time.monotonic() - t1}
 
     async def commit(self, digest: str, size: int) -> None:
         await self.finish()
@@ -187,15 +204,27 @@ class StreamedBlob(BlobSink):
             self._done = True
             return
         key = self._blob_key(digest)
+        t0 = time.monotonic()
         # An object of the wrong size under a content address is damaged: replace it.
         # One of the right size is refreshed instead (gone meanwhile: copied).
         if await self._conn.size_of(key) != size or not await self._uploader.refresh(key):
-            await self._uploader.copy(self._key, self._etag, key, digest, size)
+            await self._uploader.copy(self._key, self._etag, key, size, self._whole_crc)
             await self._stored()
         self._done = True
-        await self._remove_temporary()
+        log.info(
+            "s3.streamed",
+            key=self._conn.where(key),
+            size=size,
+            parts=self._number - 1,
+            **{k: round(v, 3) for k, v in self._times.items()},
+            copy_s=round(time.monotonic() - t0, 3),
+        )
+        # The blob is stored: the temporary object goes while the caller goes on.
+        self._removing = asyncio.ensure_future(self._remove_temporary())
 
     async def discard(self) -> None:
+        if self._removing is not None:
+            await asyncio.shield(self._removing)
         if self._done:
             return
         self._done = True

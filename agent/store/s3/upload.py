@@ -2,10 +2,12 @@
 on any failure; and the server-side copy that makes a blob uploaded under a
 temporary key (``stream.py``) visible under its content address.
 
-Every upload names the SHA-256 of its bytes in a signed ``x-amz-checksum-sha256``
-header (for a single PutObject that is the blob's own digest), which S3
-verifies; the payload is sent as ``UNSIGNED-PAYLOAD`` rather than hashed once
-more by botocore for the signature.
+Every upload names a checksum of its bytes in a signed ``x-amz-checksum-*``
+header, which S3 verifies: the SHA-256 for a blob put from a file (for a
+single PutObject that is the blob's own digest), a CRC32 for the parts of a
+streamed one, whose SHA-256 S3 computes when it copies the whole into place.
+The payload is sent as ``UNSIGNED-PAYLOAD`` rather than hashed once more by
+botocore for the signature.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextlib
 import hashlib
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from botocore.exceptions import ClientError
 
@@ -31,13 +33,20 @@ from agent.store.s3.jobs import Job, run_bounded
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
-    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef, CopySourceTypeDef
+    from types_aiobotocore_s3.type_defs import (
+        CompletedPartTypeDef,
+        CopySourceTypeDef,
+        UploadPartOutputTypeDef,
+    )
 
 log = get_logger("store.s3")
 
 MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
 COPY_MAX = 5 << 30  # the largest object one CopyObject copies; larger ones go by parts
 COPY_PART = 1 << 30  # bytes per UploadPartCopy of a larger one (S3 takes up to 5 GiB)
+
+# The checksum a multipart upload's parts name (base64 of the raw value).
+PartChecksum = Literal["SHA256", "CRC32"]
 
 
 class UploadGone(StoreError):
@@ -106,9 +115,10 @@ class Uploader:
 
             await self._conn.call("PutObject", key, put, transfer=True)
 
-    async def create(self, key: str) -> tuple[str, bool]:
-        """Start a multipart upload of ``key`` whose parts name their SHA-256; its id,
-        and whether a try was retried (whose lost answer may have started another)."""
+    async def create(self, key: str, algorithm: PartChecksum = "SHA256") -> tuple[str, bool]:
+        """Start a multipart upload of ``key`` whose parts name their ``algorithm``
+        checksum; its id, and whether a try was retried (whose lost answer may have
+        started another)."""
         try:
             created = await self._conn.call(
                 "CreateMultipartUpload",
@@ -117,7 +127,7 @@ class Uploader:
                     Bucket=self._conn.bucket,
                     Key=key,
                     ContentType="application/octet-stream",
-                    ChecksumAlgorithm="SHA256",
+                    ChecksumAlgorithm=algorithm,
                 ),
             )
         except StoreUnavailable:
@@ -197,31 +207,38 @@ class Uploader:
         checksum: str,
         *,
         of: int | None = None,
+        algorithm: PartChecksum = "SHA256",
     ) -> CompletedPartTypeDef:
         """Upload bytes ``[offset, offset + length)`` of ``source`` as part ``number``,
-        checked by S3 against ``checksum`` (its base64 SHA-256); what completing needs."""
-        done: CompletedPartTypeDef = {}
+        checked by S3 against ``checksum`` (its base64 ``algorithm`` checksum, as
+        the upload was created with); what completing needs."""
+        done: CompletedPartTypeDef = {"PartNumber": number}
+
+        async def send(c: S3Client) -> UploadPartOutputTypeDef:
+            bucket, body = self._conn.bucket, upload_body(source, offset, length)
+            if algorithm == "CRC32":
+                done["ChecksumCRC32"] = checksum
+                return await c.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,
+                    ContentLength=length, ChecksumAlgorithm="CRC32", ChecksumCRC32=checksum,
+                )  # fmt: skip
+            done["ChecksumSHA256"] = checksum
+            return await c.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,
+                ContentLength=length, ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum,
+            )  # fmt: skip
 
         async def put(c: S3Client) -> None:
             async with self._conn.transfers:
                 try:
-                    resp = await c.upload_part(
-                        Bucket=self._conn.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=upload_body(source, offset, length),
-                        ContentLength=length,
-                        ChecksumAlgorithm="SHA256",
-                        ChecksumSHA256=checksum,
-                    )
+                    resp = await send(c)
                 except ClientError as e:
                     if error_code(e) == "NoSuchUpload":
                         raise UploadGone(
                             f"{self._conn.where(key)}: upload {upload_id} is gone"
                         ) from e
                     raise
-            done.update({"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum})
+            done["ETag"] = resp["ETag"]
 
         detail = f" (part {number} of {of})" if of else f" (part {number})"
         await self._conn.call("UploadPart", key, put, transfer=True, detail=detail)
@@ -252,13 +269,13 @@ class Uploader:
 
         return await self._conn.call("CompleteMultipartUpload", key, complete)
 
-    async def copy(self, src: str, etag: str, dest: str, digest: str, size: int) -> None:
+    async def copy(self, src: str, etag: str, dest: str, size: int, crc32: int) -> None:
         """Copy the object ``src``, only while its ETag is still ``etag`` (the one
-        its writer completed), to ``dest``, inside S3.  The copy's SHA-256, which
-        S3 computes as it copies and keeps as the blob's checksum (as a single
-        PutObject's is), must be ``digest``: one that is not is deleted again.
-        Objects over 5 GiB go by UploadPartCopy ranges, aborted on any failure
-        (their checksum is per part: the parts' checks and the ETag stand)."""
+        its writer completed), to ``dest``, inside S3.  The copy's CRC32, which S3
+        computes as it copies and keeps as the blob's checksum, must be ``crc32``
+        (the writer's, of the bytes it wrote): a copy that is not is deleted
+        again.  Objects over 5 GiB go by UploadPartCopy ranges, aborted on any
+        failure (their checksum is per part: the parts' checks and the ETag stand)."""
         source: CopySourceTypeDef = {"Bucket": self._conn.bucket, "Key": src}
         if size <= COPY_MAX:
             resp = await self._conn.call(
@@ -269,20 +286,24 @@ class Uploader:
                     Key=dest,
                     CopySource=source,
                     CopySourceIfMatch=etag,
-                    ChecksumAlgorithm="SHA256",
+                    ChecksumAlgorithm="CRC32",
                 ),
             )
-            got = resp.get("CopyObjectResult", {}).get("ChecksumSHA256")
-            want = base64.b64encode(bytes.fromhex(hex_of(digest))).decode()
-            if got is not None and got != want:
+            result = resp.get("CopyObjectResult", {})
+            got = result.get("ChecksumCRC32")
+            want = base64.b64encode(crc32.to_bytes(4, "big")).decode()
+            # Checked when S3 says it is the whole object's (a composite one, of
+            # parts, ends in -N and proves nothing the part checks did not).
+            whole = result.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+            if got is not None and whole and "-" not in got and got != want:
                 await self._conn.call(
                     "DeleteObject",
                     dest,
                     lambda c: c.delete_object(Bucket=self._conn.bucket, Key=dest),
                 )
                 raise DigestMismatch(
-                    f"blob {digest}: the copy of {self._conn.where(src)} hashes to {got} "
-                    "(base64); not stored"
+                    f"the copy of {self._conn.where(src)} to {self._conn.where(dest)} has CRC32 "
+                    f"{got}, not the {want} written; not stored"
                 )
             return
         upload_id, retried = await self.create(dest)
