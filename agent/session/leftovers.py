@@ -6,10 +6,10 @@ the spool file's name names (``layer-<owner>-<id>.tmp``: the upload
 ``<owner>/<id>``, see ``Store.open_blob``); mid-restore it leaves the download
 directory and, inside the root, files under the restore's temporary names.
 Nothing else would ever remove them, and the root's ones would take up space
-in every later checkpoint's root.  Only this agent's
-own names are touched, only in its own directories (the state dir, its spool)
-and, in the root, only the temporaries of a restore the state dir recorded as
-begun and never finished.  The caller holds the state dir's ``Owner`` lock, so
+in every later checkpoint's root.  Only this agent's own names are touched,
+only in its own directories (the state dir, its spool) and, in the root, only
+the temporaries of a restore the state dir recorded as begun and never
+finished.  The caller holds the state dir's ``Owner`` lock, so
 no live process of this agent can be writing any of them.
 """
 
