@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(
         6, ge=1, le=20, description="Tries per S3 request before giving up."
     )
+    s3_stream_uploads: bool = Field(
+        True,
+        description="Upload a new layer's parts while it is compressed (to a temporary "
+        "key, copied to its address at the end) rather than once it is written.",
+    )
 
     # -- the session daemon -----------------------------------------------------
     restore_from: str = Field(

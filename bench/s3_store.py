@@ -52,13 +52,17 @@ server.stop()
 """
 
 
-def start_local_s3() -> tuple[str, Callable[[], None]]:
-    """Start moto's S3 in its own process on 127.0.0.1; return its URL and a stop function."""
+def start_local_s3(tmpdir: str | None = None) -> tuple[str, Callable[[], None]]:
+    """Start moto's S3 in its own process on 127.0.0.1; return its URL and a stop function.
+
+    moto keeps every object over 5 MiB in a temporary file; ``tmpdir`` says where."""
+    env = dict(os.environ, TMPDIR=tmpdir) if tmpdir else None
     proc = subprocess.Popen(
         [sys.executable, "-c", _MOTO_SERVER],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env=env,
     )
     assert proc.stdin is not None and proc.stdout is not None
     url = proc.stdout.readline().strip()

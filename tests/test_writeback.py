@@ -1,4 +1,4 @@
-"""The layer's spool file, sent to disk while written when the store keeps it."""
+"""The layer's spool file, sent to disk while written when the local store keeps it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.session import writeback
-from agent.session.writeback import WriteBackFile
+from agent.store import writeback
+from agent.store.base import SpooledBlob
 from agent.store.local import LocalStore
 
 
@@ -24,22 +24,29 @@ def test_written_back_while_written_and_whole(
         real(fd)
 
     monkeypatch.setattr(writeback.os, "fdatasync", fdatasync)
-    path = tmp_path / "layer.tmp"
+    monkeypatch.setattr(writeback, "WRITE_BACK_EVERY", 1 << 18)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    path = spool / "layer.tmp"
     chunk = os.urandom(1 << 16)
-    f = WriteBackFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), every=1 << 18)
-    with f:
-        for _ in range(64):  # 4 MiB: a write-back due every 256 KiB
-            f.write(chunk)
-    assert f.closed
+    sink = SpooledBlob(
+        LocalStore(tmp_path / "work"), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), path
+    )
+    for _ in range(64):  # 4 MiB: a write-back due every 256 KiB
+        sink.write(chunk)
+    sink.close()
     assert synced, "nothing was written back before the file was closed"
     assert all(0 < n <= 64 * len(chunk) for n in synced)
     assert path.read_bytes() == chunk * 64
 
 
 def test_closed_without_writes(tmp_path: Path) -> None:
-    f = WriteBackFile(os.open(tmp_path / "empty", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-    f.close()
-    assert f.closed and (tmp_path / "empty").stat().st_size == 0
+    path = tmp_path / "empty"
+    sink = SpooledBlob(
+        LocalStore(tmp_path / "work"), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), path
+    )
+    sink.close()
+    assert path.stat().st_size == 0
 
 
 def test_the_local_store_keeps_files_staged_on_its_filesystem(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from agent.session.leftovers import (
     clear_restore_temps,
     clear_state_dir,
     end_restore,
+    spooled_uploads,
 )
 from agent.session.local import LocalState
 from agent.session.manifests import Manifests
@@ -252,11 +253,14 @@ class Session:
         state_file = local.state_file if local is not None else None
         # a restore was killed half-way: what differs on the root is its doing
         self._restore_interrupted = (self.state_dir / RESTORE_MARKER).exists()
+        # What the store kept of a killed checkpoint's upload, while its spool file
+        # still names it.
+        uploads = await asyncio.to_thread(spooled_uploads, self.spool)
+        await self.store.clear_leftovers(uploads)
         await asyncio.to_thread(clear_state_dir, self.state_dir, self.spool, state_file)
         await asyncio.to_thread(
             clear_restore_temps, self.root, self.state_dir, self._scope.excluder()
         )
-        await self.store.clear_leftovers()
 
     # -- checkpoints ----------------------------------------------------------------
 

@@ -13,8 +13,10 @@ One gc at a time per work directory holds the gc lease (``lease.py``).  In order
 3. sweep, in batches: before each, renew the gc lease (a gc whose lease
    expired stops there) and read the session leases again; then delete the
    candidates nothing marked.
-4. abort the incomplete uploads and remove the temporary files older than the
-   cutoff (and at least ``leftover_age``: a live upload looks the same).
+4. abort the incomplete uploads and remove the temporary files and objects
+   older than the cutoff (and at least ``leftover_age``: a live upload looks
+   the same), except those whose owner holds an unexpired session lease (a
+   writer still uploading a layer, however long it takes).
 
 Refs and manifests are hostile input.  One that cannot be read (a ref that
 is not a ref document, a manifest that does not parse, a store error) might
@@ -262,7 +264,9 @@ async def collect(
             report.doomed = [(d, s) for d, s in report.doomed if d not in marker.marked]
         before = min(cutoff, start - leftover_age.total_seconds())
         if report.stopped is None and report.refused is None:
-            await _leftovers(store, report, lease, before, say)
+            alive = await _alive(store, clock())
+            if alive is not None:
+                await _leftovers(store, report, lease, before, alive, say)
             if lease is not None:
                 await _drop_expired(store, expired, cutoff)
         return report
@@ -361,11 +365,41 @@ def _note(report: GcReport, e: AgentError) -> None:
         report.errors.append(text)
 
 
+async def _alive(store: Store, now: float) -> set[str] | None:
+    """The holders of the unexpired session leases, read now: writers whose uploads
+    are in flight however old (None when the leases cannot be read: then no
+    leftover is taken, as any might be a live one's)."""
+    try:
+        names = await store.list_leases(SESSIONS)
+        leases = await asyncio.gather(*(store.get_lease(n) for n in names))
+    except AgentError as e:
+        log.warning("gc.leftovers_kept", reason=f"the session leases cannot be read: {e}")
+        return None
+    alive: set[str] = set()
+    for lease in leases:
+        if lease is None:
+            continue
+        try:
+            doc = SessionLeaseDoc.decode(lease.body)
+        except ValueError:
+            return None  # unreadable: it might be anyone's
+        if doc.expires > now:
+            alive.add(doc.holder)
+    return alive
+
+
 async def _leftovers(
-    store: Store, report: GcReport, lease: GcLease | None, before: float, say: Progress
+    store: Store,
+    report: GcReport,
+    lease: GcLease | None,
+    before: float,
+    alive: set[str],
+    say: Progress,
 ) -> None:
     when = datetime.fromtimestamp(before, UTC)
     async for item in store.iter_leftovers(when):
+        if item.owner and item.owner in alive:
+            continue  # a live writer's upload, only slow
         if lease is None:
             report.leftovers.append((item.what, item.size))
             continue

@@ -1,12 +1,15 @@
 """What a killed process of this agent leaves behind, and clearing it at the next start.
 
-A SIGKILL mid-checkpoint leaves its layer in the spool (as big as the layer),
-mid-restore the download directory and, inside the root, files under the
-restore's temporary names.  Nothing else would ever remove them, and the root's
-ones would take up space in every later checkpoint's root.  Only this agent's
-own names are touched, only in its own directories (the state dir, its spool)
-and, in the root, only the temporaries of a restore the state dir recorded as
-begun and never finished.  The caller holds the state dir's ``Owner`` lock, so
+A SIGKILL mid-checkpoint leaves its layer in the spool (as big as the layer)
+and, in an S3 store, what it had uploaded of it under a temporary key, which
+the spool file's name names (``layer-<owner>-<id>.tmp``: the upload
+``<owner>/<id>``, see ``Store.open_blob``); mid-restore it leaves the download
+directory and, inside the root, files under the restore's temporary names.
+Nothing else would ever remove them, and the root's ones would take up space
+in every later checkpoint's root.  Only this agent's own names are touched,
+only in its own directories (the state dir, its spool) and, in the root, only
+the temporaries of a restore the state dir recorded as begun and never
+finished.  The caller holds the state dir's ``Owner`` lock, so
 no live process of this agent can be writing any of them.
 """
 
@@ -32,12 +35,32 @@ RESTORE_MARKER = "restore.pending"
 # What the agent writes in its spool: a layer being written, a small blob being
 # staged, a restore's downloads, a blob downloaded by name (and its partial).
 _SPOOL_FILES = re.compile(
-    r"(layer-[0-9a-f]+\.tmp|put-[0-9a-f]+\.tmp|[0-9a-f]{64}|\.[0-9a-f]{64}\.[0-9a-f]+\.part)"
+    r"(layer-[0-9a-f]+(-[0-9a-f]+)?\.tmp|put-[0-9a-f]+\.tmp|[0-9a-f]{64}|"
+    r"\.[0-9a-f]{64}\.[0-9a-f]+\.part)"
 )
+# A layer's spool file, named for the store's upload of it.
+_LAYER_SPOOL = re.compile(r"layer-([0-9a-f]{32})-([0-9a-f]{32})\.tmp")
 _SPOOL_DIRS = re.compile(r"restore-[A-Za-z0-9_]+")
 # In the state dir: a parent state or session file written but never renamed into place.
 _STATE_TEMPS = re.compile(r"(parent-[0-9a-f]+\.state|session\.json|restore\.pending)\.tmp")
 _PARENT_STATE = re.compile(r"parent-[0-9a-f]+\.state")
+
+
+def layer_spool_name(upload: str) -> str:
+    """The spool file of a layer uploaded as ``upload`` (``<owner>/<id>``)."""
+    owner, _, ident = upload.partition("/")
+    return f"layer-{owner}-{ident}.tmp"
+
+
+def spooled_uploads(spool: Path) -> list[str]:
+    """The uploads of the layers a dead process left in ``spool``, for the store to
+    clear what it kept of them (``Store.clear_leftovers``)."""
+    out = []
+    for entry in _entries(spool):
+        m = _LAYER_SPOOL.fullmatch(entry.name)
+        if m is not None and entry.is_file(follow_symlinks=False):
+            out.append(f"{m[1]}/{m[2]}")
+    return out
 
 
 def clear_state_dir(state_dir: Path, spool: Path, state_file: str | None) -> int:

@@ -11,19 +11,27 @@ the ref and carries on from it.
 Before the first blob is stored the session lease names it, the new manifest
 and the chain's head, so gc keeps them until the ref reaches them
 (``lease.py``); then the lease names the new manifest as the head.
+
+The layer goes to the store through a ``BlobSink`` while it is written: the S3
+store uploads its parts to a temporary key as they fill, so storing it
+overlaps the walk and the compression, and only the last part, a copy inside
+the store and the lease remain once the digest is known.  The lease stands
+from the start of the walk (a one-shot command writes it then) and is renewed
+while the checkpoint runs, so gc knows the temporary upload's owner is alive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from agent.checkpoint.diff import ParentBlocks
 from agent.checkpoint.layer_writer import LayerResult
@@ -35,6 +43,8 @@ from agent.checkpoint.watched import ChangeSource, Dirty
 from agent.errors import AgentError, BlobMissing, RefConflict
 from agent.faults import crash_point
 from agent.log import get_logger
+from agent.session.lease import SESSION_RENEW
+from agent.session.leftovers import layer_spool_name
 from agent.session.local import LocalSession
 from agent.session.parts import Parts
 from agent.session.records import (
@@ -45,9 +55,8 @@ from agent.session.records import (
     Skipped,
 )
 from agent.session.scope import log_skipped
-from agent.session.writeback import WriteBackFile
 from agent.statedir import create_file, ensure_private_dir
-from agent.store.base import Store
+from agent.store.base import BlobSink, Store
 
 log = get_logger("session")
 
@@ -111,45 +120,54 @@ class Publisher:
         # The store readies itself (an S3 client takes a while) while the root
         # is walked and the layer compressed, mostly outside the GIL.
         ready = asyncio.ensure_future(self._store.prepare())
-        tmp = self._spool / f"layer-{uuid.uuid4().hex}.tmp"
+        upload = f"{self._lease.holder}/{uuid.uuid4().hex}"
+        tmp = self._spool / layer_spool_name(upload)
         # The next parent state, written as the walk goes; named by session.json
         # only once the checkpoint is published.
         next_state = self._local.new_state()
         saved = False
+        sink: BlobSink | None = None
         try:
-            try:
+            async with self._leased(local) as standing:
                 try:
-                    done = await self._scan_and_write(parent, next_state, tmp, progress, dirty)
-                finally:
-                    await ready
-                current, changes, layer = done.scan, done.changes, done.layer
-                skipped = [Skipped(p, r) for p, r in current.skipped]
-                if not changes and skip_unchanged:
-                    return None
-                chain = list(local.chain)
-                if layer is not None:
-                    skipped.extend(Skipped(p, r) for p, r in layer.skipped)
-                    for s in layer.skipped:
-                        log.warning("checkpoint.skipped", path=s[0], reason=s[1])
-                    chain.append(
-                        LayerDesc(
-                            layer.digest,
-                            layer.size,
-                            layer.entries,
-                            layer.uncompressed,
-                            changes.replaced,
+                    try:
+                        sink = self._open_sink(tmp, upload)
+                        done = await self._scan_and_write(parent, next_state, sink, progress, dirty)
+                    finally:
+                        await ready
+                    current, changes, layer = done.scan, done.changes, done.layer
+                    skipped = [Skipped(p, r) for p, r in current.skipped]
+                    if not changes and skip_unchanged:
+                        return None
+                    chain = list(local.chain)
+                    if layer is not None:
+                        skipped.extend(Skipped(p, r) for p, r in layer.skipped)
+                        for s in layer.skipped:
+                            log.warning("checkpoint.skipped", path=s[0], reason=s[1])
+                        chain.append(
+                            LayerDesc(
+                                layer.digest,
+                                layer.size,
+                                layer.entries,
+                                layer.uncompressed,
+                                changes.replaced,
+                            )
                         )
-                    )
-                manifest = self._manifest(local, target, chain, state)
-                await self.cover(local, [layer.digest] if layer else [], manifest)
-                if layer is not None:
-                    await self._upload(tmp, layer, progress)
-                    crash_point("layer")
-                    self._present.add(layer.digest)
-            finally:
-                tmp.unlink(missing_ok=True)
-            t_layer = time.monotonic()
-            info = await self.publish(local, target, manifest)
+                    manifest = self._manifest(local, target, chain, state)
+                    await standing
+                    if layer is not None:
+                        await self._store_layer(sink, local, layer, manifest, progress)
+                        crash_point("layer")
+                        self._present.add(layer.digest)
+                    else:
+                        await self.cover(local, [], manifest)
+                    t_layer = time.monotonic()
+                    info = await self.publish(local, target, manifest)
+                finally:
+                    # After the ref: what the store tidies up of the upload runs meanwhile.
+                    if sink is not None:
+                        await sink.discard()
+                    tmp.unlink(missing_ok=True)
             crash_point("ref")
             local.chain = chain
             await asyncio.to_thread(self._local.save, local, next_state)
@@ -181,37 +199,41 @@ class Publisher:
             watched=done.watched,
         )
 
+    def _open_sink(self, tmp: Path, upload: str) -> BlobSink:
+        """The store's sink for the layer, spooled in ``tmp`` (a new private file)."""
+        try:
+            ensure_private_dir(self._spool, self._root)
+            fd = create_file(tmp)
+        except OSError as e:
+            raise AgentError(f"cannot write the layer to {self._spool}: {e.strerror or e}") from e
+        return self._store.open_blob(fd, tmp, upload)
+
     async def _scan_and_write(
         self,
         parent: Path | None,
         state: Path,
-        tmp: Path,
+        sink: BlobSink,
         progress: ProgressFn | None,
         dirty: Dirty | None,
     ) -> Pass:
         """Walk the root against the parent state ``parent`` (or read what ``dirty``
-        names again), in one pass writing its changes to the spool file ``tmp`` and
-        the next parent state to ``state``."""
+        names again), in one pass writing its changes to ``sink`` and the next
+        parent state to ``state``."""
 
         def on_progress(phase: str, done: int, total: int, b_done: int, b_total: int) -> None:
             if progress is not None:
                 progress(Progress(phase, b_done, b_total, done, total))
 
         def run() -> Pass:
-            ensure_private_dir(self._spool, self._root)
             with contextlib.ExitStack() as stack:
                 blocks: ParentBlocks = []  # no parent: the whole root is new
                 if parent is not None:
                     blocks = stack.enter_context(StateReader(parent)).blocks()
-                fd = create_file(tmp)
-                # (the local store keeps this file as the blob: see writeback.py)
-                keeps = self._store.keeps_staged(self._spool)
-                f = stack.enter_context(WriteBackFile(fd) if keeps else os.fdopen(fd, "wb"))
                 done = scan_and_write(
                     self._root,
                     self._scope.excluder(),
                     blocks,
-                    f,
+                    cast(BinaryIO, sink),  # all a layer writer asks of its output: write
                     state=state,
                     level=self._settings.compression_level,
                     threads=self._settings.compression_threads,
@@ -227,12 +249,62 @@ class Publisher:
         except OSError as e:  # the spool's disk is full or read-only
             raise AgentError(f"cannot write the layer to {self._spool}: {e.strerror or e}") from e
 
-    async def _upload(self, tmp: Path, layer: LayerResult, progress: ProgressFn | None) -> None:
+    async def _store_layer(
+        self,
+        sink: BlobSink,
+        local: LocalSession,
+        layer: LayerResult,
+        manifest: Manifest,
+        progress: ProgressFn | None,
+    ) -> None:
+        """The layer under its digest, named in the lease first; what is left of
+        its upload runs while the lease is written."""
         if progress is not None:
             progress(Progress("upload", 0, layer.size, 0, 1))
-        await self._store.put_blob(tmp, layer.digest, layer.size)
+        tail = asyncio.ensure_future(sink.finish())
+        try:
+            await self.cover(local, [layer.digest], manifest)
+        except BaseException:
+            tail.cancel()
+            await asyncio.gather(tail, return_exceptions=True)
+            raise
+        await tail
+        await sink.commit(layer.digest, layer.size)
         if progress is not None:
             progress(Progress("upload", layer.size, layer.size, 1, 1))
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, local: LocalSession) -> AsyncIterator[asyncio.Future[None]]:
+        """The session lease, written now (the future the body awaits before it
+        stores anything) and renewed while the body runs: a layer is uploaded
+        under its holder's name as it is written, and gc spares the uploads of
+        live holders however long they take.  A one-shot command holds no lease
+        yet: it names the chain's layers, as ``cover`` does for it, and checks
+        that the chain is whole, since nothing kept it before."""
+
+        async def hold() -> None:
+            if self._lease.held:
+                return
+            chain = [layer.digest for layer in local.chain]
+            if await self._lease.hold([], chain, session=local.session):
+                await check_chain(self._store, [], chain)
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(SESSION_RENEW)
+                try:
+                    await self._lease.renew()
+                except AgentError as e:  # the next try, or the checkpoint's own write
+                    log.warning("lease.renew_failed", error=str(e))
+
+        held = asyncio.ensure_future(hold())
+        renewing = asyncio.ensure_future(renew())
+        try:
+            yield held
+        finally:
+            renewing.cancel()
+            # Never cut short: a lease written but not recorded could not be released.
+            await asyncio.gather(held, renewing, return_exceptions=True)
 
     async def _rebased(self, local: LocalSession) -> tuple[LocalSession, str]:
         """The session to write from: a copy with a new chain when this store does not

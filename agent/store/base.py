@@ -13,21 +13,27 @@ Blobs are deleted only by the garbage collector (``agent/session/gc.py``),
 which is why a store can list them with their ages, list every studio, and
 find the leftovers of uploads that never finished.
 
-The checkpoint engine works on local files; a store only moves verified files
-in and out, so the engine never knows which store it talks to (the model is
-restic's ``internal/backend``).
+The checkpoint engine works on local files and byte streams; a store only moves
+verified bytes in and out, so the engine never knows which store it talks to
+(the model is restic's ``internal/backend``).  A layer is written through a
+``BlobSink`` (``open_blob``): the store may store its bytes while the layer is
+still being compressed, as ``tar | zstd | aws s3 cp -`` does, yet nothing is
+readable under the digest before the whole blob is stored and verified.
 """
 
 from __future__ import annotations
 
 import abc
+import os
+import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from agent.errors import StoreError
+from agent.errors import DigestMismatch, StoreError
+from agent.store.writeback import WriteBack
 
 CHECKPOINTS_DIR = ".studios/checkpoints"
 
@@ -67,6 +73,95 @@ class Leftover:
     size: int
     started: datetime
     handle: str
+    # The writer that made it (its session lease's holder), when the store can
+    # tell: gc leaves a live writer's alone, however old.
+    owner: str = ""
+
+
+class BlobSink(abc.ABC):
+    """A new blob written front to back, whose digest is known only at its end
+    (a layer as it is compressed), staged in a local spool file.
+
+    ``write`` is called from one thread at a time (the compressor's); the rest
+    on the event loop.  The store may store bytes while they are written (S3:
+    the parts of a multipart upload to a temporary key), but nothing is
+    readable under the digest before ``commit`` has stored the whole blob and
+    verified it.  ``discard`` drops what was written and whatever was stored of
+    it; after ``commit`` it does nothing, so a caller always calls it.
+    """
+
+    @abc.abstractmethod
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``; raises the store's error once storing it has failed,
+        so a layer that cannot be stored stops being written."""
+
+    def flush(self) -> None:  # noqa: B027 (nothing to flush, by design)
+        """Nothing is buffered: ``write`` hands every byte on."""
+
+    async def finish(self) -> None:
+        """Everything written is stored as far as it can be without the digest
+        (at a temporary name), so a caller may do other work meanwhile."""
+        return None
+
+    @abc.abstractmethod
+    async def commit(self, digest: str, size: int) -> None:
+        """Store the blob under ``digest``, the SHA-256 of the ``size`` bytes
+        written, which the writer computed from the very bytes it wrote.  As
+        ``put_blob``: a blob already there is refreshed, not written again."""
+
+    @abc.abstractmethod
+    async def discard(self) -> None:
+        """Drop the blob: stop storing it and remove what was stored of it."""
+
+
+class SpooledBlob(BlobSink):
+    """The plain sink: bytes go to the spool file only, and ``commit`` puts the
+    whole file (``Store.put_blob``).  Writes and ``close`` share a lock, so a
+    write from a thread the caller gave up on never reaches a closed (and
+    perhaps reused) descriptor."""
+
+    def __init__(self, store: Store, fd: int, spool: Path) -> None:
+        self._store = store
+        self._fd: int | None = fd
+        self.spool = spool
+        self.written = 0
+        self._lock = threading.Lock()
+        # A store that keeps this very file as the blob fsyncs it at commit:
+        # sent to disk as it is written, little is left for that fsync.
+        self._write_back = WriteBack(fd) if store.keeps_staged(spool.parent) else None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"{self.spool} is closed")
+            while view:
+                done = os.write(self._fd, view)
+                view = view[done:]
+            self.written += n
+            if self._write_back is not None:
+                self._write_back.wrote(n)
+        return n
+
+    def close(self) -> None:
+        """Close the spool file; later writes raise."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if self._write_back is not None:
+            self._write_back.stop()
+        if fd is not None:
+            os.close(fd)
+
+    async def commit(self, digest: str, size: int) -> None:
+        self.close()
+        if size != self.written:
+            raise DigestMismatch(f"blob {digest}: {self.written} bytes written, expected {size}")
+        await self._store.put_blob(self.spool, digest, size)
+
+    async def discard(self) -> None:
+        self.close()
+        self.spool.unlink(missing_ok=True)
 
 
 class Store(abc.ABC):
@@ -98,6 +193,21 @@ class Store(abc.ABC):
         caller must not use it afterwards.
         """
 
+    def open_blob(self, fd: int, spool: Path, upload: str) -> BlobSink:
+        """A sink for a new blob whose digest is known only once it is written.
+
+        ``fd`` is open for writing on ``spool``, a new empty file in the caller's
+        spool; the sink owns both from now on, and removes the file once it is
+        done with it (committed or discarded).
+        ``upload`` (``<owner>/<id>``, 32 hex digits each: the writer's session
+        lease holder and a fresh id) names whatever the store keeps while the
+        blob is written, so what a killed writer left can be found again: by
+        ``clear_leftovers`` at its next start, which reads the name back from
+        the spool file's, or by gc, which spares the uploads of live owners.
+        This plain sink only spools, and ``commit`` puts the file.
+        """
+        return SpooledBlob(self, fd, spool)
+
     @abc.abstractmethod
     async def get_blob(
         self,
@@ -126,8 +236,9 @@ class Store(abc.ABC):
     def keeps_staged(self, directory: Path) -> bool:
         """Whether ``put_blob`` of a file in ``directory`` keeps that very file as the
         blob (renamed into place, then fsynced) rather than copying or uploading it.
-        Then a writer may send the file to disk while writing it, so that the fsync
-        finds little left (``session/writeback.py``); otherwise that only costs the disk."""
+        Then the spooled sink sends the file to disk while it is written, so that
+        the fsync finds little left (``writeback.py``); otherwise that only costs
+        the disk."""
         return False
 
     async def put_bytes(self, data: bytes, digest: str, dest_dir: Path) -> None:
@@ -247,9 +358,11 @@ class Store(abc.ABC):
     async def remove_leftover(self, leftover: Leftover) -> None:
         """Remove one leftover (gone already is fine)."""
 
-    async def clear_leftovers(self) -> int:
+    async def clear_leftovers(self, uploads: Sequence[str] = ()) -> int:
         """Remove what killed writers left in the store's scratch space (never a live
-        writer's); how many.  A store without such space has nothing to clear."""
+        writer's), and what it keeps of the blob uploads named ``uploads`` (see
+        ``open_blob``: a dead process's, which only the caller knows); how many.
+        A store without such space has nothing to clear."""
         return 0
 
     async def prepare(self) -> None:

@@ -85,3 +85,16 @@ def is_blob_name(name: str) -> bool:
     """Whether a listed name is a blob's (64 hex digits): anything else under the
     blobs is not ours to judge, and never deleted."""
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _hex32(part: str) -> bool:
+    return len(part) == 32 and all(c in "0123456789abcdef" for c in part)
+
+
+def check_upload(upload: str) -> str:
+    """An upload name, ``<owner>/<id>`` of 32 hex digits each (see ``Store.open_blob``);
+    anything else is refused, as it could name a key outside the uploads."""
+    owner, _, ident = upload.partition("/")
+    if not (_hex32(owner) and _hex32(ident)):
+        raise InvalidName(f"invalid upload name: {upload!r}")
+    return upload

@@ -16,7 +16,7 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -145,7 +145,8 @@ class LocalStore(Store):
             tmp.unlink(missing_ok=True)
             os.close(fd)
 
-    async def clear_leftovers(self) -> int:
+    async def clear_leftovers(self, uploads: Sequence[str] = ()) -> int:
+        # A spooled blob left nothing here by name: partial blobs are found by their locks.
         return await self._run("clear partial blobs", self._clear_leftovers)
 
     def _clear_leftovers(self) -> int:

@@ -36,6 +36,7 @@ _ACTIONS = {
     "ListMultipartUploads": "s3:ListBucketMultipartUploads",
     "DeleteObject": "s3:DeleteObject",
     "CopyObject": "s3:PutObject",
+    "UploadPartCopy": "s3:PutObject",
     "ListParts": "s3:ListMultipartUploadParts",
     "ListObjectsV2": "s3:ListBucket",
 }

@@ -6,14 +6,22 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import BlobMissing, ConfigError, DigestMismatch, StoreError
-from agent.store.base import CHECKPOINTS_DIR, BlobInfo, Lease, Leftover, RefValue, Store
-from agent.store.checks import hex_of
+from agent.store.base import (
+    CHECKPOINTS_DIR,
+    BlobInfo,
+    BlobSink,
+    Lease,
+    Leftover,
+    RefValue,
+    Store,
+)
+from agent.store.checks import check_upload, hex_of
 from agent.store.s3.cleanup import Cleanup
 from agent.store.s3.client import Connection
 from agent.store.s3.download import Downloader
@@ -21,6 +29,7 @@ from agent.store.s3.errors import Missing, PreconditionFailed
 from agent.store.s3.leases import Leases
 from agent.store.s3.listing import Listing
 from agent.store.s3.refs import Refs
+from agent.store.s3.stream import StreamedBlob
 from agent.store.s3.upload import Uploader
 
 if TYPE_CHECKING:
@@ -40,6 +49,7 @@ class S3Store(Store):
         read_timeout: float = 60.0,
         backoff_base: float = 0.5,
         list_page_size: int = 1000,
+        stream_uploads: bool = True,
     ) -> None:
         self.bucket = bucket
         prefix = prefix.strip("/")
@@ -47,6 +57,7 @@ class S3Store(Store):
         self.url = f"s3://{bucket}/{self._root}"
         self.part_size = part_size
         self.concurrency = concurrency
+        self.stream_uploads = stream_uploads
         # As many blobs at a time as transfers: small layers then fill every
         # transfer slot, and a big one's ranges share them (``transfers`` bounds
         # all of them together).
@@ -65,7 +76,7 @@ class S3Store(Store):
         self._listing = Listing(self._conn, self._root, list_page_size)
         self._refs = Refs(self._conn, self._root, self._listing)
         self._leases = Leases(self._conn, self._root, self._listing)
-        self._cleanup = Cleanup(self._conn, self._root)
+        self._cleanup = Cleanup(self._conn, self._root, self._listing)
         self._layout_written = False
 
     @classmethod
@@ -90,6 +101,7 @@ class S3Store(Store):
             part_size=settings.s3_part_size,
             concurrency=settings.s3_concurrency,
             max_attempts=settings.s3_max_attempts,
+            stream_uploads=settings.s3_stream_uploads,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             backoff_base=backoff_base,
@@ -127,6 +139,24 @@ class S3Store(Store):
             await self._upload.put(src, digest, size, key)
             await self._write_layout()
         src.unlink(missing_ok=True)
+
+    def open_blob(self, fd: int, spool: Path, upload: str) -> BlobSink:
+        if not self.stream_uploads:  # spooled, then put whole (``put_blob``)
+            return super().open_blob(fd, spool, upload)
+        try:
+            return StreamedBlob(
+                self._conn,
+                self._upload,
+                fd=fd,
+                spool=spool,
+                temp_key=self._cleanup.upload_key(check_upload(upload)),
+                blob_key=self._blob_key,
+                put_file=self.put_blob,
+                stored=self._write_layout,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def get_blob(
         self,
@@ -224,7 +254,10 @@ class S3Store(Store):
     # -- leftovers ------------------------------------------------------------
 
     def iter_leftovers(self, before: datetime) -> AsyncIterator[Leftover]:
-        return self._cleanup.uploads(before)
+        return self._cleanup.leftovers(before)
 
     async def remove_leftover(self, leftover: Leftover) -> None:
-        await self._cleanup.abort(leftover)
+        await self._cleanup.remove(leftover)
+
+    async def clear_leftovers(self, uploads: Sequence[str] = ()) -> int:
+        return await self._cleanup.clear(uploads)

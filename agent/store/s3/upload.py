@@ -1,14 +1,13 @@
 """Blob uploads: one verified PutObject, or a multipart upload that is aborted
-on any failure.
+on any failure; and the server-side copy that makes a blob uploaded under a
+temporary key (``stream.py``) visible under its content address.
 
-Every upload names the SHA-256 of its bytes in a signed ``x-amz-checksum-sha256``
-header (for a single PutObject that is the blob's own digest), which S3
-verifies; the payload is sent as ``UNSIGNED-PAYLOAD`` rather than hashed once
-more by botocore for the signature.  Uploading while a layer is still being
-compressed would need a temporary key and a server-side copy to the content
-address once the digest is known; the copy of the benchmark's 157 MB layer
-costs more than the upload it would hide (docs/benchmarks.md), so it is not
-done.
+Every upload names a checksum of its bytes in a signed ``x-amz-checksum-*``
+header, which S3 verifies: the SHA-256 for a blob put from a file (for a
+single PutObject that is the blob's own digest), a CRC32 for the parts of a
+streamed one, whose SHA-256 S3 computes when it copies the whole into place.
+The payload is sent as ``UNSIGNED-PAYLOAD`` rather than hashed once more by
+botocore for the signature.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import contextlib
 import hashlib
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from botocore.exceptions import ClientError
 
@@ -34,11 +33,20 @@ from agent.store.s3.jobs import Job, run_bounded
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
-    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+    from types_aiobotocore_s3.type_defs import (
+        CompletedPartTypeDef,
+        CopySourceTypeDef,
+        UploadPartOutputTypeDef,
+    )
 
 log = get_logger("store.s3")
 
 MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
+COPY_MAX = 5 << 30  # the largest object one CopyObject copies; larger ones go by parts
+COPY_PART = 1 << 30  # bytes per UploadPartCopy of a larger one (S3 takes up to 5 GiB)
+
+# The checksum a multipart upload's parts name (base64 of the raw value).
+PartChecksum = Literal["SHA256", "CRC32"]
 
 
 class UploadGone(StoreError):
@@ -107,9 +115,10 @@ class Uploader:
 
             await self._conn.call("PutObject", key, put, transfer=True)
 
-    async def _put_multipart(self, src: Path, digest: str, size: int, key: str) -> None:
-        part_size = max(self.part_size, -(-size // MAX_PARTS))
-        count = -(-size // part_size)
+    async def create(self, key: str, algorithm: PartChecksum = "SHA256") -> tuple[str, bool]:
+        """Start a multipart upload of ``key`` whose parts name their ``algorithm``
+        checksum; its id, and whether a try was retried (whose lost answer may have
+        started another)."""
         try:
             created = await self._conn.call(
                 "CreateMultipartUpload",
@@ -118,22 +127,26 @@ class Uploader:
                     Bucket=self._conn.bucket,
                     Key=key,
                     ContentType="application/octet-stream",
-                    ChecksumAlgorithm="SHA256",
+                    ChecksumAlgorithm=algorithm,
                 ),
             )
         except StoreUnavailable:
             # Tries whose answers were lost may each have started an upload.
             await self._sweep(key, keep=None)
             raise
-        upload_id = created["UploadId"]
-        retried = created["ResponseMetadata"].get("RetryAttempts", 0) > 0
+        return created["UploadId"], created["ResponseMetadata"].get("RetryAttempts", 0) > 0
+
+    async def _put_multipart(self, src: Path, digest: str, size: int, key: str) -> None:
+        part_size = max(self.part_size, -(-size // MAX_PARTS))
+        count = -(-size // part_size)
+        upload_id, retried = await self.create(key)
         parts: list[CompletedPartTypeDef] = [{} for _ in range(count)]
         try:
             # The source outlives every part upload reading it, cancelled ones too.
             with open_source(src, digest) as source:
                 jobs = self._part_jobs(source, digest, size, key, upload_id, part_size, parts)
                 await run_bounded(jobs, self._conn.concurrency)
-            await self._complete(key, upload_id, parts, size)
+            await self.complete(key, upload_id, parts, size)
         except UploadGone as e:
             # Another writer of this blob swept our upload once its own was complete.
             if await self._conn.size_of(key) != size:
@@ -176,12 +189,14 @@ class Uploader:
                 length: int = length,
                 sha: str = checksum,
             ) -> None:
-                await self._upload_part(source, key, upload_id, number, offset, length, sha, parts)
+                parts[number - 1] = await self.upload_part(
+                    source, key, upload_id, number, offset, length, sha, of=count
+                )
 
             yield upload
         _check_source(whole, digest, source)
 
-    async def _upload_part(
+    async def upload_part(
         self,
         source: BlobFile,
         key: str,
@@ -190,47 +205,59 @@ class Uploader:
         offset: int,
         length: int,
         checksum: str,
-        parts: list[CompletedPartTypeDef],
-    ) -> None:
+        *,
+        of: int | None = None,
+        algorithm: PartChecksum = "SHA256",
+    ) -> CompletedPartTypeDef:
+        """Upload bytes ``[offset, offset + length)`` of ``source`` as part ``number``,
+        checked by S3 against ``checksum`` (its base64 ``algorithm`` checksum, as
+        the upload was created with); what completing needs."""
+        done: CompletedPartTypeDef = {"PartNumber": number}
+
+        async def send(c: S3Client) -> UploadPartOutputTypeDef:
+            bucket, body = self._conn.bucket, upload_body(source, offset, length)
+            if algorithm == "CRC32":
+                done["ChecksumCRC32"] = checksum
+                return await c.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,
+                    ContentLength=length, ChecksumAlgorithm="CRC32", ChecksumCRC32=checksum,
+                )  # fmt: skip
+            done["ChecksumSHA256"] = checksum
+            return await c.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,
+                ContentLength=length, ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum,
+            )  # fmt: skip
+
         async def put(c: S3Client) -> None:
             async with self._conn.transfers:
                 try:
-                    resp = await c.upload_part(
-                        Bucket=self._conn.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=upload_body(source, offset, length),
-                        ContentLength=length,
-                        ChecksumAlgorithm="SHA256",
-                        ChecksumSHA256=checksum,
-                    )
+                    resp = await send(c)
                 except ClientError as e:
                     if error_code(e) == "NoSuchUpload":
                         raise UploadGone(
                             f"{self._conn.where(key)}: upload {upload_id} is gone"
                         ) from e
                     raise
-            parts[number - 1] = {
-                "PartNumber": number,
-                "ETag": resp["ETag"],
-                "ChecksumSHA256": checksum,
-            }
+            done["ETag"] = resp["ETag"]
 
-        detail = f" (part {number} of {len(parts)})"
+        detail = f" (part {number} of {of})" if of else f" (part {number})"
         await self._conn.call("UploadPart", key, put, transfer=True, detail=detail)
+        return done
 
-    async def _complete(
+    async def complete(
         self, key: str, upload_id: str, parts: list[CompletedPartTypeDef], size: int
-    ) -> None:
-        async def complete(c: S3Client) -> None:
+    ) -> str:
+        """Complete the upload from ``parts``; the object's ETag."""
+
+        async def complete(c: S3Client) -> str:
             try:
-                await c.complete_multipart_upload(
+                resp = await c.complete_multipart_upload(
                     Bucket=self._conn.bucket,
                     Key=key,
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
                 )
+                return resp.get("ETag", "")
             except ClientError as e:
                 # A retry after a first try that did complete may find no upload.
                 if error_code(e) != "NoSuchUpload":
@@ -238,10 +265,93 @@ class Uploader:
                 head = await c.head_object(Bucket=self._conn.bucket, Key=key)
                 if head["ContentLength"] != size:
                     raise
+                return head.get("ETag", "")
 
-        await self._conn.call("CompleteMultipartUpload", key, complete)
+        return await self._conn.call("CompleteMultipartUpload", key, complete)
 
-    async def _abort(self, key: str, upload_id: str, cause: BaseException) -> None:
+    async def copy(self, src: str, etag: str, dest: str, size: int, crc32: int) -> None:
+        """Copy the object ``src``, only while its ETag is still ``etag`` (the one
+        its writer completed), to ``dest``, inside S3.  The copy's CRC32, which S3
+        computes as it copies and keeps as the blob's checksum, must be ``crc32``
+        (the writer's, of the bytes it wrote): a copy that is not is deleted
+        again.  Objects over 5 GiB go by UploadPartCopy ranges, aborted on any
+        failure (their checksum is per part: the parts' checks and the ETag stand)."""
+        source: CopySourceTypeDef = {"Bucket": self._conn.bucket, "Key": src}
+        if size <= COPY_MAX:
+            resp = await self._conn.call(
+                "CopyObject",
+                dest,
+                lambda c: c.copy_object(
+                    Bucket=self._conn.bucket,
+                    Key=dest,
+                    CopySource=source,
+                    CopySourceIfMatch=etag,
+                    ChecksumAlgorithm="CRC32",
+                ),
+            )
+            result = resp.get("CopyObjectResult", {})
+            got = result.get("ChecksumCRC32")
+            want = base64.b64encode(crc32.to_bytes(4, "big")).decode()
+            # Checked when S3 says it is the whole object's (a composite one, of
+            # parts, ends in -N and proves nothing the part checks did not).
+            whole = result.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+            if got is not None and whole and "-" not in got and got != want:
+                await self._conn.call(
+                    "DeleteObject",
+                    dest,
+                    lambda c: c.delete_object(Bucket=self._conn.bucket, Key=dest),
+                )
+                raise DigestMismatch(
+                    f"the copy of {self._conn.where(src)} to {self._conn.where(dest)} has CRC32 "
+                    f"{got}, not the {want} written; not stored"
+                )
+            return
+        upload_id, retried = await self.create(dest)
+        count = -(-size // COPY_PART)
+        parts: list[CompletedPartTypeDef] = [{} for _ in range(count)]
+
+        async def jobs() -> AsyncGenerator[Job, None]:
+            for number in range(1, count + 1):
+                first = (number - 1) * COPY_PART
+                last = min(first + COPY_PART, size) - 1
+
+                async def one(number: int = number, first: int = first, last: int = last) -> None:
+                    resp = await self._conn.call(
+                        "UploadPartCopy",
+                        dest,
+                        lambda c: c.upload_part_copy(
+                            Bucket=self._conn.bucket,
+                            Key=dest,
+                            UploadId=upload_id,
+                            PartNumber=number,
+                            CopySource=source,
+                            CopySourceIfMatch=etag,
+                            CopySourceRange=f"bytes={first}-{last}",
+                        ),
+                        detail=f" (part {number} of {count})",
+                    )
+                    parts[number - 1] = {
+                        "PartNumber": number,
+                        "ETag": resp["CopyPartResult"].get("ETag", ""),
+                    }
+
+                yield one
+
+        try:
+            await run_bounded(jobs(), self._conn.concurrency)
+            await self.complete(dest, upload_id, parts, size)
+        except BaseException as e:
+            await self._abort(dest, upload_id, e)
+            raise
+        finally:
+            if retried:
+                await self._sweep(dest, keep=upload_id)
+
+    async def abort(self, key: str, upload_id: str, cause: BaseException | None = None) -> None:
+        """Abort an upload that will not be completed (failure only noted or logged)."""
+        await self._abort(key, upload_id, cause)
+
+    async def _abort(self, key: str, upload_id: str, cause: BaseException | None) -> None:
         """Abort a failed upload so no parts are left behind (and billed)."""
 
         async def abort(c: S3Client) -> None:
@@ -257,11 +367,19 @@ class Uploader:
             # Shielded: a cancelled put (the session stopping) still aborts.
             await asyncio.shield(self._conn.call("AbortMultipartUpload", key, abort))
         except AgentError as e:
-            cause.add_note(
+            note = (
                 f"the incomplete multipart upload {upload_id} of {self._conn.where(key)} could not "
                 f"be aborted ({e}); a bucket lifecycle rule AbortIncompleteMultipartUpload "
                 "removes it"
             )
+            if cause is not None:
+                cause.add_note(note)
+            else:
+                log.warning("s3.abort_failed", key=self._conn.where(key), error=note)
+
+    async def sweep(self, key: str, keep: str | None) -> None:
+        """Abort the incomplete uploads of ``key`` other than ``keep`` (see ``_sweep``)."""
+        await self._sweep(key, keep)
 
     async def _sweep(self, key: str, keep: str | None) -> None:
         """Abort the other incomplete uploads of ``key`` after a retried CreateMultipartUpload.

@@ -11,40 +11,32 @@ blob durable before the manifest is written.
 
 from __future__ import annotations
 
-import io
 import os
 import threading
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
 
 # Bytes written between two write-backs: what the store's fsync has left at most
 # (beside what was written while the last one ran).
 WRITE_BACK_EVERY = 16 << 20
 
 
-class WriteBackFile(io.BufferedWriter):
-    """A writer of the new file ``fd`` (closed with it) that ``fdatasync``s the
-    file from a thread of its own after every ``every`` bytes written."""
+class WriteBack:
+    """``fdatasync``s the new file ``fd`` from a thread of its own after every
+    ``every`` bytes its writer says it wrote (``wrote``), until ``stop``."""
 
-    def __init__(self, fd: int, every: int = WRITE_BACK_EVERY) -> None:
-        super().__init__(io.FileIO(fd, "wb"))
+    def __init__(self, fd: int, every: int | None = None) -> None:
         self._fd = fd
-        self._every = every
+        self._every = WRITE_BACK_EVERY if every is None else every
         self._pending = 0
         self._kick = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="write-back", daemon=True)
         self._thread.start()
 
-    def write(self, data: ReadableBuffer, /) -> int:
-        n = super().write(data)
+    def wrote(self, n: int) -> None:
         self._pending += n
         if self._pending >= self._every:
             self._pending = 0
             self._kick.set()
-        return n
 
     def _run(self) -> None:
         while True:
@@ -57,9 +49,9 @@ class WriteBackFile(io.BufferedWriter):
             except OSError:
                 return  # the store's fsync meets it again, and reports it
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Wait for a write-back in progress; call before the file is closed."""
         if self._thread.is_alive():
             self._stopping = True
             self._kick.set()
             self._thread.join()
-        super().close()
