@@ -1,6 +1,7 @@
 """Checkpoint and restore speed against ``tar | zstd`` and restic, same tree, same run.
 
     python bench/checkpoint_bench.py [--source DIR] [--repeat 3] [--warmup 1] [--s3] [--scratch DIR]
+                                     [--restore-disk scratch|tmpfs|slow]
 
 The tree is a copy of real installed packages (by default this interpreter's
 site-packages: tens of thousands of small and large files, like a session that
@@ -14,6 +15,8 @@ host has not handed over yet, a cold disk).  Each figure is the best of
 ``--repeat`` rounds, so a busy machine or disk penalises both sides alike; the
 ratio of each round and their median are shown too, as a pair measured minutes
 apart can meet a different disk.  The peak RSS of our processes is reported too.
+``--restore-disk`` puts every restore (ours, ``tar -x``, restic's) on a new
+filesystem of its own: a tmpfs, or a slow disk (see ``disks.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from disks import KINDS, Disks
 from peak_rss import peak_kb
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,9 +67,10 @@ def fresh(path: Path) -> Path:
 
 
 class Bench:
-    def __init__(self, scratch: Path, env: dict[str, str]) -> None:
+    def __init__(self, scratch: Path, env: dict[str, str], disks: Disks) -> None:
         self.scratch = scratch
         self.env = env
+        self.disks = disks
         self.times: dict[str, list[float]] = {}
         self.peak_rss_mb = 0.0
         self.recording = True  # off in warm-up rounds
@@ -123,8 +128,14 @@ class Bench:
         again = self.agent(root, workdir, state, "checkpoint", "--name", "again")
         self.timed(f"{key}_unchanged", again, env)
 
+    def target(self, key: str) -> Path:
+        """An empty directory for a restore: in the scratch dir, or on a new disk."""
+        if self.disks.kind == "scratch":
+            return fresh(self.scratch / f"restored-{key}")
+        return self.disks.new(key)
+
     def restore(self, key: str, workdir: str, env: dict[str, str]) -> Path:
-        target = fresh(self.scratch / f"restored-{key}")
+        target = self.target(key)
         state = fresh(self.scratch / f"state2-{key}")
         restore = self.agent(target, workdir, state, "restore", "--checkpoint", "full")
         local = () if "://" in workdir else (Path(workdir),)
@@ -141,6 +152,13 @@ def main() -> int:
         "--scratch", type=Path, default=None, help="work directory (default: a temp dir)"
     )
     ap.add_argument("--s3", action="store_true", help="also run through the S3 store (local moto)")
+    ap.add_argument(
+        "--restore-disk",
+        choices=KINDS,
+        default="scratch",
+        help="where the restores write: the scratch dir (default), or a new tmpfs or "
+        "slow disk for each (root only; see bench/disks.py)",
+    )
     args = ap.parse_args()
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="studio-bench-"))
@@ -149,7 +167,8 @@ def main() -> int:
     # this, where PYTHONDONTWRITEBYTECODE is set, every run would compile the agent's
     # sources again, about 50 ms no installed agent pays.
     sh([sys.executable, "-m", "compileall", "-q", str(REPO / "agent")])
-    b = Bench(scratch, env)
+    disks = Disks(args.restore_disk, scratch)
+    b = Bench(scratch, env, disks)
     root = fresh(scratch / "root")
     shutil.copytree(args.source, root / "data", symlinks=True)
     files = sum(len(f) for _, _, f in os.walk(root / "data"))
@@ -185,6 +204,7 @@ def main() -> int:
             print(f"round {i + 1}/{args.repeat}" if i >= 0 else "warm-up", file=sys.stderr)
             # Delete the last round's trees first and let the disk settle, so that
             # no step pays for another's deletions.
+            disks.release()
             for old in scratch.iterdir():
                 if old.name not in ("root", "restic-cache") and old.is_dir():
                     shutil.rmtree(old)
@@ -199,7 +219,7 @@ def main() -> int:
                 b.timed("tar_zstd", tar, reads=(root / "data",))
 
             def untar() -> None:
-                untarred = fresh(scratch / "untarred")
+                untarred = b.target("untarred")
                 b.timed("untar", f"zstd -d -q -c '{out}' | tar -C '{untarred}' -x", reads=(out,))
 
             if not ours_first:
@@ -220,7 +240,7 @@ def main() -> int:
                 backup = [restic, "backup", "-q", "--repo", str(repo), str(root / "data")]
                 b.timed("restic_backup", backup, renv, reads=(root / "data",))
                 b.timed("restic_backup_unchanged", backup, renv)
-                rt = fresh(scratch / "restic-restored")
+                rt = b.target("restic-restored")
                 restore = [
                     restic,
                     "restore",
@@ -237,6 +257,7 @@ def main() -> int:
                 b.checkpoint_whole_tree("s3_checkpoint", root, s3work, s3env)
                 b.restore("s3_restore", s3work, s3env)
     finally:
+        disks.release()
         if stop_s3 is not None:
             stop_s3()
 
@@ -263,7 +284,7 @@ def main() -> int:
     cpus = os.cpu_count()
     print(
         f"\nTree: {files} files, {size / 1e6:.0f} MB; {cpus} CPUs; best of {args.repeat} "
-        f"after {args.warmup} warm-up round(s).\n"
+        f"after {args.warmup} warm-up round(s); restores on: {args.restore_disk}.\n"
     )
     print("| step | ours | reference | ratio of the best times | ratio in each round | median |")
     print("| --- | --- | --- | --- | --- | --- |")
