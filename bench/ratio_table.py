@@ -102,6 +102,8 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+# "ours" is the judged statistic of our values (the median, or the largest for
+# memory); "reference" the median of the reference's.
 HEADER = (
     "| workload | what | ours | reference | each round | min / median / max | target | met |\n"
     "| --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -111,7 +113,8 @@ HEADER = (
 def markdown_row(row: Row) -> str:
     v = row.values
     ratio = row.reference is not None
-    ours = _with_unit(statistics.median(row.ours), row.unit) if row.ours else "n/a"
+    pick = {"median": statistics.median, "max": max, "min": min}[row.judge]
+    ours = _with_unit(pick(row.ours), row.unit) if row.ours else "n/a"
     if ratio:
         ref = row.reference or []
         shown = _with_unit(statistics.median(ref), row.unit) if ref else "n/a"

@@ -18,7 +18,7 @@ from ratio_table import Row, markdown_row
 
 TINY = dataclasses.replace(
     workloads.QUICK,
-    w2_files=2_000, w2_dirs=20, w2_restore_fast=False, w2d_interval=1.0,
+    w2_files=2_000, w2_dirs=20, w2_whole_tree=True, w2d_interval=1.0,
     w3_files=1_000, w3_dirs=10, w3_edit_mb=2, w3_edit_files=20,
     w4_seconds=3.0, w4_change_minutes=(1, 2), w4_lead=0.2, w4_interval=1.0,
 )  # fmt: skip
