@@ -31,6 +31,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from disks import KINDS, Disks
@@ -143,45 +144,71 @@ class Bench:
         return target
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--source", type=Path, default=Path(sysconfig.get_paths()["purelib"]))
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    ap.add_argument(
-        "--scratch", type=Path, default=None, help="work directory (default: a temp dir)"
-    )
-    ap.add_argument("--s3", action="store_true", help="also run through the S3 store (local moto)")
-    ap.add_argument(
-        "--restore-disk",
-        choices=KINDS,
-        default="scratch",
-        help="where the restores write: the scratch dir (default), or a new tmpfs or "
-        "slow disk for each (root only; see bench/disks.py)",
-    )
-    args = ap.parse_args()
+@dataclass
+class Result:
+    """What one run measured: every step's seconds per round, and the sizes."""
 
-    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="studio-bench-"))
+    times: dict[str, list[float]]
+    files: int
+    size: int  # bytes of the tree's files
+    layer_bytes: int
+    tar_zst_bytes: int
+    peak_rss_mb: float
+    restic: bool
+    s3: bool
+    tree: Path  # the copy the rounds ran on (kept, below scratch)
+
+
+def copy_tree(source: Path, dest: Path, limit_bytes: int | None = None) -> None:
+    """``source`` copied to ``dest``; with ``limit_bytes``, only its first
+    top-level entries (by name) until that much is copied: a smaller real tree."""
+    if limit_bytes is None:
+        shutil.copytree(source, dest, symlinks=True)
+        return
+    dest.mkdir(parents=True)
+    copied = 0
+    for entry in sorted(source.iterdir()):
+        if copied >= limit_bytes:
+            break
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dest / entry.name, symlinks=True)
+            copied += sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+        else:
+            shutil.copy2(entry, dest / entry.name, follow_symlinks=False)
+            copied += entry.lstat().st_size
+
+
+def measure(
+    source: Path,
+    scratch: Path,
+    repeat: int,
+    warmup: int,
+    s3: bool = False,
+    limit_bytes: int | None = None,
+    restore_disk: str = "scratch",
+) -> Result:
+    """The rounds of the benchmark on a copy of ``source`` below ``scratch``
+    (every restore on ``restore_disk``: see ``disks.py``)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # Byte-compiled, as the images install it (images/base/build-agent-env): without
     # this, where PYTHONDONTWRITEBYTECODE is set, every run would compile the agent's
     # sources again, about 50 ms no installed agent pays.
     sh([sys.executable, "-m", "compileall", "-q", str(REPO / "agent")])
-    disks = Disks(args.restore_disk, scratch)
+    disks = Disks(restore_disk, scratch)
     b = Bench(scratch, env, disks)
     root = fresh(scratch / "root")
-    shutil.copytree(args.source, root / "data", symlinks=True)
+    copy_tree(source, root / "data", limit_bytes)
     files = sum(len(f) for _, _, f in os.walk(root / "data"))
     size = sum(
         p.stat().st_size for p in (root / "data").rglob("*") if p.is_file() and not p.is_symlink()
     )
-    print(f"tree: {files} files, {size / 1e6:.0f} MB from {args.source}", file=sys.stderr)
+    print(f"tree: {files} files, {size / 1e6:.0f} MB from {source}", file=sys.stderr)
 
     restic = shutil.which("restic")
     renv = dict(env, RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(scratch / "restic-cache"))
     s3env: dict[str, str] | None = None
     stop_s3: Callable[[], None] | None = None
-    if args.s3:
+    if s3:
         sys.path.insert(0, str(REPO / "bench"))
         from s3_store import start_local_s3  # type: ignore[import-not-found]
 
@@ -198,10 +225,11 @@ def main() -> int:
         ).create_bucket(Bucket="bench")  # fmt: skip
 
     out = scratch / "ref.tar.zst"
+    work = ""
     try:
-        for i in range(-args.warmup, args.repeat):
+        for i in range(-warmup, repeat):
             b.recording = i >= 0
-            print(f"round {i + 1}/{args.repeat}" if i >= 0 else "warm-up", file=sys.stderr)
+            print(f"round {i + 1}/{repeat}" if i >= 0 else "warm-up", file=sys.stderr)
             # Delete the last round's trees first and let the disk settle, so that
             # no step pays for another's deletions.
             disks.release()
@@ -232,7 +260,7 @@ def main() -> int:
             target = b.restore("restore", work, env)
             if ours_first:
                 untar()
-            if i == -args.warmup:
+            if i == -warmup:
                 sh(["diff", "-r", "--no-dereference", str(root / "data"), str(target / "data")])
             if restic:
                 repo = fresh(scratch / "restic-repo")
@@ -261,11 +289,43 @@ def main() -> int:
         if stop_s3 is not None:
             stop_s3()
 
+    layer = max(
+        p.stat().st_size for p in (Path(work) / ".studios/checkpoints/blobs/sha256").iterdir()
+    )
+    return Result(
+        times=b.times, files=files, size=size, layer_bytes=layer,
+        tar_zst_bytes=out.stat().st_size, peak_rss_mb=b.peak_rss_mb,
+        restic=restic is not None, s3=s3env is not None, tree=root / "data",
+    )  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--source", type=Path, default=Path(sysconfig.get_paths()["purelib"]))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    ap.add_argument(
+        "--scratch", type=Path, default=None, help="work directory (default: a temp dir)"
+    )
+    ap.add_argument("--s3", action="store_true", help="also run through the S3 store (local moto)")
+    ap.add_argument(
+        "--restore-disk",
+        choices=KINDS,
+        default="scratch",
+        help="where the restores write: the scratch dir (default), or a new tmpfs or "
+        "slow disk for each (root only; see bench/disks.py)",
+    )
+    args = ap.parse_args()
+
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="studio-bench-"))
+    r = measure(
+        args.source, scratch, args.repeat, args.warmup, s3=args.s3, restore_disk=args.restore_disk
+    )
     rows = [
         ("checkpoint, whole tree new", "checkpoint", "`tar -c | zstd -3 -T0`", "tar_zstd"),
         ("restore into an empty root", "restore", "`zstd -d | tar -x`", "untar"),
     ]
-    if restic:
+    if r.restic:
         rows += [
             ("checkpoint, whole tree new", "checkpoint", "`restic backup`", "restic_backup"),
             (
@@ -276,33 +336,30 @@ def main() -> int:
             ),
             ("restore into an empty root", "restore", "`restic restore`", "restic_restore"),
         ]
-    if s3env is not None:
+    if r.s3:
         rows += [
             ("checkpoint through S3 (local moto)", "s3_checkpoint", "local store", "checkpoint"),
             ("restore through S3 (local moto)", "s3_restore", "local store", "restore"),
         ]
     cpus = os.cpu_count()
     print(
-        f"\nTree: {files} files, {size / 1e6:.0f} MB; {cpus} CPUs; best of {args.repeat} "
+        f"\nTree: {r.files} files, {r.size / 1e6:.0f} MB; {cpus} CPUs; best of {args.repeat} "
         f"after {args.warmup} warm-up round(s); restores on: {args.restore_disk}.\n"
     )
     print("| step | ours | reference | ratio of the best times | ratio in each round | median |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, ours, ref_label, ref in rows:
-        o, r = b.best(ours), b.best(ref)
+        o, t = min(r.times[ours]), min(r.times[ref])
         shown = ref_label.replace("|", "\\|")
-        ratios = [x / y for x, y in zip(b.times[ours], b.times[ref], strict=True)]
+        ratios = [x / y for x, y in zip(r.times[ours], r.times[ref], strict=True)]
         rounds = ", ".join(f"{x:.2f}" for x in ratios)
         median = statistics.median(ratios)
         print(
-            f"| {label} | {o:.2f} s | {shown} {r:.2f} s | {o / r:.2f} | {rounds} | {median:.2f} |"
+            f"| {label} | {o:.2f} s | {shown} {t:.2f} s | {o / t:.2f} | {rounds} | {median:.2f} |"
         )
-    layer = max(
-        p.stat().st_size for p in (Path(work) / ".studios/checkpoints/blobs/sha256").iterdir()
-    )
     print(
-        f"\nLayer {layer / 1e6:.1f} MB, tar.zst {out.stat().st_size / 1e6:.1f} MB; "
-        f"peak RSS of our checkpoint and restore processes {b.peak_rss_mb:.0f} MB."
+        f"\nLayer {r.layer_bytes / 1e6:.1f} MB, tar.zst {r.tar_zst_bytes / 1e6:.1f} MB; "
+        f"peak RSS of our checkpoint and restore processes {r.peak_rss_mb:.0f} MB."
     )
     if args.scratch is None:
         shutil.rmtree(scratch, ignore_errors=True)
