@@ -33,11 +33,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from agent.checkpoint.diff import ParentBlocks
+from agent.checkpoint.diff import Changes, ParentBlocks
 from agent.checkpoint.layer_writer import LayerResult
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import normalize_name
 from agent.checkpoint.pipeline import Pass, scan_and_write
+from agent.checkpoint.scan import Scan
 from agent.checkpoint.state import StateReader
 from agent.checkpoint.watched import ChangeSource, Dirty
 from agent.errors import AgentError, BlobMissing, RefConflict
@@ -123,8 +124,10 @@ class Publisher:
         upload = f"{self._lease.holder}/{uuid.uuid4().hex}"
         tmp = self._spool / layer_spool_name(upload)
         # The next parent state, written as the walk goes; named by session.json
-        # only once the checkpoint is published.
-        next_state = self._local.new_state()
+        # only once the checkpoint is published.  When the watch saw nothing
+        # change, it is the parent state itself: nothing is read or written.
+        same = parent is not None and dirty is not None and not dirty
+        next_state = parent if same and parent is not None else self._local.new_state()
         saved = False
         sink: BlobSink | None = None
         try:
@@ -132,7 +135,12 @@ class Publisher:
                 try:
                     try:
                         sink = self._open_sink(tmp, upload)
-                        done = await self._scan_and_write(parent, next_state, sink, progress, dirty)
+                        if same:
+                            done = Pass(Scan(), Changes(), None, 0.0, next_state, watched=True)
+                        else:
+                            done = await self._scan_and_write(
+                                parent, next_state, sink, progress, dirty
+                            )
                     finally:
                         await ready
                     current, changes, layer = done.scan, done.changes, done.layer
@@ -173,7 +181,7 @@ class Publisher:
             await asyncio.to_thread(self._local.save, local, next_state)
             saved = True
         finally:
-            if not saved:
+            if not saved and not same:  # (the parent state stays the parent)
                 next_state.unlink(missing_ok=True)
         duration = time.monotonic() - t0
         log.info(

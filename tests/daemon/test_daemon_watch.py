@@ -83,6 +83,7 @@ async def test_nothing_changed_reads_nothing(
     make_settings: Callable[..., Settings],
     start: HarnessFactory,
     root: Path,
+    workdir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = make_settings(checkpoint_interval=300.0, checkpoint_min_interval=60.0)
@@ -108,6 +109,20 @@ async def test_nothing_changed_reads_nothing(
         what="a periodic checkpoint with nothing changed",
     )
     assert opened == []  # not even the parent state was read
+
+    # Asked for through the API, with nothing changed: a checkpoint all the same
+    # (a new manifest), its parent state the same file, still nothing read.
+    state_dir = Path(h.daemon.settings.state_path)
+    states = sorted(p.name for p in state_dir.glob("parent-*.state"))
+    code, res = await h.request("POST", "/v1/checkpoints", json={"name": "same"})
+    assert code == 201, res
+    assert res["scan"] == "watch" and res["changed"] == 0
+    assert opened == []
+    assert sorted(p.name for p in state_dir.glob("parent-*.state")) == states
+    (root / "home/user/after.txt").write_text("and then a change\n")
+    scan, layer, _ = await _next_checkpoint(h, within=60.0)
+    assert scan == "watch"
+    assert "home/user/after.txt" in await layer_names(workdir, layer)
 
 
 async def test_what_the_watch_cannot_see_is_in_the_full_walks(
