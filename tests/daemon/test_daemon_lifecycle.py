@@ -331,7 +331,14 @@ async def test_a_failed_periodic_checkpoint_is_reported_and_retried_without_touc
     workdir: Path,
 ) -> None:
     store = FlakyStore(workdir)
-    settings = make_settings(checkpoint_interval=300.0, control_plane_url=control_plane.url)
+    # Only the interval's checkpoints: the retry policy under test is the ticker's
+    # (settled checkpoints after a failure wait for the next change, and the
+    # minimum interval, instead).
+    settings = make_settings(
+        checkpoint_interval=300.0,
+        checkpoint_min_interval=0,
+        control_plane_url=control_plane.url,
+    )
     # no orphan sweeps: the ticker is the only timer within the steps
     h = await start(settings, fake_ide(), store=store, reap_orphans=False)
     await h.wait_running()
