@@ -33,6 +33,7 @@ from agent.checkpoint.watched import Dirty
 
 WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
 QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
+INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
 
 
 def _tree(root: Path) -> None:
@@ -273,6 +274,21 @@ def test_the_watch_limit_reached_means_full_walks(tmp_path: Path) -> None:
         assert watch.take() is None
         assert watch.take() is None  # for good: every checkpoint walks
         assert watch.watched == 0  # the watches it had are given back
+    finally:
+        watch.close()
+
+
+def test_no_inotify_instance_left_means_full_walks(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    _tree(root)
+    watch = ChangeWatch(root, Excluder(root, [], []))
+    with _sysctl(INSTANCES, 0):
+        watch.start()
+        assert watch.ready.wait(30)
+    try:
+        assert "max_user_instances" in watch.pending().broken
+        assert watch.take() is None
     finally:
         watch.close()
 

@@ -149,6 +149,15 @@ class ChangeWatch:
     # -- the watch's thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._follow()
+        except Exception as e:  # never a dead watch taken for a quiet root
+            with self._lock:
+                self._give_up(f"the watch failed: {e!r}")
+        finally:
+            self.ready.set()
+
+    def _follow(self) -> None:
         while True:
             with self._lock:
                 if self._closed:
@@ -176,7 +185,15 @@ class ChangeWatch:
 
     def _watch_all(self) -> None:
         """A new inotify instance watching every directory; replaces the last."""
-        ino = INotify()
+        try:
+            ino = INotify()
+        except OSError as e:
+            with self._lock:
+                self._rewatch = False
+                self._give_up(
+                    f"cannot make an inotify instance: {e.strerror} (fs.inotify.max_user_instances)"
+                )
+            return
         paths: dict[int, str] = {}
         wds: dict[str, int] = {}
         broken = self._add_tree(ino, "", paths, wds)
