@@ -58,7 +58,7 @@ from agent.checkpoint.metadata import chown, finish_file, set_xattrs
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX as _TMP_PREFIX
 from agent.checkpoint.paths import clean_member_name, parents, symlink_escapes
 from agent.checkpoint.rootdirs import RootDirs, fd_path, open_dir_at
-from agent.checkpoint.writers import FileJob, WritePolicy, Writers
+from agent.checkpoint.writers import SAMPLE_MAX, FileJob, WritePolicy, Writers, write_all
 from agent.errors import CorruptLayer, UnsafeLayer
 
 _REG_TYPES = REG_TYPES
@@ -611,18 +611,26 @@ def _write_here(
     mode: int | None,
 ) -> None:
     """Content, metadata and close of a file, on this thread; timed while the
-    writers wait to see whether the disk blocks (a wait for decompressed bytes
-    now and then is in it too, which a window's median leaves out)."""
+    writers wait to see whether the disk blocks."""
     writers = merge.writers
-    t0 = time.perf_counter() if writers.sampling else 0.0
+    if writers.sampling and m.size <= SAMPLE_MAX:
+        # Timed apart from any wait for decompressed bytes: what a writer would
+        # take over is the write, the metadata and the close.
+        data = reader.read(m.size)
+        t0 = time.perf_counter()
+        try:
+            write_all(fd, data)
+            finish_file(fd, m, rel, owner, mode, merge.is_root)
+        finally:
+            os.close(fd)
+        writers.observe(time.perf_counter() - t0, m.size)
+        return
     try:
         if m.size:
             reader.copy_to(fd, m.size)
         finish_file(fd, m, rel, owner, mode, merge.is_root)
     finally:
         os.close(fd)
-    if t0:
-        writers.observe(time.perf_counter() - t0, m.size)
 
 
 def _land(merge: _Merge, job: FileJob) -> None:

@@ -117,7 +117,6 @@ class Writers:
     land: Callable[[FileJob], None]
     pending: dict[str, FileJob] = field(default_factory=dict)
     active: bool = False  # files are handed over (else the pass writes them)
-    sampling: bool = False  # the pass times the files it writes itself
     bytes: int = 0  # content of the pending jobs
     _window: list[float] = field(default_factory=list)
     _todo: queue.SimpleQueue[FileJob | None] = field(default_factory=queue.SimpleQueue)
@@ -126,9 +125,13 @@ class Writers:
     _cancel: bool = False
 
     def __post_init__(self) -> None:
-        if self.policy.workers > 1:
-            self.active = self.policy.blocked_us <= 0
-            self.sampling = not self.active
+        if self.policy.workers > 1 and self.policy.blocked_us <= 0:
+            self.active = True
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the pass should time the files it writes itself."""
+        return not self.active and self.policy.workers > 1
 
     def observe(self, seconds: float, size: int) -> None:
         """One file the pass wrote itself took ``seconds`` (its content, metadata
@@ -140,7 +143,7 @@ class Writers:
         if len(window) == SAMPLE_WINDOW:
             window.sort()
             if window[SAMPLE_WINDOW // 2] * 1e6 >= self.policy.blocked_us:
-                self.active, self.sampling = True, False
+                self.active = True
             window.clear()
 
     def takes(self, size: int) -> bool:
