@@ -168,8 +168,11 @@ class ChangeWatch:
                 self.ready.set()
             with self._lock:
                 ino = self._inotify
-            fds = [self._wake_r] + ([ino.fileno()] if ino is not None else [])
-            ready, _, _ = select.select(fds, [], [])
+            poller = select.poll()  # (select would fail past descriptor 1023)
+            poller.register(self._wake_r, select.POLLIN)
+            if ino is not None:
+                poller.register(ino.fileno(), select.POLLIN)
+            ready = {fd for fd, _ in poller.poll()}
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
