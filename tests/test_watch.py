@@ -106,6 +106,27 @@ def test_a_watched_checkpoint_reads_only_what_changed(tmp_path: Path) -> None:
         assert again.changes.upserts == ["opt/tool/lib2/m0.py"]
 
 
+def test_a_walk_after_restart_begins_a_sound_first_period(tmp_path: Path) -> None:
+    # As a session starts: everything watched, then the root walked for the parent
+    # state; what changes from the restart on is the watch's, what before, the walk's.
+    root = tmp_path / "root"
+    root.mkdir()
+    _tree(root)
+    watch = ChangeWatch(root, Excluder(root, [], []))
+    watch.start()
+    try:
+        assert watch.ready.wait(30)
+        (root / "etc/c0.conf").write_text("before the restart: the walk's\n")
+        watch.restart()
+        assert watch.pending().sound and watch.pending().names == 0
+        _pass(root, None, tmp_path / "base.state")
+        (root / "etc/c1.conf").write_text("after the walk: the watch's\n")
+        done = _same_as_a_walk(root, tmp_path, watch, tmp_path / "base.state")
+        assert done.changes.upserts == ["etc/c1.conf"]
+    finally:
+        watch.close()
+
+
 def test_nothing_changed_is_an_empty_period(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()

@@ -10,11 +10,13 @@ reads the events, a batch at a time, and keeps the names that changed by
 directory; ``take`` hands them over and starts the next period.
 
 The watch says whether it can be trusted for a period, and a checkpoint walks
-the whole root when it cannot: from the start until all directories are
-watched, after the kernel's queue overflowed (``IN_Q_OVERFLOW``, after which
-everything is watched again), after a checkpoint that used a period failed
-(``spoil``), and for good once a directory cannot be watched (the limit
-``fs.inotify.max_user_watches`` reached, or an error: ``broken`` says which).
+the whole root when it cannot: for the first period (it began before every
+directory was watched; a caller about to walk the root once ``ready`` is set
+begins a sound one with ``restart``), after the kernel's queue overflowed
+(``IN_Q_OVERFLOW``, after which everything is watched again), after a
+checkpoint that used a period failed (``spoil``), and for good once a directory
+cannot be watched (the limit ``fs.inotify.max_user_watches`` reached, or an
+error: ``broken`` says which).
 
 What inotify does not see, and only a full walk finds: writes through a shared
 ``mmap`` (no event at all), changes made while the agent was not running, and
@@ -117,6 +119,11 @@ class ChangeWatch:
             self._dirty, self._names, self._first, self._last = {}, 0, None, None
             self._sound = self._complete and not self._broken
         return dirty if sound else None
+
+    def restart(self) -> None:
+        """Forget what was seen so far and begin a period from now, sound if every
+        directory is watched: the caller reads the whole root itself next."""
+        self.take()
 
     def spoil(self) -> None:
         """The last ``take``'s changes did not reach a checkpoint: the next walks fully."""

@@ -431,7 +431,7 @@ class Daemon:
         if self._stop_requested.is_set():  # stopped while restoring: no IDE to start
             return await self._shutdown(None)
         self._lease_task = self._spawn(self._keep_lease(), "session lease")
-        if s.change_watch:
+        if s.change_watch and self._watch is None:  # (resumed: its first period walks)
             self._watch_changes()
 
         # -- the IDE
@@ -509,8 +509,19 @@ class Daemon:
         """Clear what an earlier, killed agent left, then restore or resume."""
         await session.clear_leftovers()
         return await session.start(
-            self.settings.restore_from, progress=self._on_progress, resume=True
+            self.settings.restore_from,
+            progress=self._on_progress,
+            resume=True,
+            before_walk=self._watch_before_walk if self.settings.change_watch else None,
         )
+
+    async def _watch_before_walk(self) -> None:
+        """Watch the restored root before it is walked for the session's parent state:
+        what changes from then on is the watch's, what changed before is the walk's,
+        so the first checkpoint need not walk the root again."""
+        watch = self._watch_changes()
+        await asyncio.to_thread(watch.ready.wait)
+        watch.restart()
 
     async def _wait_ready(self, sup_task: asyncio.Task[None]) -> str | None:
         """None once the IDE answers (status running) or a stop came; else why it failed."""
@@ -609,14 +620,16 @@ class Daemon:
         log.info("daemon.exit", status=status.value, reason=self.lifecycle.reason)
         return EXIT_OK if status is Status.STOPPED else EXIT_ERRORED
 
-    def _watch_changes(self) -> None:
+    def _watch_changes(self) -> ChangeWatch:
         """Follow the root's changes from now on (the restore is done), so that the
-        periodic checkpoints read only those; the first one walks all the same."""
+        periodic checkpoints read only those (the first period is sound only when
+        the root is walked once everything is watched: ``_watch_before_walk``)."""
         assert self.session is not None and self.checkpointer is not None
         watch = ChangeWatch(self.session.root, self.session.excluder(), now=self.clock.monotonic)
         watch.on_change = self.checkpointer.follow(watch)
         watch.start()
         self._watch = watch
+        return watch
 
     async def _cleanup(self) -> None:
         if self._watch is not None:

@@ -47,7 +47,7 @@ from agent.session.records import (
     StudioDeletion,
 )
 from agent.session.scope import Scope
-from agent.session.start import Starter
+from agent.session.start import BeforeWalk, Starter
 from agent.settings import Settings
 from agent.statedir import ensure_private_dir
 from agent.store.base import Store
@@ -161,6 +161,7 @@ class Session:
         required: bool = False,
         force: bool = False,
         resume: bool = False,
+        before_walk: BeforeWalk | None = None,
     ) -> StartOutcome:
         """Restore a checkpoint (named, or the latest valid one), then begin a session.
 
@@ -169,6 +170,9 @@ class Session:
         earlier session on the root is carried on instead: nothing is restored
         over its unsaved work, which the new session's first checkpoint holds;
         a ``restore_from`` is honoured only when there is no such work.
+        ``before_walk`` is awaited once the root is restored, just before it is
+        walked for the new parent state; never when the session carries on from
+        an earlier parent state, or keeps unsaved entries out of the new one.
         """
         async with self._lock:
             # (after a killed restore the root is half-restored: restore it again)
@@ -195,7 +199,13 @@ class Session:
             self._own_dirs()
             begin_restore(self.state_dir)
             try:
-                outcome = await self._starter.start(restore_from, progress, required=required)
+                outcome = await self._starter.start(
+                    restore_from,
+                    progress,
+                    required=required,
+                    # (entries forgotten below are unsaved work no watch saw change)
+                    before_walk=None if lost else before_walk,
+                )
             except asyncio.CancelledError:
                 raise  # abandoned: its thread may still write; the next start clears up
             except BaseException:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
 
 log = get_logger("session")
 
+# Awaited between the restore and the walk that records the root as the new
+# session's parent state: a change watch made ready there leaves the first period
+# after the start sound, so the first checkpoint need not walk again.
+BeforeWalk = Callable[[], Awaitable[None]]
+
 
 class Starter:
     def __init__(self, parts: Parts) -> None:
@@ -60,10 +66,15 @@ class Starter:
         self._manifests = parts.manifests
 
     async def begin(
-        self, chain: list[LayerDesc], parent: Path | None = None, store: str = ""
+        self,
+        chain: list[LayerDesc],
+        parent: Path | None = None,
+        store: str = "",
+        before_walk: BeforeWalk | None = None,
     ) -> None:
         """A new session carrying on from ``chain``, on the root as it is now or, with
         ``parent``, as that parent state file records it (what differs is unsaved work).
+        ``before_walk`` is awaited just before the root is walked for its state.
 
         The automatic name is only a first choice: two sessions started within
         one second share it, and the first write of each decides (publish.py).
@@ -81,6 +92,8 @@ class Starter:
         ensure_private_dir(self._local.state_dir, self._root)
         entries: int | None = None  # a parent state carried on from was counted before
         if parent is None:
+            if before_walk is not None:
+                await before_walk()
             parent = self._local.new_state()
             entries = (await asyncio.to_thread(self._scope.write_state, parent)).count
         await asyncio.to_thread(self._local.save, local, parent)
@@ -119,7 +132,12 @@ class Starter:
         return earlier
 
     async def start(
-        self, restore_from: str, progress: ProgressFn | None, *, required: bool
+        self,
+        restore_from: str,
+        progress: ProgressFn | None,
+        *,
+        required: bool,
+        before_walk: BeforeWalk | None = None,
     ) -> StartOutcome:
         t0 = time.monotonic()
         invalidated: list[CheckpointInfo] = []
@@ -143,7 +161,7 @@ class Starter:
             elif required:
                 raise NotFound(f"studio {self._studio} has no valid checkpoint to restore")
         t_restore = time.monotonic()
-        await self.begin(chain)
+        await self.begin(chain, before_walk=before_walk)
         if restored is not None:
             log.info(
                 "restore.done",

@@ -17,8 +17,9 @@ from daemon_helpers import Harness, eventually, fake_ide, layer_names, read_mani
 from agent.checkpoint.state import StateReader
 from agent.daemon.checkpointer import SETTLE
 from agent.daemon.clock import ManualClock
-from agent.session import publish
+from agent.session import Session, publish
 from agent.settings import Settings
+from agent.store.local import LocalStore
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
 
@@ -68,7 +69,8 @@ async def test_changes_are_checkpointed_once_settled_reading_only_them(
 
     (root / "home/user/first.txt").write_text("first change\n")
     scan, layer, waited = await _next_checkpoint(h, within=60.0)
-    assert scan == "full"  # the watch's first period began before it watched everything
+    # the watch was ready before the start walked the root: the first is watched too
+    assert scan == "watch"
     assert waited == pytest.approx(SETTLE)  # as soon as the change settled
     assert "home/user/first.txt" in await layer_names(workdir, layer)
 
@@ -91,7 +93,7 @@ async def test_nothing_changed_reads_nothing(
     await h.wait_running()
     await _watching(h)
     (root / "home/user/first.txt").write_text("first change\n")
-    await _next_checkpoint(h, within=60.0)  # the full walk that makes the watch count
+    await _next_checkpoint(h, within=60.0)
 
     opened: list[Path] = []
 
@@ -138,16 +140,14 @@ async def test_what_the_watch_cannot_see_is_in_the_full_walks(
     await _watching(h)
     scans = []
     with open(data, "r+b") as f, mmap.mmap(f.fileno(), 4096) as m:
-        (root / "home/user/a.txt").write_text("a\n")
-        scans.append((await _next_checkpoint(h, within=60.0))[0])
         m[:5] = b"first"  # through the mapping: no inotify event
         m.flush()
-        for name in ("b.txt", "c.txt"):
+        for name in ("a.txt", "b.txt"):
             (root / "home/user" / name).write_text("seen\n")
             scan, layer, _ = await _next_checkpoint(h, within=60.0)
             scans.append(scan)
             assert "home/user/data.bin" not in await layer_names(workdir, layer)
-        (root / "home/user/d.txt").write_text("d\n")
+        (root / "home/user/c.txt").write_text("c\n")
         scan, layer, _ = await _next_checkpoint(h, within=60.0)
         scans.append(scan)
         assert "home/user/data.bin" in await layer_names(workdir, layer)  # the full walk's
@@ -155,7 +155,7 @@ async def test_what_the_watch_cannot_see_is_in_the_full_walks(
         m.flush()
         h.daemon.request_stop("test")
         await h.step_until(h.task.done, within=5.0, what="stopped")  # type: ignore[union-attr]
-    assert scans == ["full", "watch", "watch", "full"]  # every third periodic one walks
+    assert scans == ["watch", "watch", "full"]  # every third periodic one walks
     own = h.daemon.checkpointer.own  # type: ignore[union-attr]
     assert own.scan == "full"  # and the final one always does
     assert own.info is not None
@@ -188,3 +188,28 @@ async def test_a_watch_at_its_limit_leaves_every_checkpoint_to_a_full_walk(
         assert scan == "full"
         assert waited == pytest.approx(300.0)  # the interval's, no settled ones
         assert f"home/user/{name}" in await layer_names(workdir, layer)
+
+
+async def test_a_resumed_session_walks_at_its_first_checkpoint(
+    make_settings: Callable[..., Settings], start: HarnessFactory, root: Path, workdir: Path
+) -> None:
+    # An earlier agent's session on this root (a container restarted in place), and
+    # a change made while no agent ran: no watch saw it, only a walk finds it.
+    settings = make_settings(checkpoint_interval=3000.0, checkpoint_min_interval=60.0)
+    store = LocalStore(workdir)
+    await Session(settings, store).baseline()
+    await store.close()
+    (root / "home/user/offline.txt").write_text("written with no agent running\n")
+
+    h = await start(settings, fake_ide())
+    await h.wait_running()
+    await _watching(h)
+    (root / "home/user/online.txt").write_text("written under the daemon\n")
+    scan, layer, _ = await _next_checkpoint(h, within=60.0)
+    assert scan == "full"
+    assert {"home/user/offline.txt", "home/user/online.txt"} <= await layer_names(workdir, layer)
+
+    (root / "home/user/later.txt").write_text("and later\n")
+    scan, layer, _ = await _next_checkpoint(h, within=60.0)
+    assert scan == "watch"  # from then on the watch counts
+    assert "home/user/later.txt" in await layer_names(workdir, layer)
