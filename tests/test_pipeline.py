@@ -144,7 +144,7 @@ def test_a_name_walked_before_its_inode_was_written_links_to_it(tmp_path: Path) 
     done = scan_and_write(root, Excluder(root, [], []), parent, out)
     assert done.changes.upserts == ["b"]
     assert _members(out.getvalue()) == [("b", b"0", ""), ("a", b"1", "b")]
-    assert done.layer is not None and set(done.layer.records) == {"a", "b"}
+    assert done.layer is not None and set(done.layer.linked) == {"a", "b"}
 
 
 def test_progress_reports_the_walk_then_the_write(tmp_path: Path) -> None:

@@ -15,31 +15,37 @@ from agent.checkpoint.state import Block, blocks_of
 
 @dataclass(slots=True)
 class Changes:
-    """Paths to write (new or modified, parents first) and top-most deletions."""
+    """Paths to write (new or modified, parents first) and top-most deletions.
+
+    With ``keep_paths`` off (a checkpoint's pass, which writes each change as it
+    is found) the paths to write are counted, not kept: a million new files
+    would hold a million strings to the end for nothing."""
 
     upserts: list[str] = field(default_factory=list)
-    added: set[str] = field(default_factory=set)
     deletions: list[str] = field(default_factory=list)
     # Content bytes of the parent's regular files the changes rewrite or delete
     # (gone with what held them too): what the new layer makes obsolete below it.
     replaced: int = 0
+    keep_paths: bool = True
+    written: int = 0  # how many paths to write were found
 
     def __bool__(self) -> bool:
-        return bool(self.upserts or self.deletions)
+        return bool(self.written or self.deletions)
 
     def __len__(self) -> int:
-        return len(self.upserts) + len(self.deletions)
+        return self.written + len(self.deletions)
 
     def note(self, path: str, old: Stat | None, rec: Stat) -> bool:
         """The change test: record ``path`` if it is new or any field of its record
         (ctime and inode included) differs from the parent's; whether it was."""
-        if old is None:
-            self.added.add(path)
-        elif old == rec:
-            return False
-        elif st.S_ISREG(old[MODE]):
-            self.replaced += old[SIZE]
-        self.upserts.append(path)
+        if old is not None:
+            if old == rec:
+                return False
+            if st.S_ISREG(old[MODE]):
+                self.replaced += old[SIZE]
+        self.written += 1
+        if self.keep_paths:
+            self.upserts.append(path)
         return True
 
 

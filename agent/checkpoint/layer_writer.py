@@ -77,9 +77,12 @@ class LayerResult:
     uncompressed: int
     entries: int
     files: int
-    # New parent-state records for written paths (poisoned when the file changed
-    # while read); paths in ``reverted`` were not written and keep their old record.
-    records: dict[str, Stat] = field(default_factory=dict)
+    # New parent-state records of the hardlinked files written (poisoned when the
+    # file changed while read): the late link names are checked against them.  Any
+    # other path's comes back from ``add``, and is not kept, so that memory does
+    # not grow with the files written.  Paths in ``reverted`` were not written and
+    # keep their old record.
+    linked: dict[str, Stat] = field(default_factory=dict)
     reverted: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -300,38 +303,40 @@ class LayerWriter:
         if self._progress is not None and (result.entries & 255) == 0:
             self._progress(result.entries, self.bytes_done)
 
-    def add(self, path: str, rec: Stat) -> None:
-        """Write ``path`` as the scan recorded it in ``rec`` (its content as it is now)."""
+    def add(self, path: str, rec: Stat) -> Stat | None:
+        """Write ``path`` as the scan recorded it in ``rec`` (its content as it is
+        now); the record the next parent state keeps for it (poisoned when the file
+        changed while read), None when it was not written (``reverted``)."""
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled("checkpoint cancelled")
-        self._added.add(path)
         result = self.result
-        records = result.records
         mode = rec[MODE]
+        if rec[NLINK] > 1 and st.S_ISREG(mode):  # (no late link name for it: see finish)
+            self._added.add(path)
         abs_path = os.path.join(self._root, path)
         try:
             xattrs = read_xattrs(abs_path)
         except FileNotFoundError:
             result.reverted.append(path)
-            return
+            return None
         except OSError as e:
             result.skipped.append((path, f"cannot read xattrs: {e.strerror}"))
             result.reverted.append(path)
-            return
+            return None
         if st.S_ISREG(mode):
-            if not self._file(path, rec, abs_path, xattrs):
-                return
+            written = self._file(path, rec, abs_path, xattrs)
+            if written is None:
+                return None
+            rec = written
         elif st.S_ISDIR(mode):
             self._buf += tf.encode_header(
                 path + "/", tf.DIRTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
             )
-            records[path] = rec
         elif st.S_ISLNK(mode):
             target = rec[TARGET]
-            records[path] = rec
             if symlink_escapes(path, target):
                 result.skipped.append((path, f"symlink target climbs above the root: {target}"))
-                return
+                return rec
             self._buf += tf.encode_header(
                 path, tf.SYMTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], target, xattrs
             )
@@ -339,21 +344,20 @@ class LayerWriter:
             self._buf += tf.encode_header(
                 path, tf.FIFOTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
             )
-            records[path] = rec
         else:
             kind = "socket" if st.S_ISSOCK(mode) else "device node"
             result.skipped.append((path, f"{kind} not checkpointed"))
-            records[path] = rec  # reported once, not at every checkpoint
-            return
+            return rec  # reported once, not at every checkpoint
         result.entries += 1
         if len(self._buf) >= FLUSH_AT:
             self._flush()
         if self._progress is not None and (result.entries & 255) == 0:
             self._progress(result.entries, self.bytes_done)
+        return rec
 
-    def _file(self, path: str, rec: Stat, abs_path: str, xattrs: dict[str, bytes]) -> bool:
+    def _file(self, path: str, rec: Stat, abs_path: str, xattrs: dict[str, bytes]) -> Stat | None:
         """A regular file's entry (a hardlink to a name already written, or the
-        content); False when nothing was written."""
+        content); its record as written, None when nothing was."""
         result = self.result
         mode = rec[MODE]
         first = self._links.get(rec[INO]) if rec[NLINK] > 1 else None
@@ -361,23 +365,24 @@ class LayerWriter:
             self._buf += tf.encode_header(
                 path, tf.LNKTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], first[0], xattrs
             )
-            result.records[path] = poisoned(rec) if first[1] else rec
-            return True
+            rec = poisoned(rec) if first[1] else rec
+            result.linked[path] = rec
+            return rec
         try:
             fd = os.open(abs_path, _OPEN_FLAGS)
         except FileNotFoundError:
             result.reverted.append(path)
-            return False
+            return None
         except OSError as e:
             result.skipped.append((path, f"unreadable: {e.strerror}"))
             result.reverted.append(path)
-            return False
+            return None
         try:
             if rec[SIZE] <= WHOLE_FILE_MAX:
                 got = _read_small(fd, rec)
                 if got is None:  # no longer a regular file: next time
                     result.reverted.append(path)
-                    return False
+                    return None
                 data, dirty = got
                 size = rec[SIZE]
                 self._buf += tf.encode_header(
@@ -390,21 +395,22 @@ class LayerWriter:
                 got_large = self._large_file(path, abs_path, fd, xattrs)
                 if got_large is None:
                     result.reverted.append(path)
-                    return False
+                    return None
                 new_rec, dirty = got_large
                 size = new_rec[SIZE]
         except OSError as e:
             result.skipped.append((path, f"unreadable: {e.strerror}"))
             result.reverted.append(path)
-            return False
+            return None
         finally:
             os.close(fd)
-        result.records[path] = poisoned(new_rec) if dirty else new_rec
+        written = poisoned(new_rec) if dirty else new_rec
         self.bytes_done += size
         result.files += 1
         if new_rec[NLINK] > 1:
             self._links[new_rec[INO]] = (path, dirty, xattrs)
-        return True
+            result.linked[path] = written
+        return written
 
     def _large_file(
         self, path: str, abs_path: str, fd: int, xattrs: dict[str, bytes]
@@ -461,7 +467,7 @@ class LayerWriter:
                 other, tf.LNKTYPE, orec[MODE], orec[UID], orec[GID], 0, orec[MTIME], first[0],
                 first[2],
             )  # fmt: skip
-            result.records[other] = poisoned(orec) if first[1] else orec
+            result.linked[other] = poisoned(orec) if first[1] else orec
             result.entries += 1
             if len(self._buf) >= FLUSH_AT:
                 self._flush()

@@ -5,10 +5,12 @@ as ``tar | zstd`` overlaps them, instead of the compressor's threads waiting for
 a whole scan first.  Data still flows one way, scan → diff → layer: the walk's
 listings are joined with the parent state's blocks as both stream by (``join``),
 each change goes to the layer, and each directory, as the layer wrote it, to
-the next parent state.  Memory follows the largest directory and the change
-list, never the number of files.  Deletions are known only once the walk is
-complete, so their whiteouts, and the names of hardlinked files the walk had
-passed before their inode was written, close the layer.
+the next parent state.  Memory follows the largest directory, the top-most
+deletions and the hardlinked files written, never the number of files (nor
+of those written: each is counted, and its record goes to the next state).
+Deletions are known only once the walk is complete, so their whiteouts, and
+the names of hardlinked files the walk had passed before their inode was
+written, close the layer.
 """
 
 from __future__ import annotations
@@ -57,18 +59,21 @@ def scan_and_write(
     progress: PassProgress | None = None,
     cancel: threading.Event | None = None,
     dirty: Dirty | None = None,
+    keep_paths: bool = True,
 ) -> Pass:
     """Scan ``root``, diff it against ``parent`` (a state's blocks, or a whole dict)
     and write the changes to ``out`` as one layer (``out`` stays empty when nothing
     changed), and the root as the layer records it to the state file ``state``.
 
     ``dirty``: what a change watch saw change since ``parent`` was written, all
-    that is read then (``watched.join_changed``); None walks the whole root."""
+    that is read then (``watched.join_changed``); None walks the whole root.
+    ``keep_paths``: whether ``changes.upserts`` lists the paths written, or they
+    are only counted (memory that would grow with the files changed)."""
     if isinstance(parent, dict):
         parent = [(b, None) for b in blocks_of(parent)]
     if state is not None:
         return _one_pass(
-            root, excluder, parent, out, state, dirty,
+            root, excluder, parent, out, state, dirty, Changes(keep_paths=keep_paths),
             level=level, threads=threads, progress=progress, cancel=cancel,
         )  # fmt: skip
     # Written all the same: the late hardlink names are found in it.
@@ -76,6 +81,7 @@ def scan_and_write(
     try:
         done = _one_pass(
             root, excluder, parent, out, scratch / "next.state", dirty,
+            Changes(keep_paths=keep_paths),
             level=level, threads=threads, progress=progress, cancel=cancel,
         )  # fmt: skip
     finally:
@@ -91,6 +97,7 @@ def _one_pass(
     out: BinaryIO,
     state: Path,
     dirty: Dirty | None,
+    changes: Changes,
     *,
     level: int,
     threads: int,
@@ -99,7 +106,6 @@ def _one_pass(
 ) -> Pass:
     t0 = time.monotonic()
     result = Scan()
-    changes = Changes()
     writer: LayerWriter | None = None
     phase, total_entries, total_bytes = "scan", 0, 0
     linked: set[int] = set()  # inodes of hardlinked files written
@@ -146,7 +152,7 @@ def _one_pass(
         if not closed:
             next_state.close()
             closed = True
-        late = {p: r for p, r in links.items() if layer.records.get(p, r) != r}
+        late = {p: r for p, r in links.items() if layer.linked.get(p, r) != r}
         if late:  # link names of a file that changed while read: poisoned too
             _patch(state, late)
         return Pass(result, changes, layer, walked, state, watched)
@@ -165,7 +171,7 @@ def _write_changed(writer: LayerWriter, j: Joined, linked: set[int]) -> int:
     ``j.records``: the record as read (poisoned when the file changed meanwhile),
     or for one not written the parent's (none when the parent had none); the
     content bytes to write."""
-    names, records, layer = j.names, j.records, writer.result
+    names, records = j.names, j.records
     gone: list[int] = []
     size = 0
     for i in j.changed:
@@ -175,16 +181,15 @@ def _write_changed(writer: LayerWriter, j: Joined, linked: set[int]) -> int:
             size += rec[SIZE]
             if rec[NLINK] > 1:
                 linked.add(rec[INO])
-        reverted = len(layer.reverted)
-        writer.add(path, rec)
-        if len(layer.reverted) > reverted:
+        written = writer.add(path, rec)
+        if written is None:
             was = j.old.get(names[i])
             if was is None:
                 gone.append(i)
             else:
                 records[i] = was
         else:
-            records[i] = layer.records.get(path, rec)
+            records[i] = written
     for i in reversed(gone):
         del names[i], records[i]
     return size

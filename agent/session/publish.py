@@ -248,6 +248,7 @@ class Publisher:
                     progress=on_progress,
                     cancel=self._cancel,
                     dirty=dirty,
+                    keep_paths=False,
                 )
             log_skipped(done.scan)
             return done
