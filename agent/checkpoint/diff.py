@@ -10,7 +10,8 @@ from operator import ne
 from typing import NamedTuple
 
 from agent.checkpoint.scan import MODE, SIZE, Listing, Stat, dir_key, join_path
-from agent.checkpoint.state import Block, blocks_of
+from agent.checkpoint.state import ParentBlocks as ParentBlocks
+from agent.checkpoint.state import blocks_of, stored_of
 
 
 @dataclass(slots=True)
@@ -49,9 +50,6 @@ class Changes:
         return True
 
 
-ParentBlocks = Iterable[tuple[Block, bytes | None]]
-
-
 class Joined(NamedTuple):
     """One directory of the new state, as the join of a walk and the parent state
     made it: the walk's listing, or the parent's block where the walk could not
@@ -81,7 +79,7 @@ def join(parent: ParentBlocks, listings: Iterable[Listing], changes: Changes) ->
     walk could not list: there, what the parent recorded stands.
     """
     deleted = changes.deletions
-    it = iter(parent)
+    it = stored_of(parent)
     nxt = next(it, None)
     keep: str | None = None  # the last unlistable directory
 
@@ -95,30 +93,29 @@ def join(parent: ParentBlocks, listings: Iterable[Listing], changes: Changes) ->
         precs: list[Stat] = []
         raw: bytes | None = None
         while nxt is not None:
-            (pd, pn, pr), praw = nxt
+            pd = nxt.dir
             pkey = dir_key(pd)
             if pkey > key:
                 break
-            nxt = next(it, None)
+            item, nxt = nxt, next(it, None)
             if pkey == key:
-                pnames, precs, raw = pn, pr, praw
+                (pnames, precs), raw = item.decoded(), item.raw
                 break
             if kept(pd):
-                yield Joined(pd, pn, pr, _NONE, _EMPTY, praw)
+                yield Joined(pd, *item.decoded(), _NONE, _EMPTY, item.raw)
             else:  # below a deletion
-                changes.replaced += content_bytes(pr)
+                changes.replaced += content_bytes(item.decoded()[1])
         if not listing.listed:
             keep = d
             yield Joined(d, pnames, precs, _NONE, _EMPTY, raw)
             continue
         yield join_dir(d, listing.names, listing.records, pnames, precs, raw, changes)
     while nxt is not None:
-        (pd, pn, pr), praw = nxt
-        if kept(pd):
-            yield Joined(pd, pn, pr, _NONE, _EMPTY, praw)
+        item, nxt = nxt, next(it, None)
+        if kept(item.dir):
+            yield Joined(item.dir, *item.decoded(), _NONE, _EMPTY, item.raw)
         else:
-            changes.replaced += content_bytes(pr)
-        nxt = next(it, None)
+            changes.replaced += content_bytes(item.decoded()[1])
     deleted.sort()
 
 

@@ -20,7 +20,7 @@ import stat as st
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -28,7 +28,7 @@ from typing import BinaryIO
 from agent.checkpoint.diff import Changes, Joined, ParentBlocks, join
 from agent.checkpoint.layer_writer import LayerResult, LayerWriter
 from agent.checkpoint.scan import INO, MODE, NLINK, SIZE, Excluder, Scan, Stat, join_path, walk
-from agent.checkpoint.state import StateReader, StateWriter, blocks_of
+from agent.checkpoint.state import Frame, StateReader, StateWriter, Stored, blocks_of
 from agent.checkpoint.watched import Dirty, join_changed
 
 # (phase, entries written, entries to write, content bytes written, bytes to write).
@@ -119,6 +119,7 @@ def _one_pass(
             root, out, level=level, threads=threads, progress=on_write, cancel=cancel
         )
 
+    joined: Iterator[Joined | Stored | Frame]
     if dirty is None:
         joined = join(parent, walk(root, excluder, result), changes)
     else:
@@ -128,6 +129,12 @@ def _one_pass(
     closed = False
     try:
         for j in joined:
+            if isinstance(j, Stored):  # passed on as the parent state holds it
+                next_state.add(j)
+                continue
+            if isinstance(j, Frame):
+                next_state.copy(j)
+                continue
             if not j.changed:
                 next_state.write((j.dir, j.names, j.records), j.raw)
                 continue
@@ -214,9 +221,10 @@ def _patch(state: Path, records: dict[str, Stat]) -> None:
         head, _, name = path.rpartition("/")
         by_dir.setdefault(head, {})[name] = rec
     with StateReader(state) as r, StateWriter(state) as w:
-        for (d, names, recs), raw in r.blocks():
-            fix = by_dir.get(d)
+        for item in r.blocks().stored():
+            fix = by_dir.get(item.dir)
             if fix is None:
-                w.write((d, names, recs), raw)
+                w.add(item)
                 continue
+            d, names, recs = item.block()
             w.write((d, names, [fix.get(n, rec) for n, rec in zip(names, recs, strict=True)]))
