@@ -131,6 +131,79 @@ def test_hardlink_to_a_file_still_being_written(
     assert temporaries(root) == []
 
 
+@dataclass(frozen=True)
+class Linked:
+    """A chain with a hardlink whose name is already a link of its target."""
+
+    layers: list[list[tuple[str, str]]]  # (path, content), or "@target" for a hardlink
+    nlinks: dict[str, int]  # what each path ends with
+    same: tuple[str, str] | None = None  # two names of one file
+    image: tuple[str, ...] = ()  # the image's files, "link=target" for its links
+
+
+ALREADY_LINKED = {
+    # The target in flight, then a link of it to itself.
+    "to-itself": Linked([[("a", ""), ("a", "@a")]], {"a": 1}),
+    # The target in flight, then the same link twice.
+    "twice": Linked(
+        [[("etc/t", "t"), ("etc/l", "@etc/t"), ("etc/l", "@etc/t")]],
+        {"etc/t": 2},
+        ("etc/t", "etc/l"),
+    ),
+    # A link the image has already, linked again after the layer's pass.
+    "image-link-again": Linked(
+        [[("etc/l", "@etc/t"), ("etc/n", "n")]],
+        {"etc/t": 2, "etc/n": 1},
+        ("etc/t", "etc/l"),
+        ("etc/t", "etc/l=etc/t"),
+    ),
+    # A target a newer layer replaced, read again for the same link twice.
+    "read-again-twice": Linked(
+        [[("etc/t", "old"), ("etc/l", "@etc/t"), ("etc/l", "@etc/t")], [("etc/t", "new")]],
+        {"etc/t": 1, "etc/l": 1},
+    ),
+}
+
+
+@pytest.mark.parametrize("policy", [ONE, MANY], ids=["one-writer", "writers"])
+@pytest.mark.parametrize("case", list(ALREADY_LINKED))
+def test_a_hardlink_already_in_place_leaves_no_temporary(
+    root: Path, tmp_path: Path, held: Held, policy: WritePolicy, case: str
+) -> None:
+    """rename(2) of one link of a file over another link of the same file does
+    nothing and succeeds: a link made under a temporary and renamed over a name
+    that is a link of its target already would leave the temporary beside it.
+    Such a link is in place already and left as it is."""
+    c = ALREADY_LINKED[case]
+    for f in c.image:
+        link, _, target = f.partition("=")
+        if target:
+            os.link(root / target, root / link)
+        else:
+            (root / f).write_text("the image's")
+    layers = [
+        layer(
+            tmp_path,
+            f"l{i}",
+            [
+                Entry(p, tarfile.LNKTYPE, linkname=d[1:])
+                if d.startswith("@")
+                else Entry(p, data=d.encode())
+                for p, d in entries
+            ],
+        )
+        for i, entries in enumerate(c.layers)
+    ]
+    apply_layers(root, layers, writing=policy)
+    assert temporaries(root) == []
+    assert {p: (root / p).stat().st_nlink for p in c.nlinks} == c.nlinks
+    if c.same is not None:
+        assert os.path.samefile(root / c.same[0], root / c.same[1])
+    if case == "read-again-twice":  # the older layer's link keeps the older content
+        assert (root / "etc/l").read_text() == "old"
+        assert (root / "etc/t").read_text() == "new"
+
+
 def test_a_later_entry_at_the_same_path_wins(root: Path, tmp_path: Path, held: Held) -> None:
     """Two entries at one path in one layer: the later is what stays, though
     the earlier one's job is still in flight when it comes (both replace the
@@ -288,6 +361,29 @@ def test_a_failed_restore_leaves_no_job_behind(root: Path, tmp_path: Path, held:
     if (root / "etc/new").exists():
         assert "etc/new" in held.ran and (root / "etc/new").read_text() == "new"
     assert temporaries(root) == []
+
+
+def test_writer_threads_that_cannot_start_leave_no_temporary(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's pids limit can refuse a new thread: the file that would
+    have been the first handed over is still the pass's then, and its
+    temporary goes with the error (the image's file stays as it was)."""
+    (root / "etc/old").write_text("the image's")
+    start = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        if self.name == "restore-writer-1":  # one thread started, the next refused
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    path = layer(tmp_path, "l", [Entry("etc/old", data=b"new")])
+    with pytest.raises(RuntimeError, match="start new thread"):
+        apply_layers(root, [path], writing=MANY)
+    assert (root / "etc/old").read_text() == "the image's"
+    assert temporaries(root) == []
+    assert writer_threads() == []
 
 
 # -- N writers make the tree one writer makes --------------------------------------------

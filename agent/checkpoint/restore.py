@@ -500,13 +500,17 @@ def _replace_with(
     rel: str,
     create: Callable[[str], None],
     fifo_meta: tf.Member | None = None,
+    made: Callable[[], bool] | None = None,
 ) -> None:
     """Create a new entry ``name`` in ``pfd``, or, when something is there
-    already, under a temporary name renamed over it."""
+    already, under a temporary name renamed over it; unless ``made`` says what
+    is there is already what ``create`` would make."""
     try:
         create(name)
         tmp = None
     except FileExistsError:
+        if made is not None and made():
+            return
         while True:
             tmp = _tmp_name(merge)
             try:
@@ -579,6 +583,7 @@ def _write_file(
     try:
         if hand_over:
             data = reader.take(m.size) if m.size else []
+            writers.start()  # here, where a thread that cannot start leaves nothing behind
         else:
             _write_here(merge, reader, m, fd, rel, owner, new_mode)
     except BaseException:
@@ -717,12 +722,26 @@ def _lstat_or_none(pfd: int, name: str) -> os.stat_result | None:
 
 
 def _hardlink(merge: _Merge, tfd: int, tname: str, pfd: int, name: str, rel: str) -> None:
+    """Link ``name`` to the target.  A name that is a link of the target already
+    (a link to itself, or the same link twice) is left as it is: rename(2) of
+    one link of a file over another of the same file does nothing, which would
+    leave the temporary beside it."""
+
+    def linked() -> bool:
+        there, target = _lstat_or_none(pfd, name), _lstat_or_none(tfd, tname)
+        return (
+            there is not None
+            and target is not None
+            and (there.st_dev, there.st_ino) == (target.st_dev, target.st_ino)
+        )
+
     _replace_with(
         merge,
         pfd,
         name,
         rel,
         lambda n: os.link(tname, n, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False),
+        made=linked,
     )
 
 

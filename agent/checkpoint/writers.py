@@ -159,12 +159,17 @@ class Writers:
         ):
             self._land(self._wait())
 
+    def start(self) -> None:
+        """Start the threads, if not yet: before a job is handed over, so that
+        one that cannot start (a pids limit) fails a job still the pass's."""
+        while len(self._threads) < self.policy.workers:
+            i = len(self._threads)
+            t = threading.Thread(target=self._work, name=f"restore-writer-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
     def submit(self, job: FileJob) -> None:
-        if not self._threads:
-            for i in range(self.policy.workers):
-                t = threading.Thread(target=self._work, name=f"restore-writer-{i}", daemon=True)
-                t.start()
-                self._threads.append(t)
+        self.start()
         self.pending[job.rel] = job
         self.bytes += job.size
         self._todo.put(job)
