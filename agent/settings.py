@@ -54,6 +54,14 @@ class Settings(BaseSettings):
         "each holds about 5 MB.",
     )
 
+    restore_writers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Threads that finish restored files (content, owner, mode, times) "
+        "once the disk shows that writes block; 1 writes every file in the one ordered pass.",
+    )
+
     # -- S3 ---------------------------------------------------------------------
     s3_part_size: int = Field(
         16 << 20,

@@ -11,6 +11,7 @@ looks per restore, whatever its size, and more only as the disk gets full.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from agent.errors import NoSpace
 
@@ -29,11 +30,16 @@ def default_reserve(fd: int) -> int:
 
 class FreeSpace:
     """Charges what a restore writes against the free space (and inodes) of the
-    filesystem holding ``fd``, keeping ``reserve`` bytes free."""
+    filesystem holding ``fd``, keeping ``reserve`` bytes free.  ``unwritten``
+    tells how many bytes already charged are still on their way to the disk
+    (files writer threads are finishing), which a look cannot see gone yet."""
 
-    def __init__(self, fd: int, reserve: int | None = None) -> None:
+    def __init__(
+        self, fd: int, reserve: int | None = None, unwritten: Callable[[], int] | None = None
+    ) -> None:
         self._fd = fd
         self.reserve = default_reserve(fd) if reserve is None else reserve
+        self._unwritten = unwritten
         self._bytes = 0  # may be charged before the next look
         self._inodes = 0
 
@@ -46,8 +52,11 @@ class FreeSpace:
     def _look(self, size: int, what: str) -> None:
         v = os.fstatvfs(self._fd)
         # What was charged before this entry is written already, so it is gone
-        # from what the filesystem reports; this entry is not.
+        # from what the filesystem reports, but for what writers still hold;
+        # this entry is not.
         spare = v.f_bavail * v.f_frsize - self.reserve - size - ENTRY_OVERHEAD
+        if self._unwritten is not None:
+            spare -= self._unwritten()
         if spare < 0:
             raise NoSpace(
                 f"refused {what!r} ({size} bytes): the root's filesystem has "

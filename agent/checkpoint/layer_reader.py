@@ -172,6 +172,26 @@ class LayerReader:
     def skip(self, n: int) -> None:
         self._advance(n, None)
 
+    def take(self, n: int) -> list[bytes]:
+        """The next ``n`` bytes, as pieces to write later from another thread:
+        copies (a slice of a decompressed buffer would keep all of it alive),
+        except a buffer taken whole."""
+        out = []
+        while n:
+            buf, pos = self._buf, self._pos
+            k = min(len(buf) - pos, n)
+            if not k:
+                self._taken += len(buf)
+                self._buf = self._more()
+                self._pos = 0
+                if not self._buf:
+                    raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
+                continue
+            out.append(buf[pos : pos + k])
+            self._pos = pos + k
+            n -= k
+        return out
+
     def _advance(self, n: int, fd: int | None) -> None:
         """Consume ``n`` bytes, writing them to ``fd`` unless it is None."""
         while n:

@@ -21,6 +21,11 @@ symlink) and removed again if writing it fails, so a failed restore never leaves
 a partly written file under its final name.  System calls that would not change
 anything (``fchown`` to the restoring user, ``fchmod`` to the mode the file was
 created with) are left out: per-file cost is what a restore pays over ``tar -x``.
+
+Where the disk blocks on every write, the work on a file that is decided and
+opened (its content, metadata and close) goes to writer threads
+(``writers.py``), several files at once; every decision stays here, in order,
+and any later entry that touches a path with work in flight waits for it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import errno
 import os
 import shutil
 import stat as st
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,14 +54,15 @@ from agent.checkpoint.merge import (
     targets_read_again,
 )
 from agent.checkpoint.merge import whiteout_target as _whiteout_target
+from agent.checkpoint.metadata import chown, finish_file, set_xattrs
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX as _TMP_PREFIX
 from agent.checkpoint.paths import clean_member_name, parents, symlink_escapes
 from agent.checkpoint.rootdirs import RootDirs, fd_path, open_dir_at
+from agent.checkpoint.writers import FileJob, WritePolicy, Writers
 from agent.errors import CorruptLayer, UnsafeLayer
 
 _REG_TYPES = REG_TYPES
-# setxattr's answers to a name or value no filesystem takes: the layer's fault.
-_BAD_XATTR = (errno.E2BIG, errno.ERANGE, errno.EINVAL, errno.ENAMETOOLONG)
+DEFAULT_WRITING = WritePolicy()
 
 # (entries done, entries total, uncompressed bytes done, uncompressed bytes total)
 ApplyProgress = Callable[[int, int, int, int], None]
@@ -67,6 +74,7 @@ class RestoreStats:
     files: int = 0
     bytes: int = 0
     skipped: int = 0
+    handed_over: int = 0  # files finished by writer threads (the disk blocked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +105,21 @@ class _DeferredLink:
     member: tf.Member
 
 
+class _JobFailed(Exception):
+    """A writer's job failed: ``error`` is what the restore raises, naming that
+    job's entry (not the entry being applied when it was found)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(slots=True)
 class _Merge:
     root: str
     dirs: RootDirs
     space: FreeSpace
+    writers: Writers
     # Which entry wins and what is hidden (shared with the squash); that the
     # directories it notes are real directories is RootDirs' to check.
     rules: MergeRules = field(default_factory=MergeRules)
@@ -122,6 +140,7 @@ class _Merge:
     umask: int = field(default_factory=lambda: _current_umask())
     pid: int = field(default_factory=os.getpid)
     protected: tuple[str, ...] = ()
+    layer_name: str = ""  # the layer being applied, for the errors of its files
 
 
 def _current_umask() -> int:
@@ -148,6 +167,7 @@ def apply_layers(
     progress: ApplyProgress | None = None,
     reserve: int | None = None,
     protected: Sequence[str] = (),
+    writing: WritePolicy = DEFAULT_WRITING,
 ) -> RestoreStats:
     """Apply a chain of layers (local verified files, oldest first) to ``root``.
 
@@ -160,6 +180,7 @@ def apply_layers(
     it, at most 256 MiB): ``NoSpace`` before an entry would eat into them.
     Entries at or below a ``protected`` root-relative path are skipped, and
     one that would replace or remove such a path from above is refused.
+    ``writing`` says how many writer threads may finish files, and when.
     """
     if isinstance(layers, int):
         if fetch is None:
@@ -169,15 +190,22 @@ def apply_layers(
         files = list(layers)
         count, get = len(files), files.__getitem__
     with RootDirs(str(root)) as dirs:
+        writers = Writers(writing, lambda job: _land(merge, job))
         merge = _Merge(
             root=str(root),
             dirs=dirs,
-            space=FreeSpace(dirs.root_fd, reserve),
+            space=FreeSpace(dirs.root_fd, reserve, lambda: writers.bytes),
+            writers=writers,
             protected=tuple(protected),
         )
-        if _inherits(os.fstat(dirs.root_fd).st_mode, dirs.root_fd):
-            merge.inherit.add("")
-        return _apply_all(merge, count, get, totals, progress)
+        try:
+            if _inherits(os.fstat(dirs.root_fd).st_mode, dirs.root_fd):
+                merge.inherit.add("")
+            return _apply_all(merge, count, get, totals, progress)
+        except _JobFailed as e:
+            raise e.error from e.error.__cause__
+        finally:
+            writers.close(lambda job: _abandon(merge, job))
 
 
 def _apply_all(
@@ -195,7 +223,7 @@ def _apply_all(
         layer = src if isinstance(src, LayerFile) else LayerFile(src)
         pending: dict[str, list[_DeferredLink]] = {}
         skipped_files: set[str] = set()
-        name = f"layer {index + 1} of {count}"
+        name = merge.layer_name = f"layer {index + 1} of {count}"
         older = index < newest
         entries = merge.stats.entries
         with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
@@ -208,6 +236,7 @@ def _apply_all(
                 entries += 1
                 if progress is not None and not entries & 255:
                     progress(entries, totals[0], base_bytes + reader.consumed, totals[1])
+            merge.writers.drain()
             base_bytes += reader.consumed
         merge.stats.entries = entries
         if pending:
@@ -254,6 +283,8 @@ def _apply_member(
     if merge.protected and _protected(merge.protected, path, head, base, m):
         merge.stats.skipped += 1
         return
+    if merge.writers.pending:  # what this entry is at or below is finished first
+        merge.writers.settle_path(path)
     rules = merge.rules
     if base.startswith(tf.WHITEOUT_PREFIX):
         _apply_whiteout(merge, head, base, layer, older, m.name)
@@ -329,6 +360,7 @@ def _prune_undecided(merge: _Merge, rel_dir: str, layer: int, what: str) -> None
     ``rel_dir`` itself and its parents must be real directories (a symlink among
     them is refused); the subdirectories a newer layer made are opened the same
     way, outside the cache (a prune may visit many)."""
+    merge.writers.settle_below(rel_dir)  # no temporary of a job in flight is listed
     fd = merge.dirs.get(rel_dir, what)
     if fd is not None:
         _prune_in(merge, fd, rel_dir, layer, what)
@@ -412,6 +444,7 @@ def _forget_dirs_below(merge: _Merge, rel: str) -> None:
 
 
 def _remove(merge: _Merge, pfd: int, name: str, rel: str) -> None:
+    merge.writers.settle_below(rel)
     s = _lstat_or_none(pfd, name)
     if s is None:
         return
@@ -467,13 +500,17 @@ def _replace_with(
     rel: str,
     create: Callable[[str], None],
     fifo_meta: tf.Member | None = None,
+    made: Callable[[], bool] | None = None,
 ) -> None:
     """Create a new entry ``name`` in ``pfd``, or, when something is there
-    already, under a temporary name renamed over it."""
+    already, under a temporary name renamed over it; unless ``made`` says what
+    is there is already what ``create`` would make."""
     try:
         create(name)
         tmp = None
     except FileExistsError:
+        if made is not None and made():
+            return
         while True:
             tmp = _tmp_name(merge)
             try:
@@ -523,6 +560,10 @@ def _write_file(
     # Special bits are set only after the owner (chown clears them); until then,
     # and for a file that replaces another, the new file is private.
     create_mode = mode if mode <= 0o777 else 0o600
+    writers = merge.writers
+    hand_over = writers.takes(m.size)
+    if hand_over:
+        writers.room(m.size)  # before the fd: files in flight are bounded
     tmp = None
     try:
         fd = os.open(name, _CREATE, create_mode, dir_fd=pfd)
@@ -535,48 +576,98 @@ def _write_file(
                 break
             except FileExistsError:
                 continue
+    inherited = merge.inherit and head in merge.inherit
+    uid, gid = merge.ids
+    owner = bool(inherited or m.uid != uid or m.gid != gid)
+    new_mode = mode if inherited or mode != create_mode & ~merge.umask else None
     try:
-        try:
-            if m.size:
-                reader.copy_to(fd, m.size)
-            inherited = merge.inherit and head in merge.inherit
-            uid, gid = merge.ids
-            if inherited or m.uid != uid or m.gid != gid:
-                _chown(merge, fd, m)
-            if inherited or mode != create_mode & ~merge.umask:
-                os.fchmod(fd, mode)
-            if m.xattrs:
-                _set_xattrs(fd, m, rel)
-            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
-        finally:
-            os.close(fd)
-        if tmp is not None:
-            _rename_over(merge, pfd, tmp, name, rel)
+        if hand_over:
+            data = reader.take(m.size) if m.size else []
+            writers.start()  # here, where a thread that cannot start leaves nothing behind
+        else:
+            _write_here(merge, reader, m, fd, rel, owner, new_mode)
     except BaseException:
+        if hand_over:
+            os.close(fd)
         _unlink_quiet(pfd, tmp or name)
         raise
-
-
-def _chown(merge: _Merge, target: int | str, m: tf.Member) -> None:
-    """``target``: an fd, or the ``/proc`` path of one (never a path that could
-    lead through a symlink of the root)."""
-    try:
-        os.chown(target, m.uid, m.gid)
-    except PermissionError:
-        if merge.is_root:
+    if hand_over:
+        merge.dirs.hold(pfd)  # the job lands in it, by name
+        where = merge.layer_name
+        writers.submit(
+            FileJob(fd, pfd, name, tmp, rel, where, m, data, owner, new_mode, merge.is_root)
+        )
+        merge.stats.handed_over += 1
+    elif tmp is not None:
+        try:
+            _rename_over(merge, pfd, tmp, name, rel)
+        except BaseException:
+            _unlink_quiet(pfd, tmp)
             raise
 
 
-def _set_xattrs(target: int | str, m: tf.Member, rel: str, follow: bool = True) -> None:
-    for k, v in m.xattrs.items():
-        try:
-            os.setxattr(target, k, v, follow_symlinks=follow)
-        except OSError as e:
-            if e.errno not in _BAD_XATTR:  # the filesystem's limits: say which xattr
-                raise OSError(e.errno, f"{e.strerror} (xattr {k!r}, {len(v)} bytes)") from e
-            raise CorruptLayer(
-                f"refused xattr {k!r} ({len(v)} bytes) of {rel!r}: {e.strerror}"
-            ) from None
+def _write_here(
+    merge: _Merge,
+    reader: LayerReader,
+    m: tf.Member,
+    fd: int,
+    rel: str,
+    owner: bool,
+    mode: int | None,
+) -> None:
+    """Content, metadata and close of a file, on this thread; timed while the
+    writers wait to see whether the disk blocks (a wait for decompressed bytes
+    now and then is in it too, which a window's median leaves out)."""
+    writers = merge.writers
+    t0 = time.perf_counter() if writers.sampling else 0.0
+    try:
+        if m.size:
+            reader.copy_to(fd, m.size)
+        finish_file(fd, m, rel, owner, mode, merge.is_root)
+    finally:
+        os.close(fd)
+    if t0:
+        writers.observe(time.perf_counter() - t0, m.size)
+
+
+def _land(merge: _Merge, job: FileJob) -> None:
+    """A writer's job is done: rename its temporary into place, or remove what it
+    made and raise its error, naming its entry."""
+    try:
+        if job.error is not None:
+            _unlink_quiet(job.pfd, job.tmp or job.name)
+            raise job.error
+        if job.tmp is not None:
+            try:
+                _rename_over(merge, job.pfd, job.tmp, job.name, job.rel)
+            except BaseException:
+                _unlink_quiet(job.pfd, job.tmp)
+                raise
+    except _JobFailed:  # another job's, landed on the way (a removal settles what it removes)
+        raise
+    except OSError as e:
+        error = _entry_error(merge, e, job.rel, job.layer)
+        error.__cause__ = e
+        raise _JobFailed(error) from e
+    except BaseException as e:
+        raise _JobFailed(e) from e
+    finally:
+        merge.dirs.release(job.pfd)
+
+
+def _abandon(merge: _Merge, job: FileJob) -> None:
+    """A job still in flight when the restore failed: a file it wrote whole under
+    its own name stays (as every file before the failure does), anything else it
+    made goes, so no partly written file and no temporary is left."""
+    try:
+        if job.error is not None or job.tmp is not None:
+            _unlink_quiet(job.pfd, job.tmp or job.name)
+    finally:
+        merge.dirs.release(job.pfd)
+
+
+def _chown(merge: _Merge, target: int | str, m: tf.Member) -> None:
+    chown(target, m.uid, m.gid, merge.is_root)
 
 
 def _set_fifo_meta(merge: _Merge, pfd: int, name: str, rel: str, m: tf.Member) -> None:
@@ -584,7 +675,7 @@ def _set_fifo_meta(merge: _Merge, pfd: int, name: str, rel: str, m: tf.Member) -
     try:
         _chown(merge, fd, m)
         os.fchmod(fd, m.mode & 0o7777)
-        _set_xattrs(fd, m, rel)
+        set_xattrs(fd, m, rel)
         os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
     finally:
         os.close(fd)
@@ -597,13 +688,15 @@ def _set_symlink_meta(merge: _Merge, pfd: int, name: str, rel: str, m: tf.Member
         if merge.is_root:
             raise
     if m.xattrs:  # no dir_fd form: /proc names the directory by its fd
-        _set_xattrs(fd_path(pfd, name), m, rel, follow=False)
+        set_xattrs(fd_path(pfd, name), m, rel, follow=False)
     os.utime(name, ns=(m.mtime_ns, m.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
 
 def _link_target(merge: _Merge, target: str, path: str) -> tuple[int, str]:
     """The directory fd and name of a hardlink's target: an existing non-directory
-    inside the root, reached without a symlink."""
+    inside the root, reached without a symlink, and whole: work in flight on it
+    (or above it) is finished first."""
+    merge.writers.settle_path(target)
     head, _, name = target.rpartition("/")
     try:
         tfd = merge.dirs.get(head, path) if head else merge.dirs.root_fd
@@ -629,12 +722,26 @@ def _lstat_or_none(pfd: int, name: str) -> os.stat_result | None:
 
 
 def _hardlink(merge: _Merge, tfd: int, tname: str, pfd: int, name: str, rel: str) -> None:
+    """Link ``name`` to the target.  A name that is a link of the target already
+    (a link to itself, or the same link twice) is left as it is: rename(2) of
+    one link of a file over another of the same file does nothing, which would
+    leave the temporary beside it."""
+
+    def linked() -> bool:
+        there, target = _lstat_or_none(pfd, name), _lstat_or_none(tfd, tname)
+        return (
+            there is not None
+            and target is not None
+            and (there.st_dev, there.st_ino) == (target.st_dev, target.st_ino)
+        )
+
     _replace_with(
         merge,
         pfd,
         name,
         rel,
         lambda n: os.link(tname, n, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False),
+        made=linked,
     )
 
 
@@ -657,6 +764,7 @@ def _relink_overridden(
     merge: _Merge, source: LayerFile, layer: int, pending: dict[str, list[_DeferredLink]]
 ) -> None:
     """Second read of one layer for hardlinks whose target a newer layer replaced."""
+    merge.layer_name = f"layer {layer + 1}"
     with source.open() as f, LayerReader(f, name=f"layer {layer + 1}") as reader:
         for m, links in targets_read_again(reader, pending):
             try:
@@ -664,6 +772,7 @@ def _relink_overridden(
             except OSError as e:
                 raise _entry_error(merge, e, links[0].path, f"layer {layer + 1}") from e
             merge.dirs.trim()
+        merge.writers.drain()
     if pending:
         missing = ", ".join(sorted(pending))
         raise CorruptLayer(f"layer {layer + 1}: hardlink targets not found: {missing}")
@@ -673,6 +782,7 @@ def _relink(merge: _Merge, reader: LayerReader, m: tf.Member, links: list[_Defer
     """Write the content once, under the first link's name; link the others to it."""
     first = None
     for link in links:
+        merge.writers.settle_path(link.path)
         pfd = _link_parent(merge, link)
         name = link.path.rpartition("/")[2]
         if first is None:
@@ -731,7 +841,7 @@ def _set_dir_meta(merge: _Merge, target: int | str, rel: str, m: tf.Member) -> N
     if not (made and (m.uid, m.gid) == merge.ids):
         _chown(merge, target, m)
     os.chmod(target, m.mode & 0o7777)
-    _set_xattrs(target, m, rel)
+    set_xattrs(target, m, rel)
     os.utime(target, ns=(m.mtime_ns, m.mtime_ns))
 
 

@@ -9,7 +9,9 @@ which writes into the removed directory, never outside: ``forget`` drops it.
 
 Fds are cached by path (walk order makes most lookups hits) and the cache is
 trimmed only between entries (``trim``), so an fd handed out stays open while
-the entry that asked for it is applied.
+the entry that asked for it is applied; one ``hold``-ing work still in flight
+(a file a writer thread finishes) stays open, cached or not, until it is
+``release``d.
 """
 
 from __future__ import annotations
@@ -82,10 +84,29 @@ class RootDirs:
         self._limit = cache_limit() if limit is None else limit
         # Fds opened O_PATH: fine as ``dir_fd``, refused by fchmod and the like.
         self._path_only: set[int] = set()
+        # Fds that work in flight still uses, with how many pieces of it; and
+        # those of them dropped from the cache meanwhile, closed on release.
+        self._held: dict[int, int] = {}
+        self._dropped: set[int] = set()
 
     def _close(self, fd: int) -> None:
+        if fd in self._held:
+            self._dropped.add(fd)
+            return
         self._path_only.discard(fd)
         os.close(fd)
+
+    def hold(self, fd: int) -> None:
+        """Keep ``fd`` open until as many ``release``s: work in flight uses it."""
+        self._held[fd] = self._held.get(fd, 0) + 1
+
+    def release(self, fd: int) -> None:
+        n = self._held.pop(fd) - 1
+        if n:
+            self._held[fd] = n
+        elif fd in self._dropped:
+            self._dropped.discard(fd)
+            self._close(fd)
 
     def meta_target(self, fd: int) -> int | str:
         """What to hand ``chmod``, ``chown``, ``utime`` and the xattr calls for the
@@ -94,10 +115,12 @@ class RootDirs:
         return fd_path(fd) if fd in self._path_only else fd
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        self._held.clear()
+        for fd in [*self._fds.values(), *self._dropped]:
             with contextlib.suppress(OSError):
                 self._close(fd)
         self._fds = {}
+        self._dropped.clear()
 
     def __enter__(self) -> RootDirs:
         return self
@@ -156,6 +179,7 @@ class RootDirs:
         fds = self._fds
         if len(fds) <= self._limit:
             return
-        drop = [k for k in fds if k][: len(fds) - self._limit // 2]
+        held = self._held
+        drop = [k for k in fds if k and fds[k] not in held][: len(fds) - self._limit // 2]
         for k in drop:
             self._close(fds.pop(k))

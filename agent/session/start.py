@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
 from agent.checkpoint.names import auto_name
 from agent.checkpoint.state import check_state
+from agent.checkpoint.writers import WritePolicy
 from agent.errors import AgentError, BlobMissing, CorruptLayer, DigestMismatch, NotFound
 from agent.log import get_logger
 from agent.session.catalog import split_source
@@ -57,6 +58,7 @@ class Starter:
     def __init__(self, parts: Parts) -> None:
         self._lease = parts.lease
         self._studio = parts.settings.studio
+        self._writing = WritePolicy(workers=parts.settings.restore_writers)
         self._store = parts.store
         self._root = parts.root
         self._spool = parts.spool
@@ -258,4 +260,5 @@ class Starter:
                 totals=totals,
                 progress=on_apply,
                 protected=protected_paths(self._root, self._scope.own_paths()),
+                writing=self._writing,
             )
