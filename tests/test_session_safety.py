@@ -224,6 +224,7 @@ def test_only_the_agents_own_leftovers_are_cleared(tmp_path: Path) -> None:
     (spool / "restore-abc_12").mkdir(parents=True)
     (spool / "restore-abc_12" / "blob").write_text("x")
     ours = [spool / "layer-0af3.tmp", spool / f"put-{'a' * 64}.tmp", spool / ("b" * 64)]
+    ours += [spool / f"put-{'c' * 16}-{'d' * 8}.tmp"]  # as put_bytes names them
     ours += [state / "parent-1234abcd.state", state / "session.json.tmp"]
     theirs = [spool / "notes.txt", state / "api-token", state / "parent-99.state.bak"]
     kept = [state / "session.json", state / "parent-feed.state", state / "owner.lock"]

@@ -35,7 +35,7 @@ RESTORE_MARKER = "restore.pending"
 # What the agent writes in its spool: a layer being written, a small blob being
 # staged, a restore's downloads, a blob downloaded by name (and its partial).
 _SPOOL_FILES = re.compile(
-    r"(layer-[0-9a-f]+(-[0-9a-f]+)?\.tmp|put-[0-9a-f]+\.tmp|[0-9a-f]{64}|"
+    r"(layer-[0-9a-f]+(-[0-9a-f]+)?\.tmp|put-[0-9a-f]+(-[0-9a-f]+)?\.tmp|[0-9a-f]{64}|"
     r"\.[0-9a-f]{64}\.[0-9a-f]+\.part)"
 )
 # A layer's spool file, named for the store's upload of it.
