@@ -172,6 +172,14 @@ class LayerReader:
     def skip(self, n: int) -> None:
         self._advance(n, None)
 
+    def _refill(self) -> None:
+        """The current buffer is used up: the next one."""
+        self._taken += len(self._buf)
+        self._buf = self._more()
+        self._pos = 0
+        if not self._buf:
+            raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
+
     def take(self, n: int) -> list[bytes]:
         """The next ``n`` bytes, as pieces to write later from another thread:
         copies (a slice of a decompressed buffer would keep all of it alive),
@@ -181,11 +189,7 @@ class LayerReader:
             buf, pos = self._buf, self._pos
             k = min(len(buf) - pos, n)
             if not k:
-                self._taken += len(buf)
-                self._buf = self._more()
-                self._pos = 0
-                if not self._buf:
-                    raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
+                self._refill()
                 continue
             out.append(buf[pos : pos + k])
             self._pos = pos + k
@@ -198,11 +202,7 @@ class LayerReader:
             buf, pos = self._buf, self._pos
             k = min(len(buf) - pos, n)
             if not k:
-                self._taken += len(buf)
-                self._buf = self._more()
-                self._pos = 0
-                if not self._buf:
-                    raise CorruptLayer(f"{self._name} is truncated (archive ends early)")
+                self._refill()
                 continue
             if fd is not None:
                 view = memoryview(buf)[pos : pos + k]
