@@ -14,6 +14,7 @@ the process's own VmHWM.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -27,6 +28,26 @@ from pathlib import Path
 from peak_rss import peak_kb
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def generated_root(where: Path, files: int, dirs: int, max_size: int = 64) -> Path:
+    """``where``/root as ``generate`` makes it, made only when the tree there is not
+    already of this size (``where``/tree.json says what it holds)."""
+    root = where / "root"
+    marker = where / "tree.json"
+    spec = {"files": files, "dirs": dirs, "max_size": max_size}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return root
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    generate(root, files, dirs, max_size)
+    marker.write_text(json.dumps(spec))
+    print(
+        f"generated {files} files in {dirs} directories in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
+    return root
 
 
 def generate(root: Path, files: int, dirs: int, max_size: int = 64) -> None:
@@ -226,11 +247,7 @@ def main() -> int:
     args = ap.parse_args()
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="studio-many-"))
-    root = scratch / "root"
-    if not (root / "data").is_dir():
-        t0 = time.perf_counter()
-        generate(root, args.files, args.dirs)
-        print(f"generated {args.files} files in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    root = generated_root(scratch, args.files, args.dirs)
     agents = {repo.name: repo for repo in args.agent or [REPO]}
     restic = shutil.which("restic") is not None and not args.no_restic
     try:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from many_files import _payload, _size, _write, change_one_percent, file_path, generate
+from many_files import _payload, _size, _write, change_one_percent, file_path, generated_root
 
 from agent.checkpoint.pipeline import Pass, scan_and_write
 from agent.checkpoint.scan import Excluder, Scan, walk
@@ -138,11 +138,7 @@ def main() -> int:
     args = ap.parse_args()
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="studio-state-"))
-    root = scratch / "root"
-    if not (root / "data").is_dir():
-        t0 = time.perf_counter()
-        generate(root, args.files, args.dirs)
-        print(f"generated {args.files} files in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    root = generated_root(scratch, args.files, args.dirs)
     work = scratch / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()

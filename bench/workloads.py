@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -119,17 +118,7 @@ def _median(values: list[float]) -> float | None:
 
 def generated_root(where: Path, files: int, dirs: int) -> Path:
     """A root of ``files`` files of 0 to 4 KiB in ``dirs`` directories, made once."""
-    root = where / "root"
-    marker = where / "tree.json"
-    spec = {"files": files, "dirs": dirs, "max_size": MAX_SIZE}
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    t0 = time.perf_counter()
-    many_files.generate(root, files, dirs, MAX_SIZE)
-    marker.write_text(json.dumps(spec))
-    say(f"generated {files} files in {dirs} directories in {time.perf_counter() - t0:.1f} s")
-    return root
+    return many_files.generated_root(where, files, dirs, MAX_SIZE)
 
 
 # -- W1 ---------------------------------------------------------------------------------
