@@ -1,7 +1,7 @@
 """Checkpoint and restore speed against ``tar | zstd`` and restic, same tree, same run.
 
     python bench/checkpoint_bench.py [--source DIR] [--repeat 3] [--warmup 1] [--s3] [--scratch DIR]
-                                     [--restore-disk scratch|tmpfs|slow]
+                                     [--restore-disk scratch|tmpfs|slow[,...]]
 
 The tree is a copy of real installed packages (by default this interpreter's
 site-packages: tens of thousands of small and large files, like a session that
@@ -16,7 +16,9 @@ host has not handed over yet, a cold disk).  Each figure is the best of
 ratio of each round and their median are shown too, as a pair measured minutes
 apart can meet a different disk.  The peak RSS of our processes is reported too.
 ``--restore-disk`` puts every restore (ours, ``tar -x``, restic's) on a new
-filesystem of its own: a tmpfs, or a slow disk (see ``disks.py``).
+filesystem of its own: a tmpfs, or a slow disk (see ``disks.py``); several
+kinds, comma-separated, restore each side once on each (the steps of a kind
+other than ``scratch`` are named ``restore@<kind>``, ``untar@<kind>``...).
 """
 
 from __future__ import annotations
@@ -67,8 +69,13 @@ def fresh(path: Path) -> Path:
     return path
 
 
+def on(key: str, kind: str) -> str:
+    """The name of step ``key`` with its restore on a disk of ``kind``."""
+    return key if kind == "scratch" else f"{key}@{kind}"
+
+
 class Bench:
-    def __init__(self, scratch: Path, env: dict[str, str], disks: Disks) -> None:
+    def __init__(self, scratch: Path, env: dict[str, str], disks: dict[str, Disks]) -> None:
         self.scratch = scratch
         self.env = env
         self.disks = disks
@@ -129,18 +136,22 @@ class Bench:
         again = self.agent(root, workdir, state, "checkpoint", "--name", "again")
         self.timed(f"{key}_unchanged", again, env)
 
-    def target(self, key: str) -> Path:
+    def target(self, key: str, kind: str = "scratch") -> Path:
         """An empty directory for a restore: in the scratch dir, or on a new disk."""
-        if self.disks.kind == "scratch":
+        if kind == "scratch":
             return fresh(self.scratch / f"restored-{key}")
-        return self.disks.new(key)
+        return self.disks[kind].new(key)
 
-    def restore(self, key: str, workdir: str, env: dict[str, str]) -> Path:
-        target = self.target(key)
-        state = fresh(self.scratch / f"state2-{key}")
+    def release(self) -> None:
+        for disks in self.disks.values():
+            disks.release()
+
+    def restore(self, key: str, workdir: str, env: dict[str, str], kind: str = "scratch") -> Path:
+        target = self.target(on(key, kind), kind)
+        state = fresh(self.scratch / f"state2-{on(key, kind)}")
         restore = self.agent(target, workdir, state, "restore", "--checkpoint", "full")
         local = () if "://" in workdir else (Path(workdir),)
-        self.timed(key, restore, env, reads=local)
+        self.timed(on(key, kind), restore, env, reads=local)
         return target
 
 
@@ -185,17 +196,16 @@ def measure(
     warmup: int,
     s3: bool = False,
     limit_bytes: int | None = None,
-    restore_disk: str = "scratch",
+    restore_disks: tuple[str, ...] = ("scratch",),
 ) -> Result:
     """The rounds of the benchmark on a copy of ``source`` below ``scratch``
-    (every restore on ``restore_disk``: see ``disks.py``)."""
+    (the restores once on each of ``restore_disks``: see ``disks.py`` and ``on``)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # Byte-compiled, as the images install it (images/base/build-agent-env): without
     # this, where PYTHONDONTWRITEBYTECODE is set, every run would compile the agent's
     # sources again, about 50 ms no installed agent pays.
     sh([sys.executable, "-m", "compileall", "-q", str(REPO / "agent")])
-    disks = Disks(restore_disk, scratch)
-    b = Bench(scratch, env, disks)
+    b = Bench(scratch, env, {kind: Disks(kind, scratch) for kind in restore_disks})
     root = fresh(scratch / "root")
     copy_tree(source, root / "data", limit_bytes)
     files = sum(len(f) for _, _, f in os.walk(root / "data"))
@@ -232,7 +242,7 @@ def measure(
             print(f"round {i + 1}/{repeat}" if i >= 0 else "warm-up", file=sys.stderr)
             # Delete the last round's trees first and let the disk settle, so that
             # no step pays for another's deletions.
-            disks.release()
+            b.release()
             for old in scratch.iterdir():
                 if old.name not in ("root", "restic-cache") and old.is_dir():
                     shutil.rmtree(old)
@@ -246,46 +256,42 @@ def measure(
                 tar = f"tar -C '{root}' -c data | zstd -3 -T0 -q -f -o '{out}'"
                 b.timed("tar_zstd", tar, reads=(root / "data",))
 
-            def untar() -> None:
-                untarred = b.target("untarred")
-                b.timed("untar", f"zstd -d -q -c '{out}' | tar -C '{untarred}' -x", reads=(out,))
+            def untar(kind: str) -> None:
+                untarred = b.target(on("untarred", kind), kind)
+                cmd = f"zstd -d -q -c '{out}' | tar -C '{untarred}' -x"
+                b.timed(on("untar", kind), cmd, reads=(out,))
 
             if not ours_first:
                 tar_zstd()
             b.checkpoint_whole_tree("checkpoint", root, work, env)
             if ours_first:
                 tar_zstd()
-            else:
-                untar()
-            target = b.restore("restore", work, env)
-            if ours_first:
-                untar()
-            if i == -warmup:
-                sh(["diff", "-r", "--no-dereference", str(root / "data"), str(target / "data")])
+            for kind in restore_disks:
+                if not ours_first:
+                    untar(kind)
+                target = b.restore("restore", work, env, kind)
+                if ours_first:
+                    untar(kind)
+                if i == -warmup:
+                    sh(["diff", "-r", "--no-dereference", str(root / "data"), str(target / "data")])
             if restic:
                 repo = fresh(scratch / "restic-repo")
                 sh([restic, "init", "-q", "--repo", str(repo)], env=renv)
                 backup = [restic, "backup", "-q", "--repo", str(repo), str(root / "data")]
                 b.timed("restic_backup", backup, renv, reads=(root / "data",))
                 b.timed("restic_backup_unchanged", backup, renv)
-                rt = b.target("restic-restored")
-                restore = [
-                    restic,
-                    "restore",
-                    "-q",
-                    "latest",
-                    "--repo",
-                    str(repo),
-                    "--target",
-                    str(rt),
-                ]
-                b.timed("restic_restore", restore, renv, reads=(repo,))
+                for kind in restore_disks:
+                    rt = b.target(on("restic-restored", kind), kind)
+                    restore = [
+                        restic, "restore", "-q", "latest", "--repo", str(repo), "--target", str(rt),
+                    ]  # fmt: skip
+                    b.timed(on("restic_restore", kind), restore, renv, reads=(repo,))
             if s3env is not None:
                 s3work = f"s3://bench/round{i}"
                 b.checkpoint_whole_tree("s3_checkpoint", root, s3work, s3env)
-                b.restore("s3_restore", s3work, s3env)
+                b.restore("s3_restore", s3work, s3env, restore_disks[0])
     finally:
-        disks.release()
+        b.release()
         if stop_s3 is not None:
             stop_s3()
 
@@ -299,6 +305,14 @@ def measure(
     )  # fmt: skip
 
 
+def _disk_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in KINDS]
+    if not kinds or bad:
+        raise argparse.ArgumentTypeError(f"not one of {', '.join(KINDS)}: {text!r}")
+    return kinds
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--source", type=Path, default=Path(sysconfig.get_paths()["purelib"]))
@@ -310,21 +324,21 @@ def main() -> int:
     ap.add_argument("--s3", action="store_true", help="also run through the S3 store (local moto)")
     ap.add_argument(
         "--restore-disk",
-        choices=KINDS,
-        default="scratch",
+        type=_disk_kinds,
+        default=("scratch",),
         help="where the restores write: the scratch dir (default), or a new tmpfs or "
-        "slow disk for each (root only; see bench/disks.py)",
+        "slow disk for each (root only; see bench/disks.py); several, comma-separated",
     )
     args = ap.parse_args()
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="studio-bench-"))
     r = measure(
-        args.source, scratch, args.repeat, args.warmup, s3=args.s3, restore_disk=args.restore_disk
+        args.source, scratch, args.repeat, args.warmup, s3=args.s3, restore_disks=args.restore_disk
     )
-    rows = [
-        ("checkpoint, whole tree new", "checkpoint", "`tar -c | zstd -3 -T0`", "tar_zstd"),
-        ("restore into an empty root", "restore", "`zstd -d | tar -x`", "untar"),
-    ]
+    rows = [("checkpoint, whole tree new", "checkpoint", "`tar -c | zstd -3 -T0`", "tar_zstd")]
+    for kind in args.restore_disk:
+        where = f"restore into an empty root ({kind})"
+        rows.append((where, on("restore", kind), "`zstd -d | tar -x`", on("untar", kind)))
     if r.restic:
         rows += [
             ("checkpoint, whole tree new", "checkpoint", "`restic backup`", "restic_backup"),
@@ -334,17 +348,25 @@ def main() -> int:
                 "`restic backup`, nothing changed",
                 "restic_backup_unchanged",
             ),
-            ("restore into an empty root", "restore", "`restic restore`", "restic_restore"),
         ]
+        for kind in args.restore_disk:
+            where = f"restore into an empty root ({kind})"
+            restic_restore = on("restic_restore", kind)
+            rows.append((where, on("restore", kind), "`restic restore`", restic_restore))
     if r.s3:
         rows += [
             ("checkpoint through S3 (local moto)", "s3_checkpoint", "local store", "checkpoint"),
-            ("restore through S3 (local moto)", "s3_restore", "local store", "restore"),
+            (
+                "restore through S3 (local moto)",
+                on("s3_restore", args.restore_disk[0]),
+                "local store",
+                on("restore", args.restore_disk[0]),
+            ),
         ]
     cpus = os.cpu_count()
     print(
         f"\nTree: {r.files} files, {r.size / 1e6:.0f} MB; {cpus} CPUs; best of {args.repeat} "
-        f"after {args.warmup} warm-up round(s); restores on: {args.restore_disk}.\n"
+        f"after {args.warmup} warm-up round(s); restores on: {', '.join(args.restore_disk)}.\n"
     )
     print("| step | ours | reference | ratio of the best times | ratio in each round | median |")
     print("| --- | --- | --- | --- | --- | --- |")

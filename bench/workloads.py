@@ -4,7 +4,9 @@
                                         [--json FILE] [--scratch DIR]
 
 - W1, a real install (a copy of this interpreter's site-packages): checkpoint
-  and restore against ``tar | zstd`` and restic (``checkpoint_bench.py``).
+  and restore against ``tar | zstd`` and restic (``checkpoint_bench.py``); as
+  root, every restore on a new filesystem of its own, a tmpfs (a fast disk) and
+  a slow disk (``disks.py``), else in the scratch directory.
 - W2, 1,000,000 files of 0 to 4 KiB in 10,000 directories: with the one-shot
   CLI the baseline, a checkpoint with nothing changed and one after the 1%
   change, each against ``restic backup`` (``many_files.py``), and a checkpoint
@@ -73,6 +75,7 @@ class Sizes:
     w1_limit_mb: int | None  # None: the whole source
     w1_rounds: int | None  # None: --rounds
     w1_warmup: int
+    w1_disks: tuple[str, ...]  # where W1's restores write, as root (see disks.py)
     w2_files: int
     w2_dirs: int
     w2_whole_tree: bool  # a checkpoint of the whole tree and its restore (for their memory)
@@ -88,13 +91,13 @@ class Sizes:
 
 
 FULL = Sizes(
-    w1_limit_mb=None, w1_rounds=None, w1_warmup=1,
+    w1_limit_mb=None, w1_rounds=None, w1_warmup=1, w1_disks=("tmpfs", "slow"),
     w2_files=1_000_000, w2_dirs=10_000, w2_whole_tree=True, w2d_interval=20.0,
     w3_files=200_000, w3_dirs=2_000, w3_edit_mb=100, w3_edit_files=1_000,
     w4_seconds=600.0, w4_change_minutes=(1, 2, 5, 8), w4_lead=20.0,
 )  # fmt: skip
 QUICK = Sizes(
-    w1_limit_mb=60, w1_rounds=1, w1_warmup=0,
+    w1_limit_mb=60, w1_rounds=1, w1_warmup=0, w1_disks=("tmpfs",),
     w2_files=50_000, w2_dirs=500, w2_whole_tree=False, w2d_interval=3.0,
     w3_files=20_000, w3_dirs=200, w3_edit_mb=10, w3_edit_files=100,
     w4_seconds=60.0, w4_change_minutes=(1,), w4_lead=3.0,
@@ -124,14 +127,31 @@ def generated_root(where: Path, files: int, dirs: int) -> Path:
 # -- W1 ---------------------------------------------------------------------------------
 
 
+DISK_LABELS = {
+    "scratch": "",
+    "tmpfs": ", on a new tmpfs (a fast disk)",
+    "slow": ", on a new slow disk (sync-mounted, direct I/O)",
+}
+
+
+def w1_disks(sz: Sizes) -> tuple[str, ...]:
+    """Where W1's restores write: a new filesystem for each, as root; else the
+    scratch directory (where a restore soon after mass deletion pays ext4's
+    inode allocator: see disks.py)."""
+    return sz.w1_disks if os.geteuid() == 0 and shutil.which("mkfs.ext4") else ("scratch",)
+
+
 def w1(sz: Sizes, rounds: int, scratch: Path, source: Path) -> tuple[list[Row], Path]:
     say("W1: a real install against tar | zstd and restic")
     limit = sz.w1_limit_mb * 1_000_000 if sz.w1_limit_mb else None
+    disks = w1_disks(sz)
     r = checkpoint_bench.measure(
-        source, scratch / "w1", sz.w1_rounds or rounds, sz.w1_warmup, limit_bytes=limit
-    )
+        source, scratch / "w1", sz.w1_rounds or rounds, sz.w1_warmup, limit_bytes=limit,
+        restore_disks=disks,
+    )  # fmt: skip
     t = r.times
     tree = f"{r.files} files, {r.size / 1e6:.0f} MB"
+    on = checkpoint_bench.on
 
     def ref(key: str) -> list[float]:
         return t.get(key, [])
@@ -139,10 +159,16 @@ def w1(sz: Sizes, rounds: int, scratch: Path, source: Path) -> tuple[list[Row], 
     rows = [
         Row("W1", f"checkpoint, whole tree new ({tree})", "s", t["checkpoint"], 1.0,
             reference=t["tar_zstd"], ref_label="`tar -c | zstd -3 -T0`"),
-        Row("W1", "restore into an empty root", "s", t["restore"], 1.0,
-            reference=t["untar"], ref_label="`zstd -d | tar -x`"),
-        Row("W1", "restore into an empty root", "s", t["restore"], 0.8,
-            reference=ref("restic_restore"), ref_label="`restic restore`"),
+    ]  # fmt: skip
+    for kind in disks:
+        what = f"restore into an empty root{DISK_LABELS[kind]}"
+        rows += [
+            Row("W1", what, "s", t[on("restore", kind)], 1.0,
+                reference=t[on("untar", kind)], ref_label="`zstd -d | tar -x`"),
+            Row("W1", what, "s", t[on("restore", kind)], 0.8,
+                reference=ref(on("restic_restore", kind)), ref_label="`restic restore`"),
+        ]  # fmt: skip
+    rows += [
         Row("W1", "layer size", "MB", [r.layer_bytes / 1e6], 1.02,
             reference=[r.tar_zst_bytes / 1e6], ref_label="the tar.zst"),
         Row("W1", "checkpoint, nothing changed", "s", t["checkpoint_unchanged"], 0.2,

@@ -183,9 +183,12 @@ def _read_small(fd: int, rec: Stat) -> tuple[bytes, bool] | None:
     return data, dirty
 
 
-def read_xattrs(path: str) -> dict[str, bytes]:
+def read_xattrs(where: str | int) -> dict[str, bytes]:
+    """The extended attributes of the entry at path ``where`` (never followed), or
+    of the file open at descriptor ``where`` (the very inode whose content is read)."""
+    follow = isinstance(where, int)  # (a descriptor has nothing to follow)
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(where, follow_symlinks=follow)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.ENOENT, errno.EPERM):
             return {}
@@ -193,7 +196,7 @@ def read_xattrs(path: str) -> dict[str, bytes]:
     out = {}
     for name in names:
         try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
+            out[name] = os.getxattr(where, name, follow_symlinks=follow)
         except OSError as e:
             if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
                 raise
@@ -311,43 +314,34 @@ class LayerWriter:
             raise Cancelled("checkpoint cancelled")
         result = self.result
         mode = rec[MODE]
-        if rec[NLINK] > 1 and st.S_ISREG(mode):  # (no late link name for it: see finish)
-            self._added.add(path)
         abs_path = os.path.join(self._root, path)
-        try:
-            xattrs = read_xattrs(abs_path)
-        except FileNotFoundError:
-            result.reverted.append(path)
-            return None
-        except OSError as e:
-            result.skipped.append((path, f"cannot read xattrs: {e.strerror}"))
-            result.reverted.append(path)
-            return None
         if st.S_ISREG(mode):
-            written = self._file(path, rec, abs_path, xattrs)
+            if rec[NLINK] > 1:  # (no late link name for it: see finish)
+                self._added.add(path)
+            written = self._file(path, rec, abs_path)
             if written is None:
                 return None
             rec = written
-        elif st.S_ISDIR(mode):
-            self._buf += tf.encode_header(
-                path + "/", tf.DIRTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
-            )
-        elif st.S_ISLNK(mode):
-            target = rec[TARGET]
-            if symlink_escapes(path, target):
-                result.skipped.append((path, f"symlink target climbs above the root: {target}"))
-                return rec
-            self._buf += tf.encode_header(
-                path, tf.SYMTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], target, xattrs
-            )
-        elif st.S_ISFIFO(mode):
-            self._buf += tf.encode_header(
-                path, tf.FIFOTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], "", xattrs
-            )
         else:
-            kind = "socket" if st.S_ISSOCK(mode) else "device node"
-            result.skipped.append((path, f"{kind} not checkpointed"))
-            return rec  # reported once, not at every checkpoint
+            xattrs = self._xattrs(path, abs_path)
+            if xattrs is None:
+                return None
+            if st.S_ISDIR(mode):
+                kind, name, target = tf.DIRTYPE, path + "/", ""
+            elif st.S_ISLNK(mode):
+                kind, name, target = tf.SYMTYPE, path, rec[TARGET]
+                if symlink_escapes(path, target):
+                    result.skipped.append((path, f"symlink target climbs above the root: {target}"))
+                    return rec
+            elif st.S_ISFIFO(mode):
+                kind, name, target = tf.FIFOTYPE, path, ""
+            else:
+                what = "socket" if st.S_ISSOCK(mode) else "device node"
+                result.skipped.append((path, f"{what} not checkpointed"))
+                return rec  # reported once, not at every checkpoint
+            self._buf += tf.encode_header(
+                name, kind, mode, rec[UID], rec[GID], 0, rec[MTIME], target, xattrs
+            )
         result.entries += 1
         if len(self._buf) >= FLUSH_AT:
             self._flush()
@@ -355,15 +349,27 @@ class LayerWriter:
             self._progress(result.entries, self.bytes_done)
         return rec
 
-    def _file(self, path: str, rec: Stat, abs_path: str, xattrs: dict[str, bytes]) -> Stat | None:
+    def _xattrs(self, path: str, where: str | int) -> dict[str, bytes] | None:
+        """``read_xattrs`` of ``where``; None when the entry is gone or they cannot be
+        read (then it is not written, and keeps its old record)."""
+        try:
+            return read_xattrs(where)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self.result.skipped.append((path, f"cannot read xattrs: {e.strerror}"))
+        self.result.reverted.append(path)
+        return None
+
+    def _file(self, path: str, rec: Stat, abs_path: str) -> Stat | None:
         """A regular file's entry (a hardlink to a name already written, or the
         content); its record as written, None when nothing was."""
         result = self.result
         mode = rec[MODE]
         first = self._links.get(rec[INO]) if rec[NLINK] > 1 else None
-        if first is not None:
+        if first is not None:  # the inode's xattrs, as read with the first name's content
             self._buf += tf.encode_header(
-                path, tf.LNKTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], first[0], xattrs
+                path, tf.LNKTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], first[0], first[2]
             )
             rec = poisoned(rec) if first[1] else rec
             result.linked[path] = rec
@@ -378,6 +384,9 @@ class LayerWriter:
             result.reverted.append(path)
             return None
         try:
+            xattrs = self._xattrs(path, fd)
+            if xattrs is None:
+                return None
             if rec[SIZE] <= WHOLE_FILE_MAX:
                 got = _read_small(fd, rec)
                 if got is None:  # no longer a regular file: next time

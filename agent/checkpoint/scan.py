@@ -16,7 +16,7 @@ import operator
 import os
 import re
 import stat as st
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -38,6 +38,14 @@ NLINK: Final = 7
 TARGET: Final = 8
 
 ALWAYS_SKIPPED = ("proc", "sys", "dev", "run", "tmp")
+
+
+_list_dir: Callable[[int, int, bytes], tuple[list[str], list[Stat]] | None] | None
+try:
+    from agent.checkpoint._listdir import list_dir as _list_dir
+except ImportError:  # installed without its compiled part: every directory the careful way
+    _list_dir = None
+_SKIP = os.fsencode(RESTORE_TEMP_PREFIX)
 
 
 def stat_record(s: os.stat_result, target: str = "") -> Stat:
@@ -181,10 +189,10 @@ def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterato
 
     Each directory comes with all its kept entries, before any directory below
     it, so parents come before children, and a checkpoint can write its changes
-    while the walk goes on.  The per-entry work is done by C loops (``map``) over
-    a directory at a time: one ``lstat`` per entry, a record tuple straight from
-    the stat result, the rare cases (a symlink, a mount point, an entry gone
-    meanwhile) found and handled per directory.
+    while the walk goes on.  A directory with nothing excluded is listed by the
+    compiled ``_listdir`` (names and records in one call, the system calls
+    without the GIL); one it declines, or any when it is not built, is listed by
+    ``_list_careful``, with the same result.
     """
     skipped = result.skipped
     root_s = str(root)
@@ -209,39 +217,22 @@ def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterato
             yield _unlisted(rel_dir, e, result)
             continue
         prefix = f"{rel_dir}/" if rel_dir else ""
+        excluded = names_by_dir.get(rel_dir)
+        listed: tuple[list[str], list[Stat]] | OSError | None = None
         try:
-            with os.scandir(fd) as it:
-                found = sorted(it, key=_NAME)
+            if _list_dir is not None and excluded is None and glob is None:
+                listed = _list_dir(fd, root_dev, _SKIP)
+            if listed is None:
+                listed = _list_careful(fd, prefix, excluded, glob, root_dev, skipped)
         except OSError as e:
-            os.close(fd)
-            yield _unlisted(rel_dir, e, result)
-            continue
-        try:
-            names = list(map(_NAME, found))
-            excluded = names_by_dir.get(rel_dir)
-            if (
-                excluded is not None
-                or glob is not None
-                or any(map(str.startswith, names, repeat(RESTORE_TEMP_PREFIX)))
-            ):
-                found = [de for de in found if _kept(de.name, prefix, excluded, glob)]
-                names = list(map(_NAME, found))
-            # Entries of a directory opened by its fd are stat'ed relative to it
-            # (fstatat: no path to build or resolve), and ``DirEntry.stat`` is an
-            # lstat for an entry d_type says is no symlink.
-            if any(map(os.DirEntry.is_symlink, found)):
-                names, stats = _stat_each(found, prefix, skipped)
-            else:
-                try:
-                    stats = list(map(os.DirEntry.stat, found))
-                except OSError:  # an entry gone or unreadable: one at a time
-                    names, stats = _stat_each(found, prefix, skipped)
-            records: list[Stat] = list(map(operator.add, map(_RECORD, stats), repeat(_NO_TARGET)))
-            modes = list(map(_MODE, records))
-            if any(map(st.S_ISLNK, modes)) or any(map(root_dev.__ne__, map(_DEV, stats))):
-                names, records, modes = _rare(fd, root_dev, names, stats, records)
+            listed = e
         finally:
             os.close(fd)
+        if isinstance(listed, OSError):
+            yield _unlisted(rel_dir, listed, result)
+            continue
+        names, records = listed
+        modes = list(map(_MODE, records))
         result.count += len(names)
         yield Listing(rel_dir, names, records, True)
         if any(map(st.S_ISDIR, modes)):
@@ -333,6 +324,44 @@ def _kept(
     return not name.startswith(RESTORE_TEMP_PREFIX)
 
 
+def _list_careful(
+    fd: int,
+    prefix: str,
+    excluded: frozenset[str] | None,
+    glob: re.Pattern[str] | None,
+    root_dev: int,
+    skipped: list[tuple[str, str]],
+) -> tuple[list[str], list[Stat]]:
+    """The directory open at ``fd``, sorted, its exclusions left out, each kept
+    entry ``lstat``'ed (an excluded one never is: it may be a hung mount); the
+    per-entry work in C loops (``map``), the rare cases (a symlink, a mount
+    point, an entry gone meanwhile) found and handled per directory."""
+    with os.scandir(fd) as it:
+        found = sorted(it, key=_NAME)
+    names = list(map(_NAME, found))
+    if (
+        excluded is not None
+        or glob is not None
+        or any(map(str.startswith, names, repeat(RESTORE_TEMP_PREFIX)))
+    ):
+        found = [de for de in found if _kept(de.name, prefix, excluded, glob)]
+        names = list(map(_NAME, found))
+    # Entries of a directory opened by its fd are stat'ed relative to it
+    # (fstatat: no path to build or resolve), and ``DirEntry.stat`` is an
+    # lstat for an entry d_type says is no symlink.
+    if any(map(os.DirEntry.is_symlink, found)):
+        names, stats = _stat_each(found, prefix, skipped)
+    else:
+        try:
+            stats = list(map(os.DirEntry.stat, found))
+        except OSError:  # an entry gone or unreadable: one at a time
+            names, stats = _stat_each(found, prefix, skipped)
+    records: list[Stat] = list(map(operator.add, map(_RECORD, stats), repeat(_NO_TARGET)))
+    if any(map(st.S_ISLNK, map(_MODE, records))) or any(map(root_dev.__ne__, map(_DEV, stats))):
+        names, records = _rare(fd, root_dev, names, stats, records)
+    return names, records
+
+
 def _stat_each(
     found: list[os.DirEntry[str]], prefix: str, skipped: list[tuple[str, str]]
 ) -> tuple[list[str], list[os.stat_result]]:
@@ -352,7 +381,7 @@ def _stat_each(
 
 def _rare(
     fd: int, root_dev: int, names: list[str], stats: list[os.stat_result], records: list[Stat]
-) -> tuple[list[str], list[Stat], list[int]]:
+) -> tuple[list[str], list[Stat]]:
     """A directory with symlinks (their targets) or other filesystems' entries (left out:
     mount points missing from mountinfo, files bind-mounted from elsewhere)."""
     kept: list[str] = []
@@ -367,4 +396,4 @@ def _rare(
             continue
         kept.append(name)
         kept_records.append(rec)
-    return kept, kept_records, list(map(_MODE, kept_records))
+    return kept, kept_records

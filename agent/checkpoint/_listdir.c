@@ -1,0 +1,259 @@
+/* One directory's names and lstat records in one call, for the checkpoint's walk.
+ *
+ * A full walk stats every entry of the root: at a million files the Python
+ * loop around each lstat (a DirEntry, a stat_result, a tuple built from its
+ * attributes) cost more than the system calls.  Here the entries are read and
+ * stat'ed with the GIL released (the compressor and the state writer run
+ * meanwhile), and the records are built straight from struct stat.
+ *
+ * Only the common case is handled: a directory whose entries all stat cleanly.
+ * Anything else (an entry gone or unreadable, a restore temporary, a symlink
+ * whose target cannot be read, a read error) returns None, and the caller lists
+ * that directory the careful way, in Python, as it would without this module.
+ * Entries on another filesystem (a mount point below the root) are left out, as
+ * the caller leaves them out.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef struct {
+    size_t name;   /* offset of the NUL-terminated name in the arena */
+    size_t target; /* offset of a symlink's target, or (size_t)-1 */
+    struct stat st;
+    PyObject *str; /* the decoded name, once the GIL is held again */
+} entry;
+
+typedef struct {
+    char *bytes;
+    size_t len, cap;
+} arena;
+
+static int arena_reserve(arena *a, size_t more) {
+    if (a->len + more <= a->cap) return 0;
+    size_t cap = a->cap ? a->cap : 1 << 16;
+    while (a->len + more > cap) cap *= 2;
+    char *grown = realloc(a->bytes, cap);
+    if (grown == NULL) return -1;
+    a->bytes = grown;
+    a->cap = cap;
+    return 0;
+}
+
+static int by_name(const void *a, const void *b) {
+    /* Python's str order (code points), which is the parent state's order; for
+     * two str objects PyUnicode_Compare cannot fail. */
+    return PyUnicode_Compare(((const entry *)a)->str, ((const entry *)b)->str);
+}
+
+enum outcome { LISTED, CAREFUL, NO_MEMORY };
+
+/* Times whose nanoseconds fit in a signed 64-bit integer (until the year 2262). */
+#define MAX_SECONDS 9000000000LL
+
+/* Read and stat every entry; runs without the GIL. */
+static enum outcome read_dir(int fd, dev_t dev, const char *skip, size_t skip_len,
+                             entry **out, size_t *count, arena *names) {
+    int own = dup(fd);
+    if (own < 0) return CAREFUL;
+    DIR *dir = fdopendir(own);
+    if (dir == NULL) {
+        close(own);
+        return CAREFUL;
+    }
+    rewinddir(dir); /* the offset is shared with the caller's descriptor */
+    size_t cap = 64, n = 0;
+    entry *es = malloc(cap * sizeof(entry));
+    enum outcome got = LISTED;
+    if (es == NULL) got = NO_MEMORY;
+    while (got == LISTED) {
+        errno = 0;
+        struct dirent *d = readdir(dir);
+        if (d == NULL) {
+            if (errno != 0) got = CAREFUL;
+            break;
+        }
+        const char *nm = d->d_name;
+        if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0'))) continue;
+        size_t len = strlen(nm);
+        if (len >= skip_len && memcmp(nm, skip, skip_len) == 0) {
+            got = CAREFUL;
+            break;
+        }
+        if (n == cap) {
+            entry *grown = realloc(es, 2 * cap * sizeof(entry));
+            if (grown == NULL) {
+                got = NO_MEMORY;
+                break;
+            }
+            es = grown;
+            cap *= 2;
+        }
+        if (arena_reserve(names, len + 1) < 0) {
+            got = NO_MEMORY;
+            break;
+        }
+        memcpy(names->bytes + names->len, nm, len + 1);
+        es[n].name = names->len;
+        es[n].target = (size_t)-1;
+        es[n].str = NULL;
+        names->len += len + 1;
+        n++;
+    }
+    rewinddir(dir); /* as the caller's own listing expects to find it */
+    closedir(dir);
+    size_t kept = 0;
+    for (size_t i = 0; i < n && got == LISTED; i++) {
+        entry e = es[i];
+        if (fstatat(fd, names->bytes + e.name, &e.st, AT_SYMLINK_NOFOLLOW) != 0) {
+            got = CAREFUL;
+            break;
+        }
+        if (e.st.st_mtim.tv_sec > MAX_SECONDS || e.st.st_mtim.tv_sec < -MAX_SECONDS
+            || e.st.st_ctim.tv_sec > MAX_SECONDS || e.st.st_ctim.tv_sec < -MAX_SECONDS) {
+            got = CAREFUL; /* nanoseconds past a 64-bit integer: Python's ints hold them */
+            break;
+        }
+        if (S_ISLNK(e.st.st_mode)) {
+            if (arena_reserve(names, PATH_MAX + 1) < 0) {
+                got = NO_MEMORY;
+                break;
+            }
+            char *to = names->bytes + names->len;
+            ssize_t len = readlinkat(fd, names->bytes + e.name, to, PATH_MAX);
+            if (len < 0) {
+                got = CAREFUL;
+                break;
+            }
+            to[len] = '\0';
+            e.target = names->len;
+            names->len += (size_t)len + 1;
+        } else if (e.st.st_dev != dev) {
+            continue; /* another filesystem's entry: not the root's */
+        }
+        es[kept++] = e;
+    }
+    if (got != LISTED) {
+        free(es);
+        return got;
+    }
+    *out = es;
+    *count = kept;
+    return LISTED;
+}
+
+static PyObject *record(const entry *e, const arena *names, PyObject *empty) {
+    const struct stat *s = &e->st;
+    PyObject *t = PyTuple_New(9);
+    if (t == NULL) return NULL;
+    PyObject *target;
+    if (e->target == (size_t)-1) {
+        target = Py_NewRef(empty);
+    } else {
+        const char *to = names->bytes + e->target;
+        target = PyUnicode_DecodeFSDefaultAndSize(to, (Py_ssize_t)strlen(to));
+    }
+    PyObject *items[9] = {
+        PyLong_FromUnsignedLong(s->st_mode),
+        PyLong_FromUnsignedLong(s->st_uid),
+        PyLong_FromUnsignedLong(s->st_gid),
+        PyLong_FromLongLong((long long)s->st_size),
+        PyLong_FromLongLong((long long)s->st_mtim.tv_sec * 1000000000LL + s->st_mtim.tv_nsec),
+        PyLong_FromLongLong((long long)s->st_ctim.tv_sec * 1000000000LL + s->st_ctim.tv_nsec),
+        PyLong_FromUnsignedLongLong((unsigned long long)s->st_ino),
+        PyLong_FromUnsignedLongLong((unsigned long long)s->st_nlink),
+        target,
+    };
+    int failed = 0;
+    for (int i = 0; i < 9; i++) {
+        if (items[i] == NULL) failed = 1;
+        PyTuple_SET_ITEM(t, i, items[i]);
+    }
+    if (failed) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    return t;
+}
+
+PyDoc_STRVAR(list_dir_doc,
+"list_dir(fd, dev, skip) -> (names, records) | None\n\n"
+"The entries of the directory open at fd, sorted by name, and their lstat\n"
+"records (mode, uid, gid, size, mtime_ns, ctime_ns, ino, nlink, symlink\n"
+"target or \"\"), leaving out entries whose st_dev is not dev.  None when the\n"
+"directory needs the careful listing: an entry gone or unreadable, a name\n"
+"starting with skip, a read error.");
+
+static PyObject *list_dir(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd;
+    unsigned long long dev;
+    const char *skip;
+    Py_ssize_t skip_len;
+    if (!PyArg_ParseTuple(args, "iKy#:list_dir", &fd, &dev, &skip, &skip_len)) return NULL;
+    entry *es = NULL;
+    size_t n = 0;
+    arena names = {NULL, 0, 0};
+    enum outcome got;
+    Py_BEGIN_ALLOW_THREADS
+    got = read_dir(fd, (dev_t)dev, skip, (size_t)skip_len, &es, &n, &names);
+    Py_END_ALLOW_THREADS
+    if (got == NO_MEMORY) {
+        free(names.bytes);
+        return PyErr_NoMemory();
+    }
+    if (got == CAREFUL) {
+        free(names.bytes);
+        Py_RETURN_NONE;
+    }
+    PyObject *result = NULL, *names_list = NULL, *records = NULL;
+    PyObject *empty = PyUnicode_FromStringAndSize("", 0);
+    if (empty == NULL) goto done;
+    for (size_t i = 0; i < n; i++) {
+        const char *nm = names.bytes + es[i].name;
+        es[i].str = PyUnicode_DecodeFSDefaultAndSize(nm, (Py_ssize_t)strlen(nm));
+        if (es[i].str == NULL) goto done;
+    }
+    qsort(es, n, sizeof(entry), by_name);
+    names_list = PyList_New((Py_ssize_t)n);
+    records = PyList_New((Py_ssize_t)n);
+    if (names_list == NULL || records == NULL) goto done;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *rec = record(&es[i], &names, empty);
+        if (rec == NULL) goto done;
+        PyList_SET_ITEM(names_list, (Py_ssize_t)i, es[i].str);
+        es[i].str = NULL;
+        PyList_SET_ITEM(records, (Py_ssize_t)i, rec);
+    }
+    result = PyTuple_Pack(2, names_list, records);
+done:
+    for (size_t i = 0; i < n; i++) Py_XDECREF(es[i].str);
+    Py_XDECREF(names_list);
+    Py_XDECREF(records);
+    Py_XDECREF(empty);
+    free(es);
+    free(names.bytes);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"list_dir", list_dir, METH_VARARGS, list_dir_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_listdir",
+    .m_doc = "A directory's names and lstat records in one call (see scan.walk).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__listdir(void) { return PyModule_Create(&module); }
