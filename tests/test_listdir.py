@@ -1,8 +1,10 @@
 """The walk's compiled lister gives what the careful Python listing gives.
 
 ``scan.walk`` lists a directory with nothing excluded through
-``agent.checkpoint._listdir`` and falls back to ``_list_careful`` for what the
-lister declines; each test walks the same tree both ways and compares every
+``agent.checkpoint._listdir`` (with the next directories on its stack, on
+several threads, after a large directory) and falls back to ``_list_careful``
+for what the lister declines; each test walks the same tree both ways, the
+compiled one listing every directory in batches, and compares every
 directory's names and records.
 """
 
@@ -18,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from agent.checkpoint import scan
-from agent.checkpoint._listdir import list_dir
+from agent.checkpoint._listdir import list_dir, list_dirs
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
 from agent.checkpoint.scan import Excluder, Scan, walk
 
@@ -27,8 +29,11 @@ Listed = list[tuple[str, list[str], list[scan.Stat]]]
 
 def _walk(root: Path, *, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Listed, Scan]:
     with monkeypatch.context() as m:
-        if not compiled:
-            m.setattr(scan, "_list_dir", None)
+        if compiled:  # every directory listed with the next ones, two threads at once
+            m.setattr(scan, "PARALLEL_FROM", 0)
+            m.setattr(scan, "LISTERS", 2)
+        else:
+            m.setattr(scan, "_list_dirs", None)
         result = Scan()
         excluder = Excluder(root, [], [])
         listed = [(d, names, records) for d, names, records, _ in walk(root, excluder, result)]
@@ -61,7 +66,7 @@ def root(tmp_path: Path) -> Iterator[Path]:
 def test_the_compiled_lister_is_what_the_walk_uses() -> None:
     # Installed from source, the module is built; the walk must not silently
     # fall back to the careful listing everywhere.
-    assert scan._list_dir is list_dir
+    assert scan._list_dirs is list_dirs
 
 
 def test_every_kind_of_entry_is_listed_as_the_careful_walk_lists_it(
@@ -101,6 +106,47 @@ def test_names_sort_as_python_strings_not_as_bytes(
     assert top == sorted(os.fsdecode(n) for n in names)
     got = _listing(root)
     assert got is not None and got[0] == top
+
+
+def test_batches_keep_the_order_and_decline_one_directory_alone(tmp_path: Path) -> None:
+    dirs = []
+    for i in range(6):
+        d = tmp_path / f"d{i}"
+        d.mkdir()
+        for j in range(i * 30):
+            (d / f"f{j}").touch()
+        dirs.append(d)
+    (dirs[3] / f"{RESTORE_TEMP_PREFIX}t").touch()  # declined, the others not
+    fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in dirs]
+    try:
+        skip = os.fsencode(RESTORE_TEMP_PREFIX)
+        dev = os.lstat(tmp_path).st_dev
+        for threads in (1, 2, 16):
+            got = list_dirs(fds, dev, skip, threads)
+            assert [g is None for g in got] == [False, False, False, True, False, False]
+            for fd, g in zip(fds, got, strict=True):
+                assert g == list_dir(fd, dev, skip)
+        assert list_dirs([], dev, skip, 2) == []
+        with pytest.raises(TypeError):
+            list_dirs([fds[0], "x"], dev, skip, 2)  # type: ignore[list-item]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_large_tree_walks_alike_with_the_default_batches(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(12):  # directories large enough to start the threads
+        for j in range(3):
+            d = root / f"top{i:02d}" / f"mid{j}"
+            d.mkdir(parents=True)
+            for k in range(scan.PARALLEL_FROM + 5):
+                (d / f"file{k:03d}").write_bytes(b"x" * k)
+        (root / f"top{i:02d}" / "link").symlink_to("mid0")
+    fast = [(d, n, r) for d, n, r, _ in walk(root, Excluder(root, [], []), Scan())]
+    careful, _ = _walk(root, compiled=False, monkeypatch=monkeypatch)
+    assert fast == careful
 
 
 def test_a_directory_larger_than_one_read_is_listed_whole(

@@ -13,6 +13,7 @@
  * Entries on another filesystem (a mount point below the root) are left out, as
  * the caller leaves them out.
  */
+#define _GNU_SOURCE /* qsort_r */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -20,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -59,9 +61,21 @@ enum outcome { LISTED, CAREFUL, NO_MEMORY };
 /* Times whose nanoseconds fit in a signed 64-bit integer (until the year 2262). */
 #define MAX_SECONDS 9000000000LL
 
-/* Read and stat every entry; runs without the GIL. */
+static int by_bytes(const void *a, const void *b, void *names) {
+    return strcmp((const char *)names + ((const entry *)a)->name,
+                  (const char *)names + ((const entry *)b)->name);
+}
+
+static int is_ascii(const char *s, size_t len) {
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)s[i] & 0x80) return 0;
+    return 1;
+}
+
+/* Read and stat every entry; runs without the GIL.  ``*ascii``: every name is
+ * ASCII, and the entries are sorted already (byte order is string order then). */
 static enum outcome read_dir(int fd, dev_t dev, const char *skip, size_t skip_len,
-                             entry **out, size_t *count, arena *names) {
+                             entry **out, size_t *count, arena *names, int *ascii) {
     int own = dup(fd);
     if (own < 0) return CAREFUL;
     DIR *dir = fdopendir(own);
@@ -84,6 +98,7 @@ static enum outcome read_dir(int fd, dev_t dev, const char *skip, size_t skip_le
         const char *nm = d->d_name;
         if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0'))) continue;
         size_t len = strlen(nm);
+        if (*ascii && !is_ascii(nm, len)) *ascii = 0;
         if (len >= skip_len && memcmp(nm, skip, skip_len) == 0) {
             got = CAREFUL;
             break;
@@ -145,6 +160,7 @@ static enum outcome read_dir(int fd, dev_t dev, const char *skip, size_t skip_le
         free(es);
         return got;
     }
+    if (*ascii) qsort_r(es, kept, sizeof(entry), by_bytes, names->bytes);
     *out = es;
     *count = kept;
     return LISTED;
@@ -184,6 +200,65 @@ static PyObject *record(const entry *e, const arena *names, PyObject *empty) {
     return t;
 }
 
+/* One directory's listing, read without the GIL, turned into Python objects with it. */
+typedef struct {
+    int fd;
+    enum outcome got;
+    int ascii;
+    entry *es;
+    size_t n;
+    arena names;
+} listing;
+
+static void read_listing(listing *l, dev_t dev, const char *skip, size_t skip_len) {
+    l->es = NULL;
+    l->n = 0;
+    l->names = (arena){NULL, 0, 0};
+    l->ascii = 1;
+    l->got = read_dir(l->fd, dev, skip, skip_len, &l->es, &l->n, &l->names, &l->ascii);
+}
+
+static void free_listing(listing *l) {
+    if (l->es != NULL)
+        for (size_t i = 0; i < l->n; i++) Py_XDECREF(l->es[i].str);
+    free(l->es);
+    free(l->names.bytes);
+    l->es = NULL;
+    l->names.bytes = NULL;
+}
+
+/* (names, records), None for a directory to list the careful way, NULL on error. */
+static PyObject *build(listing *l, PyObject *empty) {
+    if (l->got == NO_MEMORY) return PyErr_NoMemory();
+    if (l->got == CAREFUL) Py_RETURN_NONE;
+    entry *es = l->es;
+    size_t n = l->n;
+    PyObject *result = NULL, *names_list = NULL, *records = NULL;
+    for (size_t i = 0; i < n; i++) {
+        const char *nm = l->names.bytes + es[i].name;
+        Py_ssize_t len = (Py_ssize_t)strlen(nm);
+        es[i].str = l->ascii ? PyUnicode_DecodeASCII(nm, len, NULL)
+                             : PyUnicode_DecodeFSDefaultAndSize(nm, len);
+        if (es[i].str == NULL) goto done;
+    }
+    if (!l->ascii) qsort(es, n, sizeof(entry), by_name);
+    names_list = PyList_New((Py_ssize_t)n);
+    records = PyList_New((Py_ssize_t)n);
+    if (names_list == NULL || records == NULL) goto done;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *rec = record(&es[i], &l->names, empty);
+        if (rec == NULL) goto done;
+        PyList_SET_ITEM(names_list, (Py_ssize_t)i, es[i].str);
+        es[i].str = NULL;
+        PyList_SET_ITEM(records, (Py_ssize_t)i, rec);
+    }
+    result = PyTuple_Pack(2, names_list, records);
+done:
+    Py_XDECREF(names_list);
+    Py_XDECREF(records);
+    return result;
+}
+
 PyDoc_STRVAR(list_dir_doc,
 "list_dir(fd, dev, skip) -> (names, records) | None\n\n"
 "The entries of the directory open at fd, sorted by name, and their lstat\n"
@@ -198,53 +273,103 @@ static PyObject *list_dir(PyObject *Py_UNUSED(self), PyObject *args) {
     const char *skip;
     Py_ssize_t skip_len;
     if (!PyArg_ParseTuple(args, "iKy#:list_dir", &fd, &dev, &skip, &skip_len)) return NULL;
-    entry *es = NULL;
-    size_t n = 0;
-    arena names = {NULL, 0, 0};
-    enum outcome got;
+    listing l = {.fd = fd};
     Py_BEGIN_ALLOW_THREADS
-    got = read_dir(fd, (dev_t)dev, skip, (size_t)skip_len, &es, &n, &names);
+    read_listing(&l, (dev_t)dev, skip, (size_t)skip_len);
     Py_END_ALLOW_THREADS
-    if (got == NO_MEMORY) {
-        free(names.bytes);
+    PyObject *result = NULL;
+    PyObject *empty = PyUnicode_FromStringAndSize("", 0);
+    if (empty != NULL) result = build(&l, empty);
+    Py_XDECREF(empty);
+    free_listing(&l);
+    return result;
+}
+
+/* Several directories read at once: each thread takes the next one not taken. */
+typedef struct {
+    listing *ls;
+    size_t count;
+    size_t next; /* taken with an atomic add */
+    dev_t dev;
+    const char *skip;
+    size_t skip_len;
+} batch;
+
+static void *read_batch(void *arg) {
+    batch *b = arg;
+    for (;;) {
+        size_t i = __atomic_fetch_add(&b->next, 1, __ATOMIC_RELAXED);
+        if (i >= b->count) return NULL;
+        read_listing(&b->ls[i], b->dev, b->skip, b->skip_len);
+    }
+}
+
+#define MAX_THREADS 16
+
+PyDoc_STRVAR(list_dirs_doc,
+"list_dirs(fds, dev, skip, threads) -> [(names, records) | None, ...]\n\n"
+"list_dir of each descriptor in fds, in that order, read by up to threads\n"
+"threads at once (the caller's included) without the GIL: listings of\n"
+"different directories, a different core's each.");
+
+static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *fds;
+    unsigned long long dev;
+    const char *skip;
+    Py_ssize_t skip_len;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OKy#i:list_dirs", &fds, &dev, &skip, &skip_len, &threads))
+        return NULL;
+    PyObject *seq = PySequence_Fast(fds, "list_dirs: fds must be a sequence of descriptors");
+    if (seq == NULL) return NULL;
+    size_t count = (size_t)PySequence_Fast_GET_SIZE(seq);
+    listing *ls = calloc(count ? count : 1, sizeof(listing));
+    if (ls == NULL) {
+        Py_DECREF(seq);
         return PyErr_NoMemory();
     }
-    if (got == CAREFUL) {
-        free(names.bytes);
-        Py_RETURN_NONE;
+    for (size_t i = 0; i < count; i++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i));
+        if (fd == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            free(ls);
+            return NULL;
+        }
+        ls[i].fd = (int)fd;
     }
-    PyObject *result = NULL, *names_list = NULL, *records = NULL;
+    Py_DECREF(seq);
+    batch b = {ls, count, 0, (dev_t)dev, skip, (size_t)skip_len};
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((size_t)threads > count) threads = (int)count;
+    pthread_t helpers[MAX_THREADS];
+    int started = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&helpers[started], NULL, read_batch, &b) != 0) break;
+        started++; /* (none started: the caller reads them all) */
+    }
+    read_batch(&b);
+    for (int t = 0; t < started; t++) pthread_join(helpers[t], NULL);
+    Py_END_ALLOW_THREADS
+    PyObject *out = PyList_New((Py_ssize_t)count);
     PyObject *empty = PyUnicode_FromStringAndSize("", 0);
-    if (empty == NULL) goto done;
-    for (size_t i = 0; i < n; i++) {
-        const char *nm = names.bytes + es[i].name;
-        es[i].str = PyUnicode_DecodeFSDefaultAndSize(nm, (Py_ssize_t)strlen(nm));
-        if (es[i].str == NULL) goto done;
+    for (size_t i = 0; i < count && out != NULL; i++) {
+        PyObject *one = empty != NULL ? build(&ls[i], empty) : NULL;
+        if (one == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, one);
     }
-    qsort(es, n, sizeof(entry), by_name);
-    names_list = PyList_New((Py_ssize_t)n);
-    records = PyList_New((Py_ssize_t)n);
-    if (names_list == NULL || records == NULL) goto done;
-    for (size_t i = 0; i < n; i++) {
-        PyObject *rec = record(&es[i], &names, empty);
-        if (rec == NULL) goto done;
-        PyList_SET_ITEM(names_list, (Py_ssize_t)i, es[i].str);
-        es[i].str = NULL;
-        PyList_SET_ITEM(records, (Py_ssize_t)i, rec);
-    }
-    result = PyTuple_Pack(2, names_list, records);
-done:
-    for (size_t i = 0; i < n; i++) Py_XDECREF(es[i].str);
-    Py_XDECREF(names_list);
-    Py_XDECREF(records);
+    for (size_t i = 0; i < count; i++) free_listing(&ls[i]);
+    free(ls);
     Py_XDECREF(empty);
-    free(es);
-    free(names.bytes);
-    return result;
+    return out;
 }
 
 static PyMethodDef methods[] = {
     {"list_dir", list_dir, METH_VARARGS, list_dir_doc},
+    {"list_dirs", list_dirs, METH_VARARGS, list_dirs_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,4 +1,9 @@
 # The compiled lister (_listdir.c); see scan.walk.
-def list_dir(
-    fd: int, dev: int, skip: bytes, /
-) -> tuple[list[str], list[tuple[int, int, int, int, int, int, int, int, str]]] | None: ...
+from collections.abc import Sequence
+
+_Record = tuple[int, int, int, int, int, int, int, int, str]
+
+def list_dir(fd: int, dev: int, skip: bytes, /) -> tuple[list[str], list[_Record]] | None: ...
+def list_dirs(
+    fds: Sequence[int], dev: int, skip: bytes, threads: int, /
+) -> list[tuple[list[str], list[_Record]] | None]: ...

@@ -16,7 +16,7 @@ import operator
 import os
 import re
 import stat as st
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -40,12 +40,21 @@ TARGET: Final = 8
 ALWAYS_SKIPPED = ("proc", "sys", "dev", "run", "tmp")
 
 
-_list_dir: Callable[[int, int, bytes], tuple[list[str], list[Stat]] | None] | None
+_Fast = tuple[list[str], list[Stat]] | None
+_list_dirs: Callable[[Sequence[int], int, bytes, int], list[_Fast]] | None
 try:
-    from agent.checkpoint._listdir import list_dir as _list_dir
+    from agent.checkpoint._listdir import list_dirs as _list_dirs
 except ImportError:  # installed without its compiled part: every directory the careful way
-    _list_dir = None
+    _list_dirs = None
 _SKIP = os.fsencode(RESTORE_TEMP_PREFIX)
+# Directories listed by one call of the compiled lister (the one the walk reached
+# and the next ones on its stack), and the threads it lists them with: listings
+# of different directories run on different cores, without the GIL.  Only after
+# a directory of PARALLEL_FROM entries or more (its siblings are likely alike):
+# for small ones, starting the threads costs more than it saves.
+BATCH = 8
+LISTERS = min(4, os.cpu_count() or 1)
+PARALLEL_FROM = 64
 
 
 def stat_record(s: os.stat_result, target: str = "") -> Stat:
@@ -191,54 +200,90 @@ def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterato
     it, so parents come before children, and a checkpoint can write its changes
     while the walk goes on.  A directory with nothing excluded is listed by the
     compiled ``_listdir`` (names and records in one call, the system calls
-    without the GIL); one it declines, or any when it is not built, is listed by
+    without the GIL), together with the next few on the stack, on ``LISTERS``
+    threads; one it declines, or any when it is not built, is listed by
     ``_list_careful``, with the same result.
     """
     skipped = result.skipped
     root_s = str(root)
     root_dev = root_device(root)
-    names_by_dir = excluder.names_by_dir
-    glob = excluder.glob
     stack: list[str] = [top]
+    ahead: dict[str, tuple[list[str], list[Stat]]] = {}  # listed with an earlier one
+    parallel = False
     while stack:
         rel_dir = stack.pop()
-        abs_dir = os.path.join(root_s, rel_dir) if rel_dir else root_s
-        try:
-            # Never through a symlink that replaced a directory since it was listed
-            # (the root itself may be one).
-            fd = os.open(abs_dir, _DIR_FLAGS if rel_dir else _ROOT_FLAGS)
-        except FileNotFoundError:  # gone since its parent was listed
-            yield Listing(rel_dir, [], [], True)
-            continue
-        except OSError as e:
-            if rel_dir and e.errno in (errno.ENOTDIR, errno.ELOOP):  # replaced meanwhile
-                yield Listing(rel_dir, [], [], True)
-                continue
-            yield _unlisted(rel_dir, e, result)
-            continue
-        prefix = f"{rel_dir}/" if rel_dir else ""
-        excluded = names_by_dir.get(rel_dir)
-        listed: tuple[list[str], list[Stat]] | OSError | None = None
-        try:
-            if _list_dir is not None and excluded is None and glob is None:
-                listed = _list_dir(fd, root_dev, _SKIP)
-            if listed is None:
-                listed = _list_careful(fd, prefix, excluded, glob, root_dev, skipped)
-        except OSError as e:
-            listed = e
-        finally:
-            os.close(fd)
+        listed: tuple[list[str], list[Stat]] | OSError | None = ahead.pop(rel_dir, None)
+        if listed is None:
+            batch = stack if parallel else []
+            listed = _list(root_s, rel_dir, root_dev, excluder, batch, ahead, skipped)
         if isinstance(listed, OSError):
             yield _unlisted(rel_dir, listed, result)
             continue
         names, records = listed
+        parallel = LISTERS > 1 and len(names) >= PARALLEL_FROM
         modes = list(map(_MODE, records))
         result.count += len(names)
         yield Listing(rel_dir, names, records, True)
         if any(map(st.S_ISDIR, modes)):
+            prefix = f"{rel_dir}/" if rel_dir else ""
             subdirs = [prefix + n for n, m in zip(names, modes, strict=True) if st.S_ISDIR(m)]
             # Depth-first in name order: push in reverse.
             stack.extend(reversed(subdirs))
+
+
+def _open_dir(root_s: str, rel_dir: str) -> int:
+    # Never through a symlink that replaced a directory since it was listed (the
+    # root itself may be one).
+    abs_dir = os.path.join(root_s, rel_dir) if rel_dir else root_s
+    return os.open(abs_dir, _DIR_FLAGS if rel_dir else _ROOT_FLAGS)
+
+
+def _list(
+    root_s: str,
+    rel_dir: str,
+    root_dev: int,
+    excluder: Excluder,
+    stack: list[str],
+    ahead: dict[str, tuple[list[str], list[Stat]]],
+    skipped: list[tuple[str, str]],
+) -> tuple[list[str], list[Stat]] | OSError:
+    """``rel_dir`` listed; with the compiled lister, the next directories on
+    ``stack`` too (into ``ahead``, by ``LISTERS`` threads), each as a walk
+    reaching it a moment later would find it."""
+    try:
+        fd = _open_dir(root_s, rel_dir)
+    except FileNotFoundError:  # gone since its parent was listed
+        return [], []
+    except OSError as e:
+        if rel_dir and e.errno in (errno.ENOTDIR, errno.ELOOP):  # replaced meanwhile
+            return [], []
+        return e
+    names_by_dir, glob = excluder.names_by_dir, excluder.glob
+    excluded = names_by_dir.get(rel_dir)
+    fds = [fd]
+    try:
+        if _list_dirs is not None and excluded is None and glob is None:
+            later = []
+            for d in reversed(stack[-(BATCH - 1) :]):  # the soonest first
+                if d not in ahead and d not in names_by_dir:
+                    try:
+                        fds.append(_open_dir(root_s, d))
+                        later.append(d)
+                    except OSError:  # listed when the walk reaches it
+                        pass
+            first, *rest = _list_dirs(fds, root_dev, _SKIP, LISTERS)
+            for d, got in zip(later, rest, strict=True):
+                if got is not None:
+                    ahead[d] = got
+            if first is not None:
+                return first
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        return _list_careful(fd, prefix, excluded, glob, root_dev, skipped)
+    except OSError as e:
+        return e
+    finally:
+        for f in fds:
+            os.close(f)
 
 
 def root_device(root: Path) -> int:
