@@ -127,6 +127,7 @@ def test_batches_keep_the_order_and_decline_one_directory_alone(tmp_path: Path) 
             for fd, g in zip(fds, got, strict=True):
                 assert g == list_dir(fd, dev, skip)
         assert list_dirs([], dev, skip, 2) == []
+        assert list_dirs(fds * 10, dev, skip, -1) == list_dirs(fds * 10, dev, skip, 99)
         with pytest.raises(TypeError):
             list_dirs([fds[0], "x"], dev, skip, 2)  # type: ignore[list-item]
     finally:

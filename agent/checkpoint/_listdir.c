@@ -144,7 +144,7 @@ static enum outcome read_dir(int fd, dev_t dev, const char *skip, size_t skip_le
             }
             char *to = names->bytes + names->len;
             ssize_t len = readlinkat(fd, names->bytes + e.name, to, PATH_MAX);
-            if (len < 0) {
+            if (len < 0 || len >= PATH_MAX) { /* (a target that long: maybe cut short) */
                 got = CAREFUL;
                 break;
             }
@@ -339,6 +339,7 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     Py_DECREF(seq);
     batch b = {ls, count, 0, (dev_t)dev, skip, (size_t)skip_len};
+    if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if ((size_t)threads > count) threads = (int)count;
     pthread_t helpers[MAX_THREADS];
