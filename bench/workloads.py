@@ -61,6 +61,7 @@ for _p in (str(BENCH), str(REPO)):  # siblings by name; the agent and bench.* as
         sys.path.insert(0, _p)
 
 import checkpoint_bench  # noqa: E402
+import disks  # noqa: E402
 import many_files  # noqa: E402
 from daemon_run import DaemonRun  # noqa: E402
 from ratio_table import Report, Row  # noqa: E402
@@ -134,20 +135,30 @@ DISK_LABELS = {
 }
 
 
-def w1_disks(sz: Sizes) -> tuple[str, ...]:
-    """Where W1's restores write: a new filesystem for each, as root; else the
-    scratch directory (where a restore soon after mass deletion pays ext4's
-    inode allocator: see disks.py)."""
-    return sz.w1_disks if os.geteuid() == 0 and shutil.which("mkfs.ext4") else ("scratch",)
+def w1_disks(sz: Sizes, scratch: Path) -> tuple[str, ...]:
+    """Where W1's restores write: a new filesystem for each where this process may
+    mount one (root, and allowed to); else the scratch directory, where a restore
+    soon after mass deletion pays ext4's inode allocator (see disks.py)."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        return ("scratch",)
+    probe = disks.Disks("tmpfs", scratch)
+    try:
+        probe.new("probe")
+    except (OSError, subprocess.CalledProcessError):
+        say("W1: cannot mount a filesystem here; restores go to the scratch directory")
+        return ("scratch",)
+    finally:
+        probe.release()
+    return sz.w1_disks
 
 
 def w1(sz: Sizes, rounds: int, scratch: Path, source: Path) -> tuple[list[Row], Path]:
     say("W1: a real install against tar | zstd and restic")
     limit = sz.w1_limit_mb * 1_000_000 if sz.w1_limit_mb else None
-    disks = w1_disks(sz)
+    kinds = w1_disks(sz, scratch / "w1")
     r = checkpoint_bench.measure(
         source, scratch / "w1", sz.w1_rounds or rounds, sz.w1_warmup, limit_bytes=limit,
-        restore_disks=disks,
+        restore_disks=kinds,
     )  # fmt: skip
     t = r.times
     tree = f"{r.files} files, {r.size / 1e6:.0f} MB"
@@ -160,7 +171,7 @@ def w1(sz: Sizes, rounds: int, scratch: Path, source: Path) -> tuple[list[Row], 
         Row("W1", f"checkpoint, whole tree new ({tree})", "s", t["checkpoint"], 1.0,
             reference=t["tar_zstd"], ref_label="`tar -c | zstd -3 -T0`"),
     ]  # fmt: skip
-    for kind in disks:
+    for kind in kinds:
         what = f"restore into an empty root{DISK_LABELS[kind]}"
         rows += [
             Row("W1", what, "s", t[on("restore", kind)], 1.0,
