@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from agent.checkpoint import scan
-from agent.checkpoint._listdir import list_dir, list_dirs
+from agent.checkpoint._listdir import list_dirs
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
 from agent.checkpoint.scan import Excluder, Scan, walk
 
@@ -46,6 +46,10 @@ def _both(root: Path, monkeypatch: pytest.MonkeyPatch) -> Listed:
     assert fast == careful
     assert (fast_scan.count, fast_scan.skipped) == (careful_scan.count, careful_scan.skipped)
     return fast
+
+
+def list_dir(fd: int, dev: int, skip: bytes) -> tuple[list[str], list[scan.Stat]] | None:
+    return list_dirs([fd], dev, skip, 1)[0]
 
 
 def _listing(d: Path) -> tuple[list[str], list[scan.Stat]] | None:
@@ -185,7 +189,7 @@ def test_what_the_lister_declines_the_careful_listing_does(
     assert by_dir["future"][1][0][scan.MTIME] == far
 
 
-def test_a_listing_leaves_the_descriptor_rewound(root: Path) -> None:
+def test_a_listing_leaves_the_descriptor_where_it_was(root: Path) -> None:
     # The careful listing of a directory the lister declined reads the same
     # descriptor again: it must find every entry.
     (root / "a").touch()
@@ -207,7 +211,7 @@ def test_a_descriptor_that_is_no_directory_is_declined(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     with pytest.raises(TypeError):
-        list_dir("not a descriptor", 0, b"")  # type: ignore[arg-type]
+        list_dirs(["not a descriptor"], 0, b"", 1)  # type: ignore[list-item]
 
 
 _name = hs.one_of(

@@ -76,14 +76,16 @@ static int is_ascii(const char *s, size_t len) {
  * ASCII, and the entries are sorted already (byte order is string order then). */
 static enum outcome read_dir(int fd, dev_t dev, const char *skip, size_t skip_len,
                              entry **out, size_t *count, arena *names, int *ascii) {
-    int own = dup(fd);
+    /* A descriptor of its own for the directory, not a dup: a dup would share
+     * the caller's offset (with the careful listing that may follow, and with
+     * any other thread listing the same descriptor). */
+    int own = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (own < 0) return CAREFUL;
     DIR *dir = fdopendir(own);
     if (dir == NULL) {
         close(own);
         return CAREFUL;
     }
-    rewinddir(dir); /* the offset is shared with the caller's descriptor */
     size_t cap = 64, n = 0;
     entry *es = malloc(cap * sizeof(entry));
     enum outcome got = LISTED;
@@ -123,7 +125,6 @@ static enum outcome read_dir(int fd, dev_t dev, const char *skip, size_t skip_le
         names->len += len + 1;
         n++;
     }
-    rewinddir(dir); /* as the caller's own listing expects to find it */
     closedir(dir);
     size_t kept = 0;
     for (size_t i = 0; i < n && got == LISTED; i++) {
@@ -259,32 +260,6 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(list_dir_doc,
-"list_dir(fd, dev, skip) -> (names, records) | None\n\n"
-"The entries of the directory open at fd, sorted by name, and their lstat\n"
-"records (mode, uid, gid, size, mtime_ns, ctime_ns, ino, nlink, symlink\n"
-"target or \"\"), leaving out entries whose st_dev is not dev.  None when the\n"
-"directory needs the careful listing: an entry gone or unreadable, a name\n"
-"starting with skip, a read error.");
-
-static PyObject *list_dir(PyObject *Py_UNUSED(self), PyObject *args) {
-    int fd;
-    unsigned long long dev;
-    const char *skip;
-    Py_ssize_t skip_len;
-    if (!PyArg_ParseTuple(args, "iKy#:list_dir", &fd, &dev, &skip, &skip_len)) return NULL;
-    listing l = {.fd = fd};
-    Py_BEGIN_ALLOW_THREADS
-    read_listing(&l, (dev_t)dev, skip, (size_t)skip_len);
-    Py_END_ALLOW_THREADS
-    PyObject *result = NULL;
-    PyObject *empty = PyUnicode_FromStringAndSize("", 0);
-    if (empty != NULL) result = build(&l, empty);
-    Py_XDECREF(empty);
-    free_listing(&l);
-    return result;
-}
-
 /* Several directories read at once: each thread takes the next one not taken. */
 typedef struct {
     listing *ls;
@@ -308,9 +283,12 @@ static void *read_batch(void *arg) {
 
 PyDoc_STRVAR(list_dirs_doc,
 "list_dirs(fds, dev, skip, threads) -> [(names, records) | None, ...]\n\n"
-"list_dir of each descriptor in fds, in that order, read by up to threads\n"
-"threads at once (the caller's included) without the GIL: listings of\n"
-"different directories, a different core's each.");
+"For each directory open at a descriptor in fds, in that order: its entries,\n"
+"sorted by name, and their lstat records (mode, uid, gid, size, mtime_ns,\n"
+"ctime_ns, ino, nlink, symlink target or \"\"), leaving out entries whose\n"
+"st_dev is not dev; None when it needs the careful listing (an entry gone or\n"
+"unreadable, a name starting with skip, a read error).  Read by up to threads\n"
+"threads at once (the caller's included) without the GIL.");
 
 static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *fds;
@@ -369,7 +347,6 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"list_dir", list_dir, METH_VARARGS, list_dir_doc},
     {"list_dirs", list_dirs, METH_VARARGS, list_dirs_doc},
     {NULL, NULL, 0, NULL},
 };

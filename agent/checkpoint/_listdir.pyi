@@ -3,7 +3,6 @@ from collections.abc import Sequence
 
 _Record = tuple[int, int, int, int, int, int, int, int, str]
 
-def list_dir(fd: int, dev: int, skip: bytes, /) -> tuple[list[str], list[_Record]] | None: ...
 def list_dirs(
     fds: Sequence[int], dev: int, skip: bytes, threads: int, /
 ) -> list[tuple[list[str], list[_Record]] | None]: ...
