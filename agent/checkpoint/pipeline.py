@@ -179,16 +179,15 @@ def _write_changed(writer: LayerWriter, j: Joined, linked: set[int]) -> int:
     or for one not written the parent's (none when the parent had none); the
     content bytes to write."""
     names, records = j.names, j.records
-    gone: list[int] = []
     size = 0
     for i in j.changed:
         rec = records[i]
-        path = join_path(j.dir, names[i])
         if st.S_ISREG(rec[MODE]):
             size += rec[SIZE]
             if rec[NLINK] > 1:
                 linked.add(rec[INO])
-        written = writer.add(path, rec)
+    gone: list[int] = []
+    for i, written in writer.add_listing(j.dir, names, records, j.changed).items():
         if written is None:
             was = j.old.get(names[i])
             if was is None:
@@ -197,7 +196,7 @@ def _write_changed(writer: LayerWriter, j: Joined, linked: set[int]) -> int:
                 records[i] = was
         else:
             records[i] = written
-    for i in reversed(gone):
+    for i in sorted(gone, reverse=True):
         del names[i], records[i]
     return size
 

@@ -231,9 +231,10 @@ def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterato
             stack.extend(reversed(subdirs))
 
 
-def _open_dir(root_s: str, rel_dir: str) -> int:
-    # Never through a symlink that replaced a directory since it was listed (the
-    # root itself may be one).
+def open_dir(root_s: str, rel_dir: str) -> int:
+    """A descriptor of the directory ``rel_dir`` of the root ``root_s``: never
+    through a symlink that replaced it since it was listed (the root itself may
+    be one)."""
     abs_dir = os.path.join(root_s, rel_dir) if rel_dir else root_s
     return os.open(abs_dir, _DIR_FLAGS if rel_dir else _ROOT_FLAGS)
 
@@ -251,7 +252,7 @@ def _list(
     ``stack`` too (into ``ahead``, by ``LISTERS`` threads), each as a walk
     reaching it a moment later would find it."""
     try:
-        fd = _open_dir(root_s, rel_dir)
+        fd = open_dir(root_s, rel_dir)
     except FileNotFoundError:  # gone since its parent was listed
         return [], []
     except OSError as e:
@@ -267,7 +268,7 @@ def _list(
             for d in reversed(stack[-(BATCH - 1) :]):  # the soonest first
                 if d not in ahead and d not in names_by_dir:
                     try:
-                        fds.append(_open_dir(root_s, d))
+                        fds.append(open_dir(root_s, d))
                         later.append(d)
                     except OSError:  # listed when the walk reaches it
                         pass
