@@ -165,8 +165,10 @@ def _valid_digest(d: str) -> str:
 _Digest = Annotated[str, AfterValidator(_valid_digest)]
 
 
+# Validators are built when a manifest is first parsed, not at import: a command
+# that reads none (a checkpoint with the chain's head cached) does not pay for them.
 class _Descriptor(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", defer_build=True)
     mediaType: str = Field(max_length=256)
     digest: _Digest
     size: int = Field(ge=0, le=MAX_BLOB_SIZE)
@@ -174,7 +176,7 @@ class _Descriptor(BaseModel):
 
 
 class _Document(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", defer_build=True)
     schemaVersion: Literal[2]
     mediaType: Literal["application/vnd.oci.image.manifest.v1+json"]
     artifactType: Literal["application/vnd.studio-agent.checkpoint.v1"]
