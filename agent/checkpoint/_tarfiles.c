@@ -42,7 +42,6 @@ typedef struct {
     const char *name; /* the entry's name in its directory (UTF-8 bytes of the str) */
     Py_ssize_t name_len;
     long long mode, uid, gid, size, mtime_ns, ctime_ns, ino;
-    size_t at; /* where its header starts in the buffer */
 } file;
 
 /* A ustar header block as tarformat._ustar packs it. */
@@ -191,7 +190,6 @@ static Py_ssize_t plan(PyObject *names, PyObject *records, PyObject *which, Py_s
             memchr(f->name, '/', (size_t)f->name_len) != NULL ||
             memchr(f->name, '\0', (size_t)f->name_len) != NULL || f->name_len == 0)
             break;
-        f->at = *total;
         *total += MAX_HEADER + padded(f->size);
         n++;
     }
