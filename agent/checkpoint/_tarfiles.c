@@ -38,10 +38,13 @@
 /* The scan's record fields (scan.Stat). */
 enum { MODE, UID, GID, SIZE, MTIME, CTIME, INO, NLINK, RECORD_FIELDS = 9 };
 
+enum outcome { CLEAN, DIRTY, DECLINED };
+
 typedef struct {
     const char *name; /* the entry's name in its directory (UTF-8 bytes of the str) */
     Py_ssize_t name_len;
     long long mode, uid, gid, size, mtime_ns, ctime_ns, ino;
+    enum outcome got; /* once read */
 } file;
 
 /* A ustar header block as tarformat._ustar packs it. */
@@ -101,8 +104,6 @@ static int framed_here(const file *f, size_t prefix_len, long long max_size) {
            f->uid >= 0 && f->uid <= MAX_OCTAL_7 && f->gid >= 0 && f->gid <= MAX_OCTAL_7 &&
            f->mtime_ns >= 0 && f->mtime_ns / 1000000000LL <= MAX_OCTAL_11;
 }
-
-enum outcome { CLEAN, DIRTY, DECLINED };
 
 /* Read one file into ``out`` (``f->size`` bytes, zeros where it came up short);
  * runs without the GIL. */
@@ -243,13 +244,6 @@ static PyObject *frame_files(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     /* The buffer is the writer's alone, and nothing else resizes it meanwhile. */
     char *base = PyByteArray_AS_STRING(buf) + held;
-    enum outcome *got = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(enum outcome));
-    if (got == NULL) {
-        PyMem_Free(fs);
-        Py_DECREF(dirty);
-        (void)PyByteArray_Resize(buf, held);
-        return PyErr_NoMemory();
-    }
     Py_ssize_t done = 0;
     size_t used = 0;
     long long content = 0;
@@ -258,8 +252,8 @@ static PyObject *frame_files(PyObject *Py_UNUSED(self), PyObject *args) {
         file *f = &fs[done];
         char *h = base + used;
         size_t hlen = header(h, prefix, (size_t)prefix_len, f);
-        got[done] = read_one(dirfd, f, h + hlen);
-        if (got[done] == DECLINED) break;
+        f->got = read_one(dirfd, f, h + hlen);
+        if (f->got == DECLINED) break;
         size_t data = padded(f->size);
         memset(h + hlen + f->size, 0, data - (size_t)f->size);
         used += hlen + data;
@@ -269,7 +263,7 @@ static PyObject *frame_files(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *result = NULL;
     if (PyByteArray_Resize(buf, held + (Py_ssize_t)used) == 0) {
         for (Py_ssize_t k = 0; k < done; k++) {
-            if (got[k] != DIRTY) continue;
+            if (fs[k].got != DIRTY) continue;
             PyObject *at = PyLong_FromSsize_t(start + k);
             if (at == NULL || PyList_Append(dirty, at) < 0) {
                 Py_XDECREF(at);
@@ -280,7 +274,6 @@ static PyObject *frame_files(PyObject *Py_UNUSED(self), PyObject *args) {
         result = Py_BuildValue("nLO", done, content, dirty);
     }
 out:
-    PyMem_Free(got);
     PyMem_Free(fs);
     Py_DECREF(dirty);
     return result;

@@ -333,6 +333,7 @@ class LayerWriter:
         out: dict[int, Stat | None] = {}
         prefix = f"{rel_dir}/" if rel_dir else ""
         framing = _frame_files is not None and prefix.isascii()
+        bprefix = prefix.encode("ascii") if framing else b""
         dirfd = -1
         k, n = 0, len(which)
         try:
@@ -346,7 +347,7 @@ class LayerWriter:
                         except OSError:  # each file's own open says what happened
                             framing = False
                             continue
-                    done = self._framed(dirfd, prefix, names, records, which, k, out)
+                    done = self._framed(dirfd, bprefix, names, records, which, k, out)
                     if done:
                         k += done
                         continue
@@ -362,7 +363,7 @@ class LayerWriter:
     def _framed(
         self,
         dirfd: int,
-        prefix: str,
+        prefix: bytes,
         names: list[str],
         records: list[Stat],
         which: list[int],
@@ -376,7 +377,7 @@ class LayerWriter:
         result = self.result
         before = result.entries
         count, content, dirty = _frame_files(
-            self._buf, dirfd, prefix.encode("ascii"), names, records, which, start, FLUSH_AT,
+            self._buf, dirfd, prefix, names, records, which, start, FLUSH_AT,
             WHOLE_FILE_MAX,
         )  # fmt: skip
         for at in dirty:
