@@ -76,8 +76,16 @@ class Settings(BaseSettings):
     )
     s3_stream_uploads: bool = Field(
         True,
-        description="Upload a new layer's parts while it is compressed (to a temporary "
-        "key, copied to its address at the end) rather than once it is written.",
+        description="Upload a layer's parts while it is compressed (to a temporary key, "
+        "copied to its address at the end) rather than once it is written: a squash's "
+        "layer, and every layer when s3_segment_size is 0.",
+    )
+    s3_segment_size: int = Field(
+        12 << 20,
+        ge=0,
+        description="Cut a checkpoint's layer into segments of about this many compressed "
+        "bytes, each stored under its own digest as soon as it is complete, so that no copy "
+        "is left once the layer's end is known (0: one blob a layer, as s3_stream_uploads says).",
     )
 
     # -- the session daemon -----------------------------------------------------
@@ -111,7 +119,8 @@ class Settings(BaseSettings):
         16,
         ge=0,
         description="Squash the session's checkpoint in the background once its chain holds "
-        "more than this many layers, or its superseded bytes pass half of it (0: never).",
+        "more than this many layers (one cut into segments counting once), or its superseded "
+        "bytes pass half of it (0: never).",
     )
     stop_grace: float = Field(
         30.0, gt=0, description="Seconds from SIGTERM to exit, final checkpoint included."

@@ -369,7 +369,7 @@ def fill_root(root: Path, seed: int, mib: int) -> None:
 def session_settings(root: Path, workdir: str, state: Path) -> Settings:
     return Settings(
         root=root, workdir=workdir, studio="s", state_dir=state, s3_part_size=PART,
-        compression_threads=1,
+        compression_threads=1, s3_segment_size=0,  # one blob a layer: streamed
     )  # fmt: skip
 
 
@@ -466,7 +466,8 @@ async def test_a_checkpoint_killed_mid_upload_leaves_nothing_the_next_start_keep
     async def agent(*args: str) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent", "--root", str(root), "--workdir", s3_workdir,
-            "--studio", "k", "--state-dir", str(state), "--s3-part-size", str(PART), *args,
+            "--studio", "k", "--state-dir", str(state), "--s3-part-size", str(PART),
+            "--s3-segment-size", "0", *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
 

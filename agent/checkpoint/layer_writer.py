@@ -78,6 +78,9 @@ MAX_THREADS = 4
 # Slices queued for the compressing thread: each holds at most FLUSH_AT plus one
 # small file, so a few MiB wait at most.
 QUEUE_DEPTH = 4
+# A cut layer's segments grow by the first one's size every this many, so even a
+# root of terabytes makes a few hundred of them.
+SEGMENTS_PER_STEP = 8
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 # (entries written, content bytes written)
@@ -86,6 +89,23 @@ WriteProgress = Callable[[int, int], None]
 
 class Cancelled(AgentError):
     """The layer was abandoned before it was complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A complete segment of a layer cut into several: a layer of its own, a tar
+    of whole entries in one zstd frame, the checkpoint's next one on top of it."""
+
+    digest: str
+    size: int
+    uncompressed: int
+    entries: int
+    files: int
+
+
+# Given a complete segment, where the next one goes.  Called on the compressing
+# thread; what it raises stops the layer (the writer raises it at its next write).
+NextSegment = Callable[[Segment], BinaryIO]
 
 
 @dataclass(slots=True)
@@ -103,6 +123,10 @@ class LayerResult:
     linked: dict[str, Stat] = field(default_factory=dict)
     reverted: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Every segment, oldest first: one, the layer itself, unless it was cut.  The
+    # sizes and counts above are the whole layer's; ``digest`` is the last
+    # segment's (what the output holds when ``finish`` returns).
+    segments: list[Segment] = field(default_factory=list)
 
 
 class _HashingWriter:
@@ -123,20 +147,43 @@ class _HashingWriter:
         self._f.flush()
 
 
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """In the queue: the segment ends here, after ``entries`` and ``files`` (the
+    layer's so far) and ``uncompressed`` bytes."""
+
+    uncompressed: int
+    entries: int
+    files: int
+
+
 class _CompressThread:
     """zstd's input side, the output's hash and the file write, on their own thread.
 
     The caller, walking, reading files and making headers, then runs beside them,
     as tar runs beside zstd in ``tar | zstd``, and never waits for the compressor
     unless the queue is full; on many cores that thread is what limits a
-    checkpoint.  Slices given to ``write`` belong to the thread from then on."""
+    checkpoint.  Slices given to ``write`` belong to the thread from then on.
 
-    def __init__(self, cctx: zstandard.ZstdCompressor, sink: _HashingWriter) -> None:
-        self._zw = cctx.stream_writer(sink, closefd=False, write_size=FLUSH_AT)  # type: ignore[arg-type]
-        self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(QUEUE_DEPTH)
+    At a ``cut`` it ends the frame, hands the segment to ``next_segment`` and goes
+    on into the output that returns, so the walk never waits for the store."""
+
+    def __init__(
+        self,
+        cctx: zstandard.ZstdCompressor,
+        out: BinaryIO,
+        next_segment: NextSegment | None = None,
+    ) -> None:
+        self._cctx = cctx
+        self.sink = _HashingWriter(out)
+        self._zw = cctx.stream_writer(self.sink, closefd=False, write_size=FLUSH_AT)  # type: ignore[arg-type]
+        self._next_segment = next_segment
+        self._queue: queue.Queue[bytes | bytearray | _Cut | None] = queue.Queue(QUEUE_DEPTH)
         self._error: BaseException | None = None
         self._finish = False
         self.uncompressed = 0
+        self.segments: list[Segment] = []  # complete, oldest first
+        self._start = _Cut(0, 0, 0)  # where the current segment began
         self._thread = threading.Thread(target=self._run, name="layer-compress", daemon=True)
         self._thread.start()
 
@@ -145,7 +192,10 @@ class _CompressThread:
         data = get()
         try:
             while data is not None:
-                self._zw.write(data)
+                if isinstance(data, _Cut):
+                    self._cut(data)
+                else:
+                    self._zw.write(data)
                 data = get()
             if self._finish:
                 self._zw.flush(zstandard.FLUSH_FRAME)
@@ -154,11 +204,34 @@ class _CompressThread:
             while data is not None:  # drained, so the caller never blocks on a full queue
                 data = get()
 
+    def _cut(self, at: _Cut) -> None:
+        assert self._next_segment is not None
+        self._zw.flush(zstandard.FLUSH_FRAME)
+        start, sink = self._start, self.sink
+        segment = Segment(
+            "sha256:" + sink.sha.hexdigest(),
+            sink.size,
+            at.uncompressed - start.uncompressed,
+            at.entries - start.entries,
+            at.files - start.files,
+        )
+        out = self._next_segment(segment)
+        self.segments.append(segment)
+        self._start = at
+        self.sink = _HashingWriter(out)
+        self._zw = self._cctx.stream_writer(self.sink, closefd=False, write_size=FLUSH_AT)  # type: ignore[arg-type]
+
     def write(self, data: bytes | bytearray) -> None:
         if self._error is not None:
             raise self._error
         self.uncompressed += len(data)
         self._queue.put(data)
+
+    def cut(self, entries: int, files: int) -> None:
+        """End the segment after what was written so far."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(_Cut(self.uncompressed, entries, files))
 
     def close(self, finish: bool) -> None:
         """Wait for the thread; ``finish`` ends the frame, otherwise the output is abandoned."""
@@ -169,6 +242,10 @@ class _CompressThread:
         self._thread.join()
         if self._error is not None and finish:
             raise self._error
+
+    def started(self) -> _Cut:
+        """Where the segment being written began."""
+        return self._start
 
 
 def poisoned(rec: Stat) -> Stat:
@@ -226,7 +303,15 @@ class LayerWriter:
 
     ``add`` each new or changed path (parents first), while the walk is still
     going, so the walk, the reading and the compression overlap; then ``finish``
-    with what only the complete walk knows, or ``abandon`` on failure."""
+    with what only the complete walk knows, or ``abandon`` on failure.
+
+    With ``next_segment``, the layer is cut between entries into segments of
+    about ``segment_bytes`` compressed (growing by that every ``SEGMENTS_PER_STEP``
+    segments): a store that cannot rename (S3) stores each under its digest as
+    soon as it is complete, while the walk goes on, instead of copying one large
+    blob once its digest is known.  Paths are never repeated across segments, so
+    each segment is a layer on its own and the chain's merge rules are unchanged;
+    a hardlink may name a path of an earlier segment, as of any lower layer."""
 
     def __init__(
         self,
@@ -237,9 +322,10 @@ class LayerWriter:
         threads: int = 0,
         progress: WriteProgress | None = None,
         cancel: threading.Event | None = None,
+        segment_bytes: int = 0,
+        next_segment: NextSegment | None = None,
     ) -> None:
         self._root = str(root)
-        self._sink = _HashingWriter(out)
         params = zstandard.ZstdCompressionParameters.from_level(
             level,
             threads=threads or min(os.cpu_count() or 1, MAX_THREADS),
@@ -247,8 +333,12 @@ class LayerWriter:
             write_checksum=1,
         )
         self._compressor = _CompressThread(
-            zstandard.ZstdCompressor(compression_params=params), self._sink
+            zstandard.ZstdCompressor(compression_params=params), out, next_segment
         )
+        self._segment_bytes = segment_bytes if next_segment is not None else 0
+        self._cuts = 0
+        self._cut_due = False  # the segment is full: cut before the next entry
+        self._segment_start = 0  # uncompressed bytes before the segment being written
         self._progress = progress
         self._cancel = cancel
         self._buf = bytearray()
@@ -258,12 +348,46 @@ class LayerWriter:
         self.result = LayerResult(digest="", size=0, uncompressed=0, entries=0, files=0)
         self.bytes_done = 0
 
+    def _maybe_cut(self) -> None:
+        """Mark the segment full, just after a flush, if it is large enough.  Its
+        compressed size is estimated from the bytes given to the compressor and the
+        ratio of the segments complete (none: 1): what it has put out lags several
+        jobs behind.  The cut is made before the next entry (``_cut``), so no
+        segment is left without one when the layer ends first."""
+        if self._cut_due:
+            return
+        compressor = self._compressor
+        done = list(compressor.segments)  # (appended to by the compressing thread)
+        ratio = 1.0
+        if done:
+            ratio = sum(x.size for x in done) / max(1, sum(x.uncompressed for x in done))
+        pending = compressor.uncompressed - self._segment_start
+        if self._segment_full(self._cuts, int(pending * ratio)):
+            self._cut_due = True
+
+    def _cut(self) -> None:
+        """End the segment before the entry about to be added: what the buffer
+        holds is whole entries (a large file's padding included)."""
+        self._cut_due = False
+        self._buf += tf.end_of_archive()
+        self._flush()
+        self._compressor.cut(self.result.entries, self.result.files)
+        self._cuts += 1
+        self._segment_start = self._compressor.uncompressed
+
+    def _segment_full(self, number: int, size: int) -> bool:
+        """Whether segment ``number`` (from 0), about ``size`` bytes compressed, is
+        large enough to end."""
+        return size >= self._segment_bytes * (1 + number // SEGMENTS_PER_STEP)
+
     def _flush(self) -> None:
         if self._buf:
             self._compressor.write(self._buf)  # the thread's from now on: no copy
             self._buf = bytearray()
 
     def _whiteout(self, path: str) -> None:
+        if self._cut_due:
+            self._cut()
         head, _, base = path.rpartition("/")
         wh = f"{head}/{tf.WHITEOUT_PREFIX}{base}" if head else tf.WHITEOUT_PREFIX + base
         self._buf += tf.encode_header(wh, tf.REGTYPE, 0o644, 0, 0, 0, 0)
@@ -373,6 +497,8 @@ class LayerWriter:
         """The files from ``which[start]`` on that ``_frame_files`` writes: how many."""
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled("checkpoint cancelled")
+        if self._cut_due:
+            self._cut()
         assert _frame_files is not None
         result = self.result
         before = result.entries
@@ -388,6 +514,8 @@ class LayerWriter:
         self.bytes_done += content
         if len(self._buf) >= FLUSH_AT:
             self._flush()
+            if self._segment_bytes:
+                self._maybe_cut()
         if self._progress is not None and (result.entries >> 8) != (before >> 8):
             self._progress(result.entries, self.bytes_done)
         return count
@@ -398,6 +526,8 @@ class LayerWriter:
         changed while read), None when it was not written (``reverted``)."""
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled("checkpoint cancelled")
+        if self._cut_due:
+            self._cut()
         result = self.result
         mode = rec[MODE]
         abs_path = os.path.join(self._root, path)
@@ -431,6 +561,8 @@ class LayerWriter:
         result.entries += 1
         if len(self._buf) >= FLUSH_AT:
             self._flush()
+            if self._segment_bytes:
+                self._maybe_cut()
         if self._progress is not None and (result.entries & 255) == 0:
             self._progress(result.entries, self.bytes_done)
         return rec
@@ -548,7 +680,8 @@ class LayerWriter:
 
     def _link_unlisted(self, current: dict[str, Stat]) -> None:
         """Names of a written inode that were not added (a new link to an unchanged
-        file) join it in this layer: hardlinks never cross layers."""
+        file) join it in this layer, so a checkpoint's hardlinks never name an
+        older checkpoint's file (only an earlier segment's, when it is cut)."""
         if not self._links:
             return
         result = self.result
@@ -558,6 +691,8 @@ class LayerWriter:
             first = self._links.get(orec[INO])
             if first is None or other in self._added:
                 continue
+            if self._cut_due:
+                self._cut()
             self._buf += tf.encode_header(
                 other, tf.LNKTYPE, orec[MODE], orec[UID], orec[GID], 0, orec[MTIME], first[0],
                 first[2],
@@ -575,11 +710,22 @@ class LayerWriter:
         self._link_unlisted(current)
         self._buf += tf.end_of_archive()
         self._flush()
-        self._compressor.close(finish=True)
-        result = self.result
-        result.digest = "sha256:" + self._sink.sha.hexdigest()
-        result.size = self._sink.size
-        result.uncompressed = self._compressor.uncompressed
+        compressor = self._compressor
+        compressor.close(finish=True)
+        result, sink, start = self.result, compressor.sink, compressor.started()
+        result.digest = "sha256:" + sink.sha.hexdigest()
+        result.uncompressed = compressor.uncompressed
+        result.segments = [
+            *compressor.segments,
+            Segment(
+                result.digest,
+                sink.size,
+                result.uncompressed - start.uncompressed,
+                result.entries - start.entries,
+                result.files - start.files,
+            ),
+        ]
+        result.size = sum(x.size for x in result.segments)
         if self._progress is not None:
             self._progress(result.entries, self.bytes_done)
         return result

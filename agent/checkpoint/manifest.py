@@ -38,6 +38,10 @@ A_UNCOMPRESSED = _A + "uncompressed-size"
 # Bytes of older versions (in lower layers or the image) the layer's changes
 # replaced or deleted, as known when it was written: the squash policy's estimate.
 A_REPLACED = _A + "replaced-size"
+# On a layer that goes on the checkpoint of the layer below it: a large
+# checkpoint's layer is cut into segments, each stored as soon as it is complete
+# (``layer_writer``), so the squash policy counts them as one.
+A_CONTINUES = _A + "continues"
 
 # A manifest is small (a few hundred bytes per layer): anything much bigger is
 # not one of ours, and is refused before it is parsed.
@@ -70,11 +74,14 @@ class LayerDesc:
     files: int = 0
     uncompressed: int = 0
     replaced: int = 0
+    continues: bool = False  # a later segment of the checkpoint below
 
     def to_json(self) -> dict[str, Any]:
         annotations = {A_FILES: str(self.files), A_UNCOMPRESSED: str(self.uncompressed)}
         if self.replaced:
             annotations[A_REPLACED] = str(self.replaced)
+        if self.continues:
+            annotations[A_CONTINUES] = "true"
         return {
             "mediaType": LAYER_MEDIA_TYPE,
             "digest": self.digest,
@@ -201,7 +208,16 @@ def _layer_desc(index: int, d: _Descriptor) -> LayerDesc:
         files=_count(d.annotations.get(A_FILES, "0"), index, A_FILES),
         uncompressed=_count(d.annotations.get(A_UNCOMPRESSED, "0"), index, A_UNCOMPRESSED),
         replaced=_count(d.annotations.get(A_REPLACED, "0"), index, A_REPLACED),
+        continues=_flag(d.annotations.get(A_CONTINUES, "false"), index, A_CONTINUES),
     )
+
+
+def _flag(value: str, index: int, key: str) -> bool:
+    if value not in ("true", "false"):
+        raise CorruptLayer(
+            f"layer {index + 1}: annotation {key} is not true or false: {value[:40]!r}"
+        )
+    return value == "true"
 
 
 def _count(value: str, index: int, key: str) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.checkpoint.diff import Changes, Joined, ParentBlocks, join
-from agent.checkpoint.layer_writer import LayerResult, LayerWriter
+from agent.checkpoint.layer_writer import LayerResult, LayerWriter, NextSegment
 from agent.checkpoint.scan import INO, MODE, NLINK, SIZE, Excluder, Scan, Stat, join_path, walk
 from agent.checkpoint.state import Frame, StateReader, StateWriter, Stored, blocks_of
 from agent.checkpoint.watched import Dirty, join_changed
@@ -60,6 +60,8 @@ def scan_and_write(
     cancel: threading.Event | None = None,
     dirty: Dirty | None = None,
     keep_paths: bool = True,
+    segment_bytes: int = 0,
+    next_segment: NextSegment | None = None,
 ) -> Pass:
     """Scan ``root``, diff it against ``parent`` (a state's blocks, or a whole dict)
     and write the changes to ``out`` as one layer (``out`` stays empty when nothing
@@ -68,13 +70,16 @@ def scan_and_write(
     ``dirty``: what a change watch saw change since ``parent`` was written, all
     that is read then (``watched.join_changed``); None walks the whole root.
     ``keep_paths``: whether ``changes.upserts`` lists the paths written, or they
-    are only counted (memory that would grow with the files changed)."""
+    are only counted (memory that would grow with the files changed).
+    ``next_segment``: cut the layer into segments of about ``segment_bytes``
+    (``LayerWriter``), each handed to it as it is complete; ``out`` gets the first."""
     if isinstance(parent, dict):
         parent = [(b, None) for b in blocks_of(parent)]
     if state is not None:
         return _one_pass(
             root, excluder, parent, out, state, dirty, Changes(keep_paths=keep_paths),
             level=level, threads=threads, progress=progress, cancel=cancel,
+            segment_bytes=segment_bytes, next_segment=next_segment,
         )  # fmt: skip
     # Written all the same: the late hardlink names are found in it.
     scratch = Path(tempfile.mkdtemp(prefix="studio-state-"))
@@ -83,6 +88,7 @@ def scan_and_write(
             root, excluder, parent, out, scratch / "next.state", dirty,
             Changes(keep_paths=keep_paths),
             level=level, threads=threads, progress=progress, cancel=cancel,
+            segment_bytes=segment_bytes, next_segment=next_segment,
         )  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -103,6 +109,8 @@ def _one_pass(
     threads: int,
     progress: PassProgress | None,
     cancel: threading.Event | None,
+    segment_bytes: int,
+    next_segment: NextSegment | None,
 ) -> Pass:
     t0 = time.monotonic()
     result = Scan()
@@ -116,8 +124,9 @@ def _one_pass(
 
     def start() -> LayerWriter:
         return LayerWriter(
-            root, out, level=level, threads=threads, progress=on_write, cancel=cancel
-        )
+            root, out, level=level, threads=threads, progress=on_write, cancel=cancel,
+            segment_bytes=segment_bytes, next_segment=next_segment,
+        )  # fmt: skip
 
     joined: Iterator[Joined | Stored | Frame]
     if dirty is None:

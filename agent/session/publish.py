@@ -56,6 +56,7 @@ from agent.session.records import (
     Skipped,
 )
 from agent.session.scope import log_skipped
+from agent.session.segments import SegmentUploads
 from agent.statedir import create_file, ensure_private_dir
 from agent.store.base import BlobSink, Store
 
@@ -130,16 +131,26 @@ class Publisher:
         next_state = parent if same and parent is not None else self._local.new_state()
         saved = False
         sink: BlobSink | None = None
+        segments: SegmentUploads | None = None
         try:
             async with self._leased(local) as standing:
+
+                async def cover_segments(digests: list[str]) -> None:
+                    await standing
+                    await self.cover(local, digests, None)
+
                 try:
                     try:
-                        sink = self._open_sink(tmp, upload)
+                        if self._store.segment_size:
+                            segments = SegmentUploads(
+                                self._store, self._spool, self._lease.holder, cover_segments
+                            )
+                        sink = self._open_sink(tmp, upload, segments)
                         if same:
                             done = Pass(Scan(), Changes(), None, 0.0, next_state, watched=True)
                         else:
                             done = await self._scan_and_write(
-                                parent, next_state, sink, progress, dirty
+                                parent, next_state, sink, progress, dirty, segments
                             )
                     finally:
                         await ready
@@ -152,28 +163,33 @@ class Publisher:
                         skipped.extend(Skipped(p, r) for p, r in layer.skipped)
                         for s in layer.skipped:
                             log.warning("checkpoint.skipped", path=s[0], reason=s[1])
-                        chain.append(
+                        chain.extend(
                             LayerDesc(
-                                layer.digest,
-                                layer.size,
-                                layer.entries,
-                                layer.uncompressed,
-                                changes.replaced,
+                                seg.digest,
+                                seg.size,
+                                seg.entries,
+                                seg.uncompressed,
+                                changes.replaced if i == 0 else 0,
+                                continues=i > 0,
                             )
+                            for i, seg in enumerate(layer.segments)
                         )
                     manifest = self._manifest(local, target, chain, state)
                     await standing
                     if layer is not None:
-                        await self._store_layer(sink, local, layer, manifest, progress)
+                        last = segments.sinks[-1] if segments is not None else sink
+                        await self._store_layer(last, local, layer, manifest, progress, segments)
                         crash_point("layer")
-                        self._present.add(layer.digest)
+                        self._present.update(seg.digest for seg in layer.segments)
                     else:
                         await self.cover(local, [], manifest)
                     t_layer = time.monotonic()
                     info = await self.publish(local, target, manifest)
                 finally:
                     # After the ref: what the store tidies up of the upload runs meanwhile.
-                    if sink is not None:
+                    if segments is not None:
+                        await segments.discard()
+                    elif sink is not None:
                         await sink.discard()
                     tmp.unlink(missing_ok=True)
             crash_point("ref")
@@ -207,10 +223,13 @@ class Publisher:
             watched=done.watched,
         )
 
-    def _open_sink(self, tmp: Path, upload: str) -> BlobSink:
-        """The store's sink for the layer, spooled in ``tmp`` (a new private file)."""
+    def _open_sink(self, tmp: Path, upload: str, segments: SegmentUploads | None) -> BlobSink:
+        """The store's sink for the layer, spooled in ``tmp`` (a new private file),
+        or the first segment's when the layer is cut."""
         try:
             ensure_private_dir(self._spool, self._root)
+            if segments is not None:
+                return cast(BlobSink, segments.open())
             fd = create_file(tmp)
         except OSError as e:
             raise AgentError(f"cannot write the layer to {self._spool}: {e.strerror or e}") from e
@@ -223,10 +242,11 @@ class Publisher:
         sink: BlobSink,
         progress: ProgressFn | None,
         dirty: Dirty | None,
+        segments: SegmentUploads | None,
     ) -> Pass:
         """Walk the root against the parent state ``parent`` (or read what ``dirty``
-        names again), in one pass writing its changes to ``sink`` and the next
-        parent state to ``state``."""
+        names again), in one pass writing its changes to ``sink`` (and the
+        segments after the first to theirs) and the next parent state to ``state``."""
 
         def on_progress(phase: str, done: int, total: int, b_done: int, b_total: int) -> None:
             if progress is not None:
@@ -249,6 +269,8 @@ class Publisher:
                     cancel=self._cancel,
                     dirty=dirty,
                     keep_paths=False,
+                    segment_bytes=self._store.segment_size,
+                    next_segment=segments.next_segment if segments is not None else None,
                 )
             log_skipped(done.scan)
             return done
@@ -265,20 +287,29 @@ class Publisher:
         layer: LayerResult,
         manifest: Manifest,
         progress: ProgressFn | None,
+        segments: SegmentUploads | None,
     ) -> None:
         """The layer under its digest, named in the lease first; what is left of
-        its upload runs while the lease is written."""
+        its upload runs while the lease is written.  A cut layer's earlier
+        segments are stored, or being stored, already: ``sink`` is the last's."""
         if progress is not None:
             progress(Progress("upload", 0, layer.size, 0, 1))
         tail = asyncio.ensure_future(sink.finish())
+        digests = [seg.digest for seg in layer.segments]
         try:
-            await self.cover(local, [layer.digest], manifest)
+            if segments is None:
+                await self.cover(local, digests, manifest)
+            else:
+                await segments.cover_last(lambda: self.cover(local, digests, manifest))
         except BaseException:
             tail.cancel()
             await asyncio.gather(tail, return_exceptions=True)
             raise
         await tail
-        await sink.commit(layer.digest, layer.size)
+        last = layer.segments[-1]
+        await sink.commit(last.digest, last.size)
+        if segments is not None:
+            await segments.stored()
         if progress is not None:
             progress(Progress("upload", layer.size, layer.size, 1, 1))
 
@@ -367,7 +398,7 @@ class Publisher:
         created = datetime.fromisoformat(local.created.get(name, now.isoformat()))
         return Manifest(self._studio, local.session, state, created, tuple(chain))
 
-    async def cover(self, local: LocalSession, blobs: list[str], manifest: Manifest) -> None:
+    async def cover(self, local: LocalSession, blobs: list[str], manifest: Manifest | None) -> None:
         """Name the blobs about to be stored in the lease, beside what the chain
         needs, and make sure gc cannot take them (``SessionLease.hold``).
 
@@ -377,7 +408,8 @@ class Publisher:
         """
         chain = [layer.digest for layer in local.chain]
         head = self._lease.manifests if chain else []  # a new chain extends nothing
-        pending = [*blobs, manifest.encode()[1], *([] if head else chain)]
+        new = [*blobs, manifest.encode()[1]] if manifest is not None else blobs
+        pending = [*new, *([] if head else chain)]
         if await self._lease.hold(head, pending, session=local.session):
             await check_chain(self._store, head, chain)
 

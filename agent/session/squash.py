@@ -107,7 +107,37 @@ def plan(layers: Sequence[LayerDesc], max_layers: int) -> int | None:
     the chain.  It costs what the recent layers cost, as a log-structured store
     compacts: the newest run of layers of like size (each at most ``FACTOR``
     times the newer ones together) is merged; a bottom layer larger than that
-    (a previous squash's) is rewritten only when half of it is superseded."""
+    (a previous squash's) is rewritten only when half of it is superseded.
+
+    A layer cut into segments counts as the one layer it was written as: its
+    segments are never merged for being many, nor squashed apart."""
+    whole, first = _uncut(layers)
+    start = _plan(whole, max_layers)
+    return None if start is None else first[start]
+
+
+def _uncut(layers: Sequence[LayerDesc]) -> tuple[list[LayerDesc], list[int]]:
+    """The chain with each cut layer's segments joined into one (sizes and counts
+    summed), and the index in ``layers`` of each one's first."""
+    whole: list[LayerDesc] = []
+    first: list[int] = []
+    for i, x in enumerate(layers):
+        if x.continues and whole:
+            w = whole[-1]
+            whole[-1] = LayerDesc(
+                w.digest,
+                w.size + x.size,
+                w.files + x.files,
+                w.uncompressed + x.uncompressed,
+                w.replaced + x.replaced,
+            )
+        else:
+            whole.append(x)
+            first.append(i)
+    return whole, first
+
+
+def _plan(layers: Sequence[LayerDesc], max_layers: int) -> int | None:
     n = len(layers)
     if n < 2:
         return None

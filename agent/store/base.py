@@ -170,6 +170,10 @@ class Store(abc.ABC):
     url: str
     # How many blobs a fetch of several (a restore's chain) downloads at once.
     fetch_concurrency: int = 4
+    # Compressed bytes per segment of a checkpoint's layer, each put under its own
+    # digest as soon as it is complete (``LayerWriter``); 0: one blob a layer,
+    # for a store that moves a finished file into place for nothing (a rename).
+    segment_size: int = 0
 
     # -- blobs ----------------------------------------------------------------
 

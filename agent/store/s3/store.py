@@ -50,6 +50,7 @@ class S3Store(Store):
         backoff_base: float = 0.5,
         list_page_size: int = 1000,
         stream_uploads: bool = True,
+        segment_size: int = 12 << 20,
     ) -> None:
         self.bucket = bucket
         prefix = prefix.strip("/")
@@ -58,6 +59,9 @@ class S3Store(Store):
         self.part_size = part_size
         self.concurrency = concurrency
         self.stream_uploads = stream_uploads
+        # S3 cannot rename: a blob whose digest is known only at its end is
+        # copied to its address then, unless the layer is cut into segments.
+        self.segment_size = segment_size
         # As many blobs at a time as transfers: small layers then fill every
         # transfer slot, and a big one's ranges share them (``transfers`` bounds
         # all of them together).
@@ -102,6 +106,7 @@ class S3Store(Store):
             concurrency=settings.s3_concurrency,
             max_attempts=settings.s3_max_attempts,
             stream_uploads=settings.s3_stream_uploads,
+            segment_size=settings.s3_segment_size,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             backoff_base=backoff_base,
