@@ -76,9 +76,9 @@ class Settings(BaseSettings):
     )
     s3_stream_uploads: bool = Field(
         True,
-        description="Upload a layer's parts while it is compressed (to a temporary key, "
-        "copied to its address at the end) rather than once it is written: a squash's "
-        "layer, and every layer when s3_segment_size is 0.",
+        description="With s3_segment_size 0: upload a checkpoint's layer in parts while it is "
+        "compressed (to a temporary key, copied to its address at the end) rather than once "
+        "it is written.",
     )
     s3_segment_size: int = Field(
         12 << 20,

@@ -21,6 +21,7 @@ import io
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -43,10 +44,12 @@ from agent.checkpoint import layer_writer
 from agent.checkpoint.layer_reader import LayerReader
 from agent.checkpoint.layer_writer import LayerWriter, Segment
 from agent.checkpoint.manifest import LayerDesc
+from agent.checkpoint.merge import read_order
 from agent.checkpoint.pipeline import scan_and_write
 from agent.checkpoint.restore import apply_layers
 from agent.checkpoint.scan import Excluder, Stat, scan
-from agent.errors import StoreUnavailable
+from agent.checkpoint.squash import squash_layers
+from agent.errors import AgentError, StoreUnavailable
 from agent.session import Session
 from agent.session.segments import SegmentUploads
 from agent.session.squash import plan
@@ -176,12 +179,85 @@ def test_a_cut_layer_is_segments_that_restore_what_the_uncut_one_does(tmp_path: 
         assert not problems, f"{name}: " + "\n".join(problems[:10])
 
 
-def test_segments_end_at_about_their_size_when_the_compressor_says_so(tmp_path: Path) -> None:
-    """No forcing: the compressed size as the compressor reports it decides."""
+def _newer(tmp: Path, root: Path, how: str) -> Path:
+    """A newer checkpoint's layer over ``_tree``'s, as a watched checkpoint writes
+    it: the target of a hardlink of an earlier segment removed (or its directory,
+    or replaced by a new file), its other name not seen to change."""
+    out = tmp / f"newer-{how}"
+    with out.open("wb") as f:
+        if how == "replaced":
+            newer = tmp / "newer-root"
+            (newer / "d0").mkdir(parents=True)
+            (newer / "d0/f1").write_bytes(b"a new file under the old name\n")
+            scan_and_write(newer, Excluder(newer, [], []), {}, f)
+        else:
+            LayerWriter(root, f).finish(["d0/f1" if how == "target" else "d2"], {})
+    return out
+
+
+@pytest.mark.parametrize("how", ["target", "directory", "replaced"])
+def test_a_hardlink_across_segments_keeps_its_content_when_a_newer_layer_hides_its_target(
+    tmp_path: Path, how: str
+) -> None:
+    """The restore and the squash read a cut layer as the one layer it was written
+    as: a hardlink's content whose first name a newer layer removed or replaced is
+    read again from the segment that has it, as from the uncut layer."""
+    root = tmp_path / "root"
+    parent = _tree(root)
+    uncut = tmp_path / "uncut"
+    with uncut.open("wb") as f:
+        scan_and_write(root, Excluder(root, [], []), parent, f)
+    files = _Files(tmp_path)
+    with _cut_everywhere():
+        scan_and_write(
+            root, Excluder(root, [], []), parent, files.open(),
+            segment_bytes=1, next_segment=files.next_segment,
+        )  # fmt: skip
+    files.close()
+    where = {name: i for i, p in enumerate(files.paths) for name, _, _ in _members(p)}
+    assert where["d5/link-to-d0"] > where["d0/f1"] and where["d4/link-to-d2"] > where["d2/f3"]
+    newer = _newer(tmp_path, root, how)
+    cut = [*files.paths, newer]
+    continues = [False, *([True] * (len(files.paths) - 1)), False]
+
+    def restored(name: str, layers: list[Path], marks: list[bool]) -> Path:
+        target = tmp_path / f"restored-{name}"
+        target.mkdir()
+        (target / "keep").write_bytes(b"unchanged, linked later\n")
+        apply_layers(target, layers, continues=marks)
+        return target
+
+    expected = snapshot(restored("uncut", [uncut, newer], []))
+    assert "d5/link-to-d0" in expected and "d4/link-to-d2" in expected
+    problems = diff_snapshots(expected, snapshot(restored("cut", cut, continues)))
+    assert not problems, "\n".join(problems[:10])
+
+    squashed = tmp_path / "squashed"
+    with squashed.open("wb") as f:
+        squash_layers(cut, f, continues=continues)
+    problems = diff_snapshots(expected, snapshot(restored("squashed", [squashed], [])))
+    assert not problems, "\n".join(problems[:10])
+
+
+def test_the_merge_reads_each_layer_newest_first_and_its_segments_in_order() -> None:
+    assert read_order(3) == [2, 1, 0]
+    assert read_order(5, [False, True, True, False, True]) == [3, 4, 0, 1, 2]
+    # A mark on the first blob means nothing; marks must match the blobs.
+    assert read_order(2, [True, False]) == [1, 0]
+    with pytest.raises(ValueError, match="marks"):
+        read_order(2, [False])
+
+
+@pytest.mark.parametrize("size", [MiB, MiB + 1], ids=["read-whole", "streamed"])
+def test_segments_end_at_about_their_size_when_the_compressor_says_so(
+    tmp_path: Path, size: int
+) -> None:
+    """No forcing: the compressed size as the compressor reports it decides, for
+    files read whole into the buffer and for larger ones streamed past it."""
     root = tmp_path / "root"
     root.mkdir()
     for i in range(12):
-        (root / f"f{i}").write_bytes(os.urandom(MiB))
+        (root / f"f{i}").write_bytes(os.urandom(size))
     files = _Files(tmp_path)
     done = scan_and_write(
         root, Excluder(root, [], []), {}, files.open(),
@@ -193,6 +269,29 @@ def test_segments_end_at_about_their_size_when_the_compressor_says_so(tmp_path: 
     assert 4 <= len(sizes) <= 7, sizes
     assert all(2 * MiB <= size < 3.5 * MiB for size in sizes[:-1]), sizes
     assert sizes[-1] < 3.5 * MiB, sizes
+
+
+def test_no_segment_is_left_without_an_entry(tmp_path: Path) -> None:
+    """A segment full before an entry that is not written after all (a socket, the
+    last of the walk) is not ended for it."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(8):
+        (root / f"f{i}").write_bytes(os.urandom(3000))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "zz.sock"))
+        files = _Files(tmp_path)
+        with _cut_everywhere():
+            done = scan_and_write(
+                root, Excluder(root, [], []), {}, files.open(),
+                segment_bytes=1, next_segment=files.next_segment,
+            )  # fmt: skip
+        files.close()
+    assert done.layer is not None
+    assert [path for path, _ in done.layer.skipped] == ["zz.sock"]
+    assert len(files.paths) > 2
+    assert all(_members(path) for path in files.paths)
+    assert all(seg.entries for seg in done.layer.segments)
 
 
 def test_a_segment_that_cannot_be_stored_stops_the_layer(tmp_path: Path) -> None:
@@ -275,6 +374,65 @@ async def test_a_cut_chain_squashed_restores_the_same(tmp_path: Path) -> None:
     await restorer.start("c2", required=True)
     problems = diff_snapshots(expected, snapshot(target))
     assert not problems, "\n".join(problems[:10])
+
+
+class _Saw:
+    """What the change watch (``checkpoint/watch.py``, tested on its own) reports
+    for the unlink of one name: the name, and its directory's own mtime in the
+    directory above.  It stands in for the watch so the checkpoint reads only
+    that, as a watched one does, and not the other name's link count."""
+
+    def __init__(self, dirty: dict[str, set[str]]) -> None:
+        self._dirty: dict[str, set[str]] | None = dirty
+
+    def take(self) -> dict[str, set[str]] | None:
+        dirty, self._dirty = self._dirty, None
+        return dirty
+
+    def spoil(self) -> None:
+        self._dirty = None
+
+
+async def test_a_session_restores_a_hardlink_whose_first_name_went_after_its_segment(
+    tmp_path: Path,
+) -> None:
+    """A file's first name removed in a watched checkpoint, its other name, in a
+    later segment of an older checkpoint, not seen to change: restored (and squashed,
+    then restored) with its content, as the uncut layer restores it."""
+    base = tmp_path / "base"
+    base.mkdir()
+    live = tmp_path / "live"
+    copy_tree(base, live)
+    store = _cut_local(tmp_path)
+    session = Session(settings_for(live, tmp_path / "work", tmp_path / "state"), store)
+    with _cut_everywhere():
+        await session.baseline()
+        for d in ("a", "m", "z"):
+            (live / d).mkdir()
+            for i in range(20):
+                (live / f"{d}/f{i}").write_bytes(os.urandom(900))
+        os.link(live / "a/f0", live / "z/second-name")
+        await session.checkpoint("c0")
+        assert sum(x.continues for x in session.chain) > 2
+        (live / "a/f0").unlink()
+        await session.checkpoint("c1", changes_since=_Saw({"a": {"f0"}, "": {"a"}}))
+        expected = snapshot(live)
+        assert "z/second-name" in expected
+        targets = []
+        for name, squash in (("restored", False), ("squashed", True)):
+            if squash:
+                outcome = await session.squash("c1")
+                assert outcome.squashed >= 2
+            target = tmp_path / name
+            copy_tree(base, target)
+            restorer = Session(
+                settings_for(target, tmp_path / "work", tmp_path / f"st-{name}"), store
+            )
+            await restorer.start("c1", required=True)
+            targets.append(target)
+    for target in targets:
+        problems = diff_snapshots(expected, snapshot(target))
+        assert not problems, f"{target.name}: " + "\n".join(problems[:10])
 
 
 # -- a segment the store refuses ---------------------------------------------------------
@@ -435,6 +593,38 @@ async def test_no_segment_narrows_the_lease_after_the_whole_layer_was_named(
     for seg in segments:
         assert await store.has_blob(seg.digest)
     await uploads.discard()
+    assert list(spool.iterdir()) == []
+    await store.close()
+
+
+async def test_a_checkpoint_given_up_names_and_stores_no_segment_after(tmp_path: Path) -> None:
+    """Once the checkpoint is given up (``discard``, as when the final checkpoint
+    runs out of time), a segment its walk still completes is refused, so no
+    lease write or put lands after the checkpoint ended, and no spool file stays."""
+    store = LocalStore(tmp_path / "work")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    named: list[list[str]] = []
+
+    async def cover(digests: list[str]) -> None:
+        named.append(digests)
+
+    uploads = SegmentUploads(store, spool, "b" * 32, cover)
+    out = uploads.open()
+    data = b"the first segment" * 100
+    out.write(data)
+    first = Segment("sha256:" + hashlib.sha256(data).hexdigest(), len(data), len(data), 1, 1)
+    out = await asyncio.to_thread(uploads.next_segment, first)
+    out.write(b"the second, never complete")
+    await uploads.discard()
+    late = Segment("sha256:" + "1" * 64, 10, 10, 1, 1)
+    with pytest.raises(AgentError, match="given up"):
+        await asyncio.to_thread(uploads.next_segment, late)
+    with pytest.raises(AgentError, match="given up"):
+        uploads.open()
+    await asyncio.sleep(0)
+    assert named == [[first.digest]]
+    assert await store.has_blob(first.digest)  # stored before: left for gc
     assert list(spool.iterdir()) == []
     await store.close()
 

@@ -380,20 +380,35 @@ class LayerWriter:
         large enough to end."""
         return size >= self._segment_bytes * (1 + number // SEGMENTS_PER_STEP)
 
+    def _entry_starts(self) -> None:
+        """Just before an entry's first byte: a full segment ends here, so every
+        segment ends between entries and none is left without one."""
+        if self._cut_due:
+            self._cut()
+
+    def _entry_done(self, streamed: bool = False) -> None:
+        """After an entry: the buffer to the compressor once it is large, and
+        whether the segment is full then (or after a file ``streamed`` to the
+        compressor past the buffer, which may fill a segment alone)."""
+        if len(self._buf) >= FLUSH_AT:
+            self._flush()
+        elif not streamed:
+            return
+        if self._segment_bytes:
+            self._maybe_cut()
+
     def _flush(self) -> None:
         if self._buf:
             self._compressor.write(self._buf)  # the thread's from now on: no copy
             self._buf = bytearray()
 
     def _whiteout(self, path: str) -> None:
-        if self._cut_due:
-            self._cut()
+        self._entry_starts()
         head, _, base = path.rpartition("/")
         wh = f"{head}/{tf.WHITEOUT_PREFIX}{base}" if head else tf.WHITEOUT_PREFIX + base
         self._buf += tf.encode_header(wh, tf.REGTYPE, 0o644, 0, 0, 0, 0)
         self.result.entries += 1
-        if len(self._buf) >= FLUSH_AT:
-            self._flush()
+        self._entry_done()
 
     def add_whiteout(self, path: str) -> None:
         """A whiteout of ``path``, for a layer made of other layers' entries (a squash)."""
@@ -497,8 +512,7 @@ class LayerWriter:
         """The files from ``which[start]`` on that ``_frame_files`` writes: how many."""
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled("checkpoint cancelled")
-        if self._cut_due:
-            self._cut()
+        self._entry_starts()
         assert _frame_files is not None
         result = self.result
         before = result.entries
@@ -512,10 +526,7 @@ class LayerWriter:
         result.files += count
         result.entries += count
         self.bytes_done += content
-        if len(self._buf) >= FLUSH_AT:
-            self._flush()
-            if self._segment_bytes:
-                self._maybe_cut()
+        self._entry_done()
         if self._progress is not None and (result.entries >> 8) != (before >> 8):
             self._progress(result.entries, self.bytes_done)
         return count
@@ -526,8 +537,6 @@ class LayerWriter:
         changed while read), None when it was not written (``reverted``)."""
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled("checkpoint cancelled")
-        if self._cut_due:
-            self._cut()
         result = self.result
         mode = rec[MODE]
         abs_path = os.path.join(self._root, path)
@@ -555,14 +564,12 @@ class LayerWriter:
                 what = "socket" if st.S_ISSOCK(mode) else "device node"
                 result.skipped.append((path, f"{what} not checkpointed"))
                 return rec  # reported once, not at every checkpoint
+            self._entry_starts()
             self._buf += tf.encode_header(
                 name, kind, mode, rec[UID], rec[GID], 0, rec[MTIME], target, xattrs
             )
         result.entries += 1
-        if len(self._buf) >= FLUSH_AT:
-            self._flush()
-            if self._segment_bytes:
-                self._maybe_cut()
+        self._entry_done(streamed=st.S_ISREG(mode) and rec[SIZE] > WHOLE_FILE_MAX)
         if self._progress is not None and (result.entries & 255) == 0:
             self._progress(result.entries, self.bytes_done)
         return rec
@@ -586,6 +593,7 @@ class LayerWriter:
         mode = rec[MODE]
         first = self._links.get(rec[INO]) if rec[NLINK] > 1 else None
         if first is not None:  # the inode's xattrs, as read with the first name's content
+            self._entry_starts()
             self._buf += tf.encode_header(
                 path, tf.LNKTYPE, mode, rec[UID], rec[GID], 0, rec[MTIME], first[0], first[2]
             )
@@ -612,6 +620,7 @@ class LayerWriter:
                     return None
                 data, dirty = got
                 size = rec[SIZE]
+                self._entry_starts()
                 self._buf += tf.encode_header(
                     path, tf.REGTYPE, mode, rec[UID], rec[GID], size, rec[MTIME], "", xattrs
                 )
@@ -648,6 +657,7 @@ class LayerWriter:
         if not st.S_ISREG(before.st_mode):  # replaced since the scan
             return None
         size = before.st_size
+        self._entry_starts()
         self._buf += tf.encode_header(
             path, tf.REGTYPE, before.st_mode, before.st_uid, before.st_gid, size,
             before.st_mtime_ns, "", xattrs,
@@ -691,16 +701,14 @@ class LayerWriter:
             first = self._links.get(orec[INO])
             if first is None or other in self._added:
                 continue
-            if self._cut_due:
-                self._cut()
+            self._entry_starts()
             self._buf += tf.encode_header(
                 other, tf.LNKTYPE, orec[MODE], orec[UID], orec[GID], 0, orec[MTIME], first[0],
                 first[2],
             )  # fmt: skip
             result.linked[other] = poisoned(orec) if first[1] else orec
             result.entries += 1
-            if len(self._buf) >= FLUSH_AT:
-                self._flush()
+            self._entry_done()
 
     def finish(self, deletions: Iterable[str], current: dict[str, Stat]) -> LayerResult:
         """Close the layer with the ``deletions`` (as whiteouts) and the hardlink

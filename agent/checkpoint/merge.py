@@ -12,11 +12,15 @@ directory: what lies below it in the image or in older layers is gone, as
 applying the layers oldest first would have done).  Within one layer, the later
 of two entries at one path wins, and a whiteout never hides the layer's own
 entries.
+
+A checkpoint's layer may be stored cut into segments (``merge_order``): they
+are one layer to these rules, read in their order, so a hardlink in one names
+its target in an earlier one as it would within the uncut layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from enum import IntEnum
 from typing import TypeVar
 
@@ -37,6 +41,29 @@ def path_key(path: str) -> int:
     process): a key a third the size of the path, for passes over millions of
     paths whose memory must not grow with their names."""
     return (hash(path) & _M64) | (hash(path + "\0") & _M64) << 64
+
+
+def merge_order(count: int, continues: Sequence[bool] = ()) -> list[range]:
+    """The chain's ``count`` blobs (oldest first) as the merge reads them: each
+    layer newest first, a layer being a blob and the segments after it that
+    ``continues`` marks (``LayerDesc.continues``; the first blob's mark means
+    nothing), its segments oldest first.  A mark in a crafted manifest only
+    groups blobs into one layer, which the rules take as any one layer."""
+    if continues and len(continues) != count:
+        raise ValueError(f"{len(continues)} continuation marks for {count} layers")
+    layers: list[range] = []
+    start = 0
+    for i in range(1, count + 1):
+        if i == count or not continues or not continues[i]:
+            layers.append(range(start, i))
+            start = i
+    layers.reverse()
+    return layers
+
+
+def read_order(count: int, continues: Sequence[bool] = ()) -> list[int]:
+    """The blobs' indices in the order the merge asks for them: the order to fetch them in."""
+    return [i for blobs in merge_order(count, continues) for i in blobs]
 
 
 class Entry(IntEnum):
@@ -213,8 +240,8 @@ def whiteout_target(head: str, base: str, raw: str) -> str | None:
 def targets_read_again(
     reader: LayerReader, pending: dict[str, list[L]]
 ) -> Iterator[tuple[tf.Member, list[L]]]:
-    """The regular files of a layer read a second time whose names ``pending``
-    holds, each with the hardlinks waiting for it (taken out of ``pending``): a
+    """The regular files of a layer (or a segment of it) read a second time whose
+    names ``pending`` holds, each with the hardlinks waiting for it (taken out of ``pending``): a
     newer layer replaced what they linked to, so their content comes from here."""
     for m in reader.members():
         if m.type not in REG_TYPES:

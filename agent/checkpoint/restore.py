@@ -51,6 +51,7 @@ from agent.checkpoint.merge import (
     Link,
     MergeRules,
     Whiteout,
+    merge_order,
     targets_read_again,
 )
 from agent.checkpoint.merge import whiteout_target as _whiteout_target
@@ -168,16 +169,19 @@ def apply_layers(
     reserve: int | None = None,
     protected: Sequence[str] = (),
     writing: WritePolicy = DEFAULT_WRITING,
+    continues: Sequence[bool] = (),
 ) -> RestoreStats:
     """Apply a chain of layers (local verified files, oldest first) to ``root``.
 
     ``layers`` is the list of files, or their count with ``fetch(index)``
     returning each file when it is ready (it may block while it downloads);
     a ``LayerFile`` with a digest is verified as it is read;
-    they are asked for newest first.  ``totals`` is (entries, uncompressed
-    bytes) of the whole chain when known, for progress reports.  ``reserve``
-    is how many bytes of the root's filesystem are kept free (by default 2% of
-    it, at most 256 MiB): ``NoSpace`` before an entry would eat into them.
+    they are asked for in ``merge_order(count, continues)``: newest layer
+    first, the segments of a cut one (``continues``) in their order.
+    ``totals`` is (entries, uncompressed bytes) of the whole chain when known,
+    for progress reports.  ``reserve`` is how many bytes of the root's
+    filesystem are kept free (by default 2% of it, at most 256 MiB):
+    ``NoSpace`` before an entry would eat into them.
     Entries at or below a ``protected`` root-relative path are skipped, and
     one that would replace or remove such a path from above is refused.
     ``writing`` says how many writer threads may finish files, and when.
@@ -201,7 +205,7 @@ def apply_layers(
         try:
             if _inherits(os.fstat(dirs.root_fd).st_mode, dirs.root_fd):
                 merge.inherit.add("")
-            return _apply_all(merge, count, get, totals, progress)
+            return _apply_all(merge, merge_order(count, continues), count, get, totals, progress)
         except _JobFailed as e:
             raise e.error from e.error.__cause__
         finally:
@@ -210,37 +214,43 @@ def apply_layers(
 
 def _apply_all(
     merge: _Merge,
+    order: list[range],
     count: int,
     get: Callable[[int], Path | LayerFile],
     totals: tuple[int, int],
     progress: ApplyProgress | None,
 ) -> RestoreStats:
-    newest = count - 1
     base_bytes = 0
     trim = merge.dirs.trim
-    for index in range(newest, -1, -1):
-        src = get(index)
-        layer = src if isinstance(src, LayerFile) else LayerFile(src)
+    for blobs in order:
+        # One layer to the rules, however many segments it was stored as: its
+        # hardlinks may name a file of an earlier segment.
+        index = blobs.start
         pending: dict[str, list[_DeferredLink]] = {}
         skipped_files: set[str] = set()
-        name = merge.layer_name = f"layer {index + 1} of {count}"
-        older = index < newest
+        older = blobs.stop < count
+        sources: list[LayerFile] = []
         entries = merge.stats.entries
-        with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
-            for m in reader.members():
-                try:
-                    _apply_member(merge, reader, m, index, older, pending, skipped_files)
-                except OSError as e:
-                    raise _entry_error(merge, e, m.name, name) from e
-                trim()
-                entries += 1
-                if progress is not None and not entries & 255:
-                    progress(entries, totals[0], base_bytes + reader.consumed, totals[1])
-            merge.writers.drain()
-            base_bytes += reader.consumed
+        for blob in blobs:
+            src = get(blob)
+            layer = src if isinstance(src, LayerFile) else LayerFile(src)
+            sources.append(layer)
+            name = merge.layer_name = f"layer {blob + 1} of {count}"
+            with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
+                for m in reader.members():
+                    try:
+                        _apply_member(merge, reader, m, index, older, pending, skipped_files)
+                    except OSError as e:
+                        raise _entry_error(merge, e, m.name, name) from e
+                    trim()
+                    entries += 1
+                    if progress is not None and not entries & 255:
+                        progress(entries, totals[0], base_bytes + reader.consumed, totals[1])
+                merge.writers.drain()
+                base_bytes += reader.consumed
         merge.stats.entries = entries
         if pending:
-            _relink_overridden(merge, layer, index, pending)
+            _relink_overridden(merge, sources, index, pending)
     for link in merge.deferred:
         try:
             _finish_deferred_link(merge, link)
@@ -761,21 +771,24 @@ def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
 
 
 def _relink_overridden(
-    merge: _Merge, source: LayerFile, layer: int, pending: dict[str, list[_DeferredLink]]
+    merge: _Merge, sources: list[LayerFile], layer: int, pending: dict[str, list[_DeferredLink]]
 ) -> None:
-    """Second read of one layer for hardlinks whose target a newer layer replaced."""
-    merge.layer_name = f"layer {layer + 1}"
-    with source.open() as f, LayerReader(f, name=f"layer {layer + 1}") as reader:
-        for m, links in targets_read_again(reader, pending):
-            try:
-                _relink(merge, reader, m, links)
-            except OSError as e:
-                raise _entry_error(merge, e, links[0].path, f"layer {layer + 1}") from e
-            merge.dirs.trim()
-        merge.writers.drain()
-    if pending:
-        missing = ", ".join(sorted(pending))
-        raise CorruptLayer(f"layer {layer + 1}: hardlink targets not found: {missing}")
+    """Second read of one layer (each of its segments) for hardlinks whose target
+    a newer layer replaced."""
+    for i, source in enumerate(sources):
+        name = merge.layer_name = f"layer {layer + i + 1}"
+        with source.open() as f, LayerReader(f, name=name) as reader:
+            for m, links in targets_read_again(reader, pending):
+                try:
+                    _relink(merge, reader, m, links)
+                except OSError as e:
+                    raise _entry_error(merge, e, links[0].path, name) from e
+                merge.dirs.trim()
+            merge.writers.drain()
+        if not pending:
+            return
+    missing = ", ".join(sorted(pending))
+    raise CorruptLayer(f"layer {layer + 1}: hardlink targets not found: {missing}")
 
 
 def _relink(merge: _Merge, reader: LayerReader, m: tf.Member, links: list[_DeferredLink]) -> None:

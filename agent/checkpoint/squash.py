@@ -38,6 +38,7 @@ from agent.checkpoint.merge import (
     Link,
     MergeRules,
     Whiteout,
+    merge_order,
     path_key,
     targets_read_again,
 )
@@ -106,15 +107,16 @@ def squash_layers(
     cancel: threading.Event | None = None,
     progress: SquashProgress | None = None,
     total_bytes: int = 0,
+    continues: Sequence[bool] = (),
 ) -> SquashResult:
     """Write to ``out`` one layer equal to ``layers`` (oldest first) applied in order.
 
     ``layers`` is the list, or its count with ``fetch(index)`` giving each layer
-    when it is ready (asked newest first; it may block while it downloads); a
-    ``LayerFile`` with a digest is verified as it is read.  ``cancel`` set stops
-    the squash with ``Cancelled`` (``out`` then holds no valid layer).  Raises
-    what the restore would raise on the same layers (``CorruptLayer``,
-    ``UnsafeLayer``, ``DigestMismatch``).
+    when it is ready (asked in ``merge_order(count, continues)``, as the restore
+    asks; it may block while it downloads); a ``LayerFile`` with a digest is
+    verified as it is read.  ``cancel`` set stops the squash with ``Cancelled``
+    (``out`` then holds no valid layer).  Raises what the restore would raise
+    on the same layers (``CorruptLayer``, ``UnsafeLayer``, ``DigestMismatch``).
     """
     if isinstance(layers, int):
         if fetch is None:
@@ -128,11 +130,9 @@ def squash_layers(
     uses = [LayerUse() for _ in range(count)]
     done = 0
     try:
-        for index in range(count - 1, -1, -1):
-            src = get(index)
-            layer = src if isinstance(src, LayerFile) else LayerFile(src)
-            _squash_one(state, layer, index, count, uses[index], cancel)
-            done += uses[index].bytes
+        for blobs in merge_order(count, continues):
+            _squash_one(state, blobs, get, count, uses, cancel)
+            done += sum(uses[i].bytes for i in blobs)
             if progress is not None:
                 progress(done, total_bytes)
         _finish(state)
@@ -145,32 +145,40 @@ def squash_layers(
 
 def _squash_one(
     state: _Pass,
-    layer: LayerFile,
-    index: int,
+    blobs: range,
+    get: Callable[[int], Path | LayerFile],
     count: int,
-    use: LayerUse,
+    uses: list[LayerUse],
     cancel: threading.Event | None,
 ) -> None:
-    name = f"layer {index + 1} of {count}"
-    older = index < count - 1
+    """One layer of the chain: the blob ``blobs`` names, or each segment of it."""
+    index = blobs.start  # the layer, to the rules
+    older = blobs.stop < count
     pending: dict[str, list[_Link]] = {}
     skipped_files: set[str] = set()
-    with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
-        end = 0  # where the previous member's content ended
-        for m in reader.members():
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("squash cancelled")
-            at = reader.consumed
-            cost = at - end + m.size + (-m.size % tf.BLOCK)
-            end = at + m.size + (-m.size % tf.BLOCK)
-            use.entries += 1
-            if _member(state, reader, m, index, older, pending, skipped_files):
-                use.kept += 1
-            else:
-                use.superseded += cost
-        use.bytes = reader.consumed
+    sources: list[LayerFile] = []
+    for blob in blobs:
+        src = get(blob)
+        layer = src if isinstance(src, LayerFile) else LayerFile(src)
+        sources.append(layer)
+        use = uses[blob]
+        name = f"layer {blob + 1} of {count}"
+        with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
+            end = 0  # where the previous member's content ended
+            for m in reader.members():
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("squash cancelled")
+                at = reader.consumed
+                cost = at - end + m.size + (-m.size % tf.BLOCK)
+                end = at + m.size + (-m.size % tf.BLOCK)
+                use.entries += 1
+                if _member(state, reader, m, index, older, pending, skipped_files):
+                    use.kept += 1
+                else:
+                    use.superseded += cost
+            use.bytes = reader.consumed
     if pending:
-        _write_again(state, layer, index, pending)
+        _write_again(state, sources, index, pending)
 
 
 def _member(
@@ -246,20 +254,23 @@ def _reset(state: _Pass, rel_dir: str, layer: int) -> None:
 
 
 def _write_again(
-    state: _Pass, layer: LayerFile, index: int, pending: dict[str, list[_Link]]
+    state: _Pass, sources: list[LayerFile], index: int, pending: dict[str, list[_Link]]
 ) -> None:
     """Hardlinks whose target's content in this layer a newer layer replaced: the
-    content once, under the first link's name, read again; the others link to it."""
+    content once, under the first link's name, read again (from each segment of
+    the layer in turn); the others link to it."""
     writer = state.writer
-    with layer.open() as f, LayerReader(f, name=f"layer {index + 1}") as reader:
-        for m, links in targets_read_again(reader, pending):
-            first = links[0].path
-            writer.add_member(m, first, "", reader.read)
-            for link in links[1:]:
-                writer.add_member(link.member, link.path, first, None)
-    if pending:
-        missing = ", ".join(sorted(pending))
-        raise CorruptLayer(f"layer {index + 1}: hardlink targets not found: {missing}")
+    for i, source in enumerate(sources):
+        with source.open() as f, LayerReader(f, name=f"layer {index + i + 1}") as reader:
+            for m, links in targets_read_again(reader, pending):
+                first = links[0].path
+                writer.add_member(m, first, "", reader.read)
+                for link in links[1:]:
+                    writer.add_member(link.member, link.path, first, None)
+        if not pending:
+            return
+    missing = ", ".join(sorted(pending))
+    raise CorruptLayer(f"layer {index + 1}: hardlink targets not found: {missing}")
 
 
 def _finish(state: _Pass) -> None:

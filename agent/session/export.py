@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.checkpoint.manifest import A_STUDIO, LAYER_MEDIA_TYPE, CheckpointState, LayerDesc
+from agent.checkpoint.merge import read_order
 from agent.checkpoint.oci_layout import (
     BASE_DIGEST,
     CONFIG_MEDIA_TYPE,
@@ -174,6 +175,8 @@ class Exporter:
         """The chain fetched (newest first, each verified as it is read) and
         squashed into the layout; its descriptor, diff_id and tar size."""
         blobs = [(x.digest, x.size) for x in layers]
+        continues = [x.continues for x in layers]
+        order = read_order(len(layers), continues)
         cancel = threading.Event()
 
         def on_fetched(done: int, total: int) -> None:
@@ -184,7 +187,9 @@ class Exporter:
             if progress is not None:
                 progress(Progress("squash", done, total, 0, 0))
 
-        async with Fetch(self._store, blobs, self._spool, progress=on_fetched) as fetch:
+        async with Fetch(
+            self._store, blobs, self._spool, progress=on_fetched, order=order
+        ) as fetch:
 
             def get(index: int) -> LayerFile:
                 # The store verified the blob before handing it out.
@@ -201,6 +206,7 @@ class Exporter:
                         cancel=cancel,
                         progress=on_squash,
                         total_bytes=sum(x.uncompressed for x in layers),
+                        continues=continues,
                     )
                     r = result.layer
                     if (sink.digest, sink.size, sink.uncompressed) != (

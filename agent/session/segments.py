@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -46,30 +47,41 @@ class SegmentUploads:
         self._digests: list[str] = []
         self._stores: list[concurrent.futures.Future[None]] = []
         self.sinks: list[SpooledBlob] = []  # every segment's, the one being written last
+        # Held by the compressing thread to add a segment and by ``discard`` to
+        # close: once closed, no sink or store is added, so discard sees them all.
+        self._guard = threading.Lock()
         self._closed = False  # discarded: a walk the caller gave up on gets no more
         self._final = False  # the lease names the whole layer: no narrower write after
 
     def open(self) -> BinaryIO:
         """The next segment's output: a new spool file."""
+        with self._guard:
+            self._check_open()
+            path = self._spool / layer_spool_name(f"{self._holder}/{uuid.uuid4().hex}")
+            sink = SpooledBlob(self._store, create_file(path), path)
+            self.sinks.append(sink)
+        return cast(BinaryIO, sink)  # all a layer writer asks of its output: write
+
+    def _check_open(self) -> None:
         if self._closed:
             raise AgentError("the checkpoint was given up: no more segments")
-        path = self._spool / layer_spool_name(f"{self._holder}/{uuid.uuid4().hex}")
-        sink = SpooledBlob(self._store, create_file(path), path)
-        self.sinks.append(sink)
-        return cast(BinaryIO, sink)  # all a layer writer asks of its output: write
 
     def next_segment(self, segment: Segment) -> BinaryIO:
         """``NextSegment``, on the compressing thread: store the segment just
         complete (in the last sink), and give the next one's output."""
         if len(self._stores) >= IN_FLIGHT:
             self._stores[-IN_FLIGHT].result()  # raises what storing it raised
-        sink = self.sinks[-1]
-        self._stores.append(
-            asyncio.run_coroutine_threadsafe(self._store_one(sink, segment), self._loop)
-        )
+        with self._guard:
+            self._check_open()
+            sink = self.sinks[-1]
+            self._stores.append(
+                asyncio.run_coroutine_threadsafe(self._store_one(sink, segment), self._loop)
+            )
         return self.open()
 
     async def _store_one(self, sink: SpooledBlob, segment: Segment) -> None:
+        if self._closed:
+            return  # given up before it began: nothing named, nothing stored
         async with self._lock:
             if not self._final:  # (else the final write named it, with every other)
                 self._digests.append(segment.digest)
@@ -81,7 +93,11 @@ class SegmentUploads:
         every segment's own, so none of theirs can put back a narrower one."""
         async with self._lock:
             self._final = True
-            await cover()
+            try:
+                await cover()
+            except BaseException:
+                self._final = False  # not named after all: each still names its own
+                raise
 
     async def stored(self) -> None:
         """Wait until every segment handed over is stored; raise the first failure."""
@@ -90,7 +106,8 @@ class SegmentUploads:
     async def discard(self) -> None:
         """Wait out what is in flight (a put is never cut short half way), then drop
         every spool file.  Segments already stored stay for gc: nothing names them."""
-        self._closed = True
+        with self._guard:  # (held by the other thread only to add one)
+            self._closed = True
         pending = (asyncio.wrap_future(f) for f in self._stores)
         await asyncio.gather(*pending, return_exceptions=True)
         for sink in self.sinks:

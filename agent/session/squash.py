@@ -31,6 +31,7 @@ from typing import TypeVar
 
 from agent.checkpoint.layer_writer import Cancelled
 from agent.checkpoint.manifest import LayerDesc, Manifest
+from agent.checkpoint.merge import read_order
 from agent.checkpoint.restore import LayerFile
 from agent.checkpoint.squash import SquashResult, squash_layers
 from agent.errors import AgentError, RefConflict
@@ -241,6 +242,8 @@ class Squasher:
         checkpoint untouched."""
         before, manifest = await self._manifests.resolve(studio, name)
         layers = manifest.layers
+        while 0 < start < len(layers) and layers[start].continues:
+            start -= 1  # a cut layer is squashed whole: its hardlinks may cross its segments
         if len(layers) - start < 2:
             return SquashOutcome(before, before, 0, 0, 0)
         tmp = self._spool / f"squash-{uuid.uuid4().hex}.tmp"
@@ -264,8 +267,10 @@ class Squasher:
         """Fetch the layers (newest first, each read as it arrives and verified as
         read) and squash them to the spool file ``tmp``."""
         blobs = [(x.digest, x.size) for x in layers]
+        continues = [x.continues for x in layers]
+        order = read_order(len(layers), continues)
         self._spool.mkdir(parents=True, exist_ok=True)
-        async with Fetch(self._store, blobs, self._spool) as fetch:
+        async with Fetch(self._store, blobs, self._spool, order=order) as fetch:
 
             def get(index: int) -> LayerFile:
                 # The store verified the blob before handing it out.
@@ -281,6 +286,7 @@ class Squasher:
                         threads=self._settings.compression_threads,
                         cancel=cancel,
                         total_bytes=sum(x.uncompressed for x in layers),
+                        continues=continues,
                     )
 
             try:

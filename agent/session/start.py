@@ -226,6 +226,7 @@ class Starter:
         layer is applied as soon as it is verified, newest first, while the
         older ones still download.
         """
+        from agent.checkpoint.merge import read_order
         from agent.checkpoint.restore import LayerFile, RestoreStats, apply_layers
         from agent.store.fetch import Fetch
 
@@ -238,8 +239,12 @@ class Starter:
                 progress(Progress("download", done, total, 0, 0))
 
         blobs = [(layer.digest, layer.size) for layer in layers]
+        continues = [layer.continues for layer in layers]
+        order = read_order(len(layers), continues)
         ensure_private_dir(self._spool, self._root)
-        async with Fetch(self._store, blobs, self._spool, progress=on_fetched) as fetch:
+        async with Fetch(
+            self._store, blobs, self._spool, progress=on_fetched, order=order
+        ) as fetch:
             if verify_first:
                 await fetch.wait()
 
@@ -261,4 +266,5 @@ class Starter:
                 progress=on_apply,
                 protected=protected_paths(self._root, self._scope.own_paths()),
                 writing=self._writing,
+                continues=continues,
             )

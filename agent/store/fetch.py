@@ -29,8 +29,9 @@ FetchProgress = Callable[[int, int], None]
 
 class Fetch:
     """The blobs ``(digest, size)`` of ``blobs`` fetched into a scratch directory
-    under ``parent_dir``, from the last to the first (a chain lists its oldest
-    layer first; a restore wants the newest first).
+    under ``parent_dir``, started in ``order`` (indices into ``blobs``: the
+    order the caller will want them in), by default from the last to the first
+    (a chain lists its oldest layer first; a restore wants the newest first).
 
     Use as ``async with``: entering starts the downloads, leaving cancels what is
     still running, releases the readers and removes the scratch directory.  A
@@ -44,9 +45,13 @@ class Fetch:
         parent_dir: Path,
         *,
         progress: FetchProgress | None = None,
+        order: Sequence[int] | None = None,
     ) -> None:
         self._store = store
         self._blobs = list(blobs)
+        self._order = list(reversed(range(len(self._blobs)))) if order is None else list(order)
+        if sorted(self._order) != list(range(len(self._blobs))):
+            raise ValueError("the fetch order must name every blob once")
         self._parent_dir = parent_dir
         self._progress = progress
         self._arrivals = [Arrival() for _ in self._blobs]
@@ -59,10 +64,7 @@ class Fetch:
         self._parent_dir.mkdir(parents=True, exist_ok=True)
         self._dir = Path(tempfile.mkdtemp(prefix="restore-", dir=self._parent_dir))
         sem = asyncio.Semaphore(max(1, self._store.fetch_concurrency))
-        self._tasks = [
-            asyncio.ensure_future(self._fetch(i, self._dir, sem))
-            for i in reversed(range(len(self._blobs)))
-        ]
+        self._tasks = [asyncio.ensure_future(self._fetch(i, self._dir, sem)) for i in self._order]
         return self
 
     async def __aexit__(
