@@ -46,7 +46,7 @@ from agent.checkpoint.layer_writer import LayerWriter, Segment
 from agent.checkpoint.manifest import LayerDesc
 from agent.checkpoint.merge import read_order
 from agent.checkpoint.pipeline import scan_and_write
-from agent.checkpoint.restore import apply_layers
+from agent.checkpoint.restore import LayerFile, apply_layers
 from agent.checkpoint.scan import Excluder, Stat, scan
 from agent.checkpoint.squash import squash_layers
 from agent.errors import AgentError, StoreUnavailable
@@ -220,21 +220,41 @@ def test_a_hardlink_across_segments_keeps_its_content_when_a_newer_layer_hides_i
     cut = [*files.paths, newer]
     continues = [False, *([True] * (len(files.paths) - 1)), False]
 
+    opened: list[Path] = []
+
+    def counted(path: Path) -> LayerFile:
+        def opener() -> BinaryIO:
+            opened.append(path)
+            return path.open("rb")
+
+        return LayerFile(opener=opener)
+
     def restored(name: str, layers: list[Path], marks: list[bool]) -> Path:
         target = tmp_path / f"restored-{name}"
         target.mkdir()
         (target / "keep").write_bytes(b"unchanged, linked later\n")
-        apply_layers(target, layers, continues=marks)
+        apply_layers(target, [counted(x) for x in layers], continues=marks)
         return target
 
     expected = snapshot(restored("uncut", [uncut, newer], []))
     assert "d5/link-to-d0" in expected and "d4/link-to-d2" in expected
+    opened.clear()
     problems = diff_snapshots(expected, snapshot(restored("cut", cut, continues)))
     assert not problems, "\n".join(problems[:10])
+    # Read again: only the segment that holds the hidden target, not the whole layer.
+    hidden = {"target": "d0/f1", "directory": "d2/f3", "replaced": "d0/f1"}[how]
+    assert sorted(opened) == sorted([*cut, files.paths[where[hidden]]])
 
     squashed = tmp_path / "squashed"
+    told: list[int] = []
+    opened.clear()
     with squashed.open("wb") as f:
-        squash_layers(cut, f, continues=continues)
+        squash_layers(
+            [counted(x) for x in cut], f, continues=continues,
+            progress=lambda done, _total: told.append(done),
+        )  # fmt: skip
+    assert sorted(opened) == sorted([*cut, files.paths[where[hidden]]])
+    assert len(told) == len(cut) and told == sorted(set(told))  # after every segment
     problems = diff_snapshots(expected, snapshot(restored("squashed", [squashed], [])))
     assert not problems, "\n".join(problems[:10])
 
@@ -292,6 +312,37 @@ def test_no_segment_is_left_without_an_entry(tmp_path: Path) -> None:
     assert len(files.paths) > 2
     assert all(_members(path) for path in files.paths)
     assert all(seg.entries for seg in done.layer.segments)
+
+
+def test_a_segment_that_cannot_be_written_is_the_layers_error_not_a_files(
+    tmp_path: Path,
+) -> None:
+    """A segment that fails while a file's entry begins fails the layer: the file
+    is not reported unreadable, nor left out as if it were."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(30):
+        (root / f"f{i:02}").write_bytes(os.urandom(3000))
+    records = _entries(root)
+    files = _Files(tmp_path)
+    handed: list[Segment] = []
+
+    def refuse(segment: Segment) -> BinaryIO:
+        handed.append(segment)
+        if len(handed) == 2:
+            raise OSError(28, "No space left on device")
+        return files.next_segment(segment)
+
+    with _cut_everywhere():
+        writer = LayerWriter(root, files.open(), segment_bytes=1, next_segment=refuse)
+        with pytest.raises(OSError, match="No space left"):
+            for path in sorted(p for p in records if p):
+                writer.add(path, records[path])
+            writer.finish([], records)
+    writer.abandon()
+    files.close()
+    assert len(handed) == 2
+    assert writer.result.skipped == [] and writer.result.reverted == []
 
 
 def test_a_segment_that_cannot_be_stored_stops_the_layer(tmp_path: Path) -> None:

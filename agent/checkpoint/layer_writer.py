@@ -91,6 +91,12 @@ class Cancelled(AgentError):
     """The layer was abandoned before it was complete."""
 
 
+def _unreadable_after_header(path: str, e: OSError) -> AgentError:
+    """A file that failed once its header was out: the layer can't be trusted, so
+    this checkpoint fails and the previous one stands."""
+    return AgentError(f"cannot read {path}: {e.strerror}")
+
+
 @dataclass(frozen=True, slots=True)
 class Segment:
     """A complete segment of a layer cut into several: a layer of its own, a tar
@@ -613,11 +619,17 @@ class LayerWriter:
             xattrs = self._xattrs(path, fd)
             if xattrs is None:
                 return None
-            if rec[SIZE] <= WHOLE_FILE_MAX:
-                got = _read_small(fd, rec)
-                if got is None:  # no longer a regular file: next time
-                    result.reverted.append(path)
-                    return None
+            # Only reading the file makes it "unreadable": what writing the layer
+            # raises (a full spool, a failed segment) fails the checkpoint.
+            small = rec[SIZE] <= WHOLE_FILE_MAX
+            try:
+                got = _read_small(fd, rec) if small else None
+                before = None if small else os.fstat(fd)
+            except OSError as e:
+                result.skipped.append((path, f"unreadable: {e.strerror}"))
+                result.reverted.append(path)
+                return None
+            if got is not None:
                 data, dirty = got
                 size = rec[SIZE]
                 self._entry_starts()
@@ -627,17 +639,12 @@ class LayerWriter:
                 self._buf += data
                 self._buf += tf.padding(size)
                 new_rec = rec
-            else:
-                got_large = self._large_file(path, abs_path, fd, xattrs)
-                if got_large is None:
-                    result.reverted.append(path)
-                    return None
-                new_rec, dirty = got_large
+            elif before is not None and st.S_ISREG(before.st_mode):
+                new_rec, dirty = self._large_file(path, abs_path, fd, xattrs, before)
                 size = new_rec[SIZE]
-        except OSError as e:
-            result.skipped.append((path, f"unreadable: {e.strerror}"))
-            result.reverted.append(path)
-            return None
+            else:  # no longer a regular file: next time
+                result.reverted.append(path)
+                return None
         finally:
             os.close(fd)
         written = poisoned(new_rec) if dirty else new_rec
@@ -649,13 +656,10 @@ class LayerWriter:
         return written
 
     def _large_file(
-        self, path: str, abs_path: str, fd: int, xattrs: dict[str, bytes]
-    ) -> tuple[Stat, bool] | None:
-        """Stream a large file in chunks: its record as read and whether it changed
-        meanwhile; None when it is no longer a regular file."""
-        before = os.fstat(fd)
-        if not st.S_ISREG(before.st_mode):  # replaced since the scan
-            return None
+        self, path: str, abs_path: str, fd: int, xattrs: dict[str, bytes], before: os.stat_result
+    ) -> tuple[Stat, bool]:
+        """Stream a large file (``before``: its ``fstat``) in chunks: its record as
+        read and whether it changed meanwhile."""
         size = before.st_size
         self._entry_starts()
         self._buf += tf.encode_header(
@@ -665,21 +669,22 @@ class LayerWriter:
         self._flush()
         dirty = False
         left = size
-        write = self._compressor.write
-        try:
-            while left:
+        write = self._compressor.write  # (what it raises is the layer's, not the file's)
+        while left:
+            try:
                 chunk = os.read(fd, min(CHUNK, left))
-                if not chunk:  # truncated while we read it
-                    dirty = True
-                    chunk = bytes(min(CHUNK, left))
-                write(chunk)
-                left -= len(chunk)
+            except OSError as e:
+                raise _unreadable_after_header(abs_path, e) from e
+            if not chunk:  # truncated while we read it
+                dirty = True
+                chunk = bytes(min(CHUNK, left))
+            write(chunk)
+            left -= len(chunk)
+        try:
+            after = os.fstat(fd)
         except OSError as e:
-            # The header is out, so the layer can't be trusted:
-            # fail this checkpoint; the previous one stands.
-            raise AgentError(f"cannot read {abs_path}: {e.strerror}") from e
+            raise _unreadable_after_header(abs_path, e) from e
         self._buf += tf.padding(size)
-        after = os.fstat(fd)
         if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != (
             before.st_mtime_ns,
             before.st_ctime_ns,

@@ -20,7 +20,7 @@ its target in an earlier one as it would within the uncut layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Hashable, Iterator, Sequence
 from enum import IntEnum
 from typing import TypeVar
 
@@ -64,6 +64,32 @@ def merge_order(count: int, continues: Sequence[bool] = ()) -> list[range]:
 def read_order(count: int, continues: Sequence[bool] = ()) -> list[int]:
     """The blobs' indices in the order the merge asks for them: the order to fetch them in."""
     return [i for blobs in merge_order(count, continues) for i in blobs]
+
+
+class SkippedFiles:
+    """A layer's regular files that a newer layer hid, each with the segment of
+    the layer it is in (``part``, set as each is read): a hardlink of the layer
+    may still need one's content, read again from that segment alone."""
+
+    __slots__ = ("_where", "part")
+
+    def __init__(self) -> None:
+        self.part = 0
+        self._where: dict[str, int] = {}
+
+    def add(self, path: str) -> None:
+        self._where[path] = self.part
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._where
+
+    def parts(self, targets: Collection[str], count: int) -> list[int]:
+        """The segments (of ``count``) to read again for ``targets``, in order:
+        every one when a target is not known here (its entry came after its link)."""
+        where = self._where
+        if any(t not in where for t in targets):
+            return list(range(count))
+        return sorted({where[t] for t in targets})
 
 
 class Entry(IntEnum):
@@ -208,7 +234,7 @@ class MergeRules:
             return Whiteout.NONE
         return Whiteout.RESET
 
-    def link(self, target: str, layer: int, skipped_files: set[str]) -> Link:
+    def link(self, target: str, layer: int, skipped_files: Container[str]) -> Link:
         """Where the content of a hardlink of ``layer`` to ``target`` comes from
         (``skipped_files``: this layer's regular files that a newer layer hid)."""
         d = self.decision(target)

@@ -50,6 +50,7 @@ from agent.checkpoint.merge import (
     Entry,
     Link,
     MergeRules,
+    SkippedFiles,
     Whiteout,
     merge_order,
     targets_read_again,
@@ -227,14 +228,15 @@ def _apply_all(
         # hardlinks may name a file of an earlier segment.
         index = blobs.start
         pending: dict[str, list[_DeferredLink]] = {}
-        skipped_files: set[str] = set()
+        skipped_files = SkippedFiles()
         older = blobs.stop < count
         sources: list[LayerFile] = []
         entries = merge.stats.entries
-        for blob in blobs:
+        for part, blob in enumerate(blobs):
             src = get(blob)
             layer = src if isinstance(src, LayerFile) else LayerFile(src)
             sources.append(layer)
+            skipped_files.part = part
             name = merge.layer_name = f"layer {blob + 1} of {count}"
             with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
                 for m in reader.members():
@@ -250,7 +252,8 @@ def _apply_all(
                 base_bytes += reader.consumed
         merge.stats.entries = entries
         if pending:
-            _relink_overridden(merge, sources, index, pending)
+            again = skipped_files.parts(pending.keys(), len(sources))
+            _relink_overridden(merge, [(index + i, sources[i]) for i in again], index, pending)
     for link in merge.deferred:
         try:
             _finish_deferred_link(merge, link)
@@ -286,7 +289,7 @@ def _apply_member(
     layer: int,
     older: bool,
     pending: dict[str, list[_DeferredLink]],
-    skipped_files: set[str],
+    skipped_files: SkippedFiles,
 ) -> None:
     path = clean_member_name(m.name)
     head, _, base = path.rpartition("/")
@@ -771,12 +774,15 @@ def _finish_deferred_link(merge: _Merge, link: _DeferredLink) -> None:
 
 
 def _relink_overridden(
-    merge: _Merge, sources: list[LayerFile], layer: int, pending: dict[str, list[_DeferredLink]]
+    merge: _Merge,
+    sources: list[tuple[int, LayerFile]],
+    layer: int,
+    pending: dict[str, list[_DeferredLink]],
 ) -> None:
-    """Second read of one layer (each of its segments) for hardlinks whose target
-    a newer layer replaced."""
-    for i, source in enumerate(sources):
-        name = merge.layer_name = f"layer {layer + i + 1}"
+    """Second read of one layer (those of its segments, by blob index, that hold
+    the targets) for hardlinks whose target a newer layer replaced."""
+    for blob, source in sources:
+        name = merge.layer_name = f"layer {blob + 1}"
         with source.open() as f, LayerReader(f, name=name) as reader:
             for m, links in targets_read_again(reader, pending):
                 try:

@@ -37,6 +37,7 @@ from agent.checkpoint.merge import (
     Entry,
     Link,
     MergeRules,
+    SkippedFiles,
     Whiteout,
     merge_order,
     path_key,
@@ -129,12 +130,16 @@ def squash_layers(
     state = _Pass(MergeRules(key=path_key), writer)
     uses = [LayerUse() for _ in range(count)]
     done = 0
+
+    def read(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total_bytes)
+
     try:
         for blobs in merge_order(count, continues):
-            _squash_one(state, blobs, get, count, uses, cancel)
-            done += sum(uses[i].bytes for i in blobs)
-            if progress is not None:
-                progress(done, total_bytes)
+            _squash_one(state, blobs, get, count, uses, cancel, read)
         _finish(state)
         result = writer.finish((), {})
     except BaseException:
@@ -150,17 +155,20 @@ def _squash_one(
     count: int,
     uses: list[LayerUse],
     cancel: threading.Event | None,
+    read: Callable[[int], None],
 ) -> None:
-    """One layer of the chain: the blob ``blobs`` names, or each segment of it."""
+    """One layer of the chain: the blob ``blobs`` names, or each segment of it
+    (``read`` told each one's bytes once it is read)."""
     index = blobs.start  # the layer, to the rules
     older = blobs.stop < count
     pending: dict[str, list[_Link]] = {}
-    skipped_files: set[str] = set()
+    skipped_files = SkippedFiles()
     sources: list[LayerFile] = []
-    for blob in blobs:
+    for part, blob in enumerate(blobs):
         src = get(blob)
         layer = src if isinstance(src, LayerFile) else LayerFile(src)
         sources.append(layer)
+        skipped_files.part = part
         use = uses[blob]
         name = f"layer {blob + 1} of {count}"
         with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
@@ -177,8 +185,10 @@ def _squash_one(
                 else:
                     use.superseded += cost
             use.bytes = reader.consumed
+        read(use.bytes)
     if pending:
-        _write_again(state, sources, index, pending)
+        again = skipped_files.parts(pending.keys(), len(sources))
+        _write_again(state, [(index + i, sources[i]) for i in again], index, pending)
 
 
 def _member(
@@ -188,7 +198,7 @@ def _member(
     layer: int,
     older: bool,
     pending: dict[str, list[_Link]],
-    skipped_files: set[str],
+    skipped_files: SkippedFiles,
 ) -> bool:
     """Decide one member and write it if it wins; whether the output carries it."""
     rules, writer = state.rules, state.writer
@@ -254,14 +264,17 @@ def _reset(state: _Pass, rel_dir: str, layer: int) -> None:
 
 
 def _write_again(
-    state: _Pass, sources: list[LayerFile], index: int, pending: dict[str, list[_Link]]
+    state: _Pass,
+    sources: list[tuple[int, LayerFile]],
+    index: int,
+    pending: dict[str, list[_Link]],
 ) -> None:
     """Hardlinks whose target's content in this layer a newer layer replaced: the
-    content once, under the first link's name, read again (from each segment of
-    the layer in turn); the others link to it."""
+    content once, under the first link's name, read again (from the segments of
+    the layer that hold the targets, by blob index); the others link to it."""
     writer = state.writer
-    for i, source in enumerate(sources):
-        with source.open() as f, LayerReader(f, name=f"layer {index + i + 1}") as reader:
+    for blob, source in sources:
+        with source.open() as f, LayerReader(f, name=f"layer {blob + 1}") as reader:
             for m, links in targets_read_again(reader, pending):
                 first = links[0].path
                 writer.add_member(m, first, "", reader.read)

@@ -83,10 +83,13 @@ class SegmentUploads:
         if self._closed:
             return  # given up before it began: nothing named, nothing stored
         async with self._lock:
+            if self._closed:
+                return
             if not self._final:  # (else the final write named it, with every other)
                 self._digests.append(segment.digest)
                 await self._cover(list(self._digests))
-        await sink.commit(segment.digest, segment.size)
+        if not self._closed:  # (a put begun is waited for by ``discard``)
+            await sink.commit(segment.digest, segment.size)
 
     async def cover_last(self, cover: Callable[[], Awaitable[None]]) -> None:
         """The lease write naming the whole layer (and its manifest), made after
