@@ -78,8 +78,8 @@ MAX_THREADS = 4
 # Slices queued for the compressing thread: each holds at most FLUSH_AT plus one
 # small file, so a few MiB wait at most.
 QUEUE_DEPTH = 4
-# A cut layer's segments grow by the first one's size every this many, so even a
-# root of terabytes makes a few hundred of them.
+# A cut layer's segments grow by the first one's size every this many, so a TiB
+# of compressed layer makes about 1,200 of them (the largest 1.7 GiB at 12 MiB).
 SEGMENTS_PER_STEP = 8
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -99,8 +99,8 @@ def _unreadable_after_header(path: str, e: OSError) -> AgentError:
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """A complete segment of a layer cut into several: a layer of its own, a tar
-    of whole entries in one zstd frame, the checkpoint's next one on top of it."""
+    """A complete segment of a layer cut into several: a blob of its own, a tar
+    of whole entries in one zstd frame, the checkpoint's next one after it."""
 
     digest: str
     size: int
@@ -315,9 +315,10 @@ class LayerWriter:
     about ``segment_bytes`` compressed (growing by that every ``SEGMENTS_PER_STEP``
     segments): a store that cannot rename (S3) stores each under its digest as
     soon as it is complete, while the walk goes on, instead of copying one large
-    blob once its digest is known.  Paths are never repeated across segments, so
-    each segment is a layer on its own and the chain's merge rules are unchanged;
-    a hardlink may name a path of an earlier segment, as of any lower layer."""
+    blob once its digest is known.  Paths are never repeated across segments,
+    but a hardlink may name a path of an earlier one, so the restore and the
+    squash read a cut layer's segments, in order, as one layer
+    (``merge.merge_order``)."""
 
     def __init__(
         self,
@@ -355,7 +356,7 @@ class LayerWriter:
         self.bytes_done = 0
 
     def _maybe_cut(self) -> None:
-        """Mark the segment full, just after a flush, if it is large enough.  Its
+        """Mark the segment full, after an entry, if it is large enough.  Its
         compressed size is estimated from the bytes given to the compressor and the
         ratio of the segments complete (none: 1): what it has put out lags several
         jobs behind.  The cut is made before the next entry (``_cut``), so no

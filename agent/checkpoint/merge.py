@@ -266,9 +266,10 @@ def whiteout_target(head: str, base: str, raw: str) -> str | None:
 def targets_read_again(
     reader: LayerReader, pending: dict[str, list[L]]
 ) -> Iterator[tuple[tf.Member, list[L]]]:
-    """The regular files of a layer (or a segment of it) read a second time whose
-    names ``pending`` holds, each with the hardlinks waiting for it (taken out of ``pending``): a
-    newer layer replaced what they linked to, so their content comes from here."""
+    """The regular files of a layer (or a segment of it) read a second time
+    whose names ``pending`` holds, each with the hardlinks waiting for it (taken
+    out of ``pending``): a newer layer replaced what they linked to, so their
+    content comes from here."""
     for m in reader.members():
         if m.type not in REG_TYPES:
             continue
