@@ -107,6 +107,18 @@ class _Files:
             f.close()
 
 
+def _refusing(files: _Files, at: int, handed: list[Segment]) -> Callable[[Segment], BinaryIO]:
+    """``next_segment`` as a full spool gives it: the ``at``-th segment is refused."""
+
+    def refuse(segment: Segment) -> BinaryIO:
+        handed.append(segment)
+        if len(handed) == at:
+            raise OSError(28, "No space left on device")
+        return files.next_segment(segment)
+
+    return refuse
+
+
 def _tree(root: Path) -> dict[str, Stat]:
     """A root, the parent state it had, and changes after it: new files with
     hardlinks whose names fall in different segments, and a new name of an
@@ -326,13 +338,7 @@ def test_a_segment_that_cannot_be_written_is_the_layers_error_not_a_files(
     records = _entries(root)
     files = _Files(tmp_path)
     handed: list[Segment] = []
-
-    def refuse(segment: Segment) -> BinaryIO:
-        handed.append(segment)
-        if len(handed) == 2:
-            raise OSError(28, "No space left on device")
-        return files.next_segment(segment)
-
+    refuse = _refusing(files, 2, handed)
     with _cut_everywhere():
         writer = LayerWriter(root, files.open(), segment_bytes=1, next_segment=refuse)
         with pytest.raises(OSError, match="No space left"):
@@ -350,13 +356,7 @@ def test_a_segment_that_cannot_be_stored_stops_the_layer(tmp_path: Path) -> None
     parent = _tree(root)
     files = _Files(tmp_path)
     handed: list[Segment] = []
-
-    def refuse(segment: Segment) -> BinaryIO:
-        handed.append(segment)
-        if len(handed) == 3:
-            raise OSError(28, "No space left on device")
-        return files.next_segment(segment)
-
+    refuse = _refusing(files, 3, handed)
     with _cut_everywhere(), pytest.raises(OSError, match="No space left"):
         scan_and_write(
             root, Excluder(root, [], []), parent, files.open(),
