@@ -398,13 +398,19 @@ def test_every_cut_checkpoint_restores_exactly_through_s3(
         asyncio.run(_scenario(Path(tmp), make_store, ops, data))
 
 
-async def test_a_cut_chain_squashed_restores_the_same(tmp_path: Path) -> None:
-    base = tmp_path / "base"
+def _cut_session(tmp: Path) -> tuple[Path, Path, Store, Session]:
+    """An empty image (``base``), a root on it, and its session on a store that
+    cuts every layer."""
+    base = tmp / "base"
     base.mkdir()
-    live = tmp_path / "live"
+    live = tmp / "live"
     copy_tree(base, live)
-    store = _cut_local(tmp_path)
-    session = Session(settings_for(live, tmp_path / "work", tmp_path / "state"), store)
+    store = _cut_local(tmp)
+    return base, live, store, Session(settings_for(live, tmp / "work", tmp / "state"), store)
+
+
+async def test_a_cut_chain_squashed_restores_the_same(tmp_path: Path) -> None:
+    base, live, store, session = _cut_session(tmp_path)
     with _cut_everywhere():
         await session.baseline()
         for step in range(3):
@@ -450,12 +456,7 @@ async def test_a_session_restores_a_hardlink_whose_first_name_went_after_its_seg
     """A file's first name removed in a watched checkpoint, its other name, in a
     later segment of an older checkpoint, not seen to change: restored (and squashed,
     then restored) with its content, as the uncut layer restores it."""
-    base = tmp_path / "base"
-    base.mkdir()
-    live = tmp_path / "live"
-    copy_tree(base, live)
-    store = _cut_local(tmp_path)
-    session = Session(settings_for(live, tmp_path / "work", tmp_path / "state"), store)
+    base, live, store, session = _cut_session(tmp_path)
     with _cut_everywhere():
         await session.baseline()
         for d in ("a", "m", "z"):
