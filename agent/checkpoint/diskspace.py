@@ -49,6 +49,16 @@ class FreeSpace:
         if self._bytes < 0 or self._inodes < 0:
             self._look(size, what)
 
+    def budget(self) -> tuple[int, int]:
+        """(bytes, inodes) that may be charged, entries' overhead included,
+        before the filesystem is looked at again."""
+        return self._bytes, self._inodes
+
+    def charged(self, content: int, entries: int) -> None:
+        """``entries`` of ``content`` bytes in all were written within ``budget``."""
+        self._bytes -= content + entries * ENTRY_OVERHEAD
+        self._inodes -= entries
+
     def _look(self, size: int, what: str) -> None:
         v = os.fstatvfs(self._fd)
         # What was charged before this entry is written already, so it is gone

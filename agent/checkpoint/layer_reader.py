@@ -13,7 +13,7 @@ import hashlib
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, cast
 
 import zstandard
@@ -22,6 +22,8 @@ from agent.checkpoint import tarformat as tf
 from agent.errors import CorruptLayer, DigestMismatch
 
 READ_SIZE = 1 << 20
+# _untar.write_files: (buffer, position, *arguments) -> (position, names, content bytes)
+RunWriter = Callable[..., tuple[int, list[str], int]]
 _EXTENDED = {tf.XHDTYPE, tf.XGLTYPE, tf.GNU_LONGNAME, tf.GNU_LONGLINK}
 _KNOWN_TYPES = {
     tf.REGTYPE,
@@ -81,6 +83,8 @@ class LayerReader:
         self._buf = b""
         self._pos = 0
         self._taken = 0  # uncompressed bytes of the buffers before ``_buf``
+        self._member_end = 0  # where the member last handed out ends, padding included
+        self._pax_global = False  # a global PAX header was read: it applies to what follows
         self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=8)
         self._stop = threading.Event()
         self._eof = False
@@ -253,6 +257,7 @@ class LayerReader:
                     mtime_ns = None
                 elif kind == tf.XGLTYPE:
                     pax_global.update(tf.parse_pax(data))
+                    self._pax_global = True
                 elif kind == tf.GNU_LONGNAME:
                     long_name = os.fsdecode(data.split(b"\0", 1)[0])
                 else:
@@ -278,18 +283,33 @@ class LayerReader:
             elif mtime_ns is not None:
                 m.mtime_ns = mtime_ns
                 mtime_ns = None
-            start = self._taken + pos
-            yield m
             size = m.size
-            left = size - (self._taken + self._pos - start)
+            self._member_end = self._taken + pos + size + (-size % B)
+            yield m
+            left = self._member_end - (self._taken + self._pos)
             if left < 0:
                 raise CorruptLayer(f"{self._name}: read past the end of {m.name!r}")
-            left += -size % B
             if left:
                 if len(self._buf) - self._pos >= left:
                     self._pos += left
                 else:
                     self.skip(left)
+
+    def write_run(self, write: RunWriter, *args: int | bytes) -> tuple[list[str], int]:
+        """Hand the entries after the member last handed out (its content
+        consumed) to ``write`` (``_untar.write_files``, with ``args`` after the
+        buffer and position), which writes those of a run it can and returns
+        where it stopped: the names written, their content bytes.  ``members``
+        goes on from there.  Nothing is handed over once a global PAX header
+        applies, or where the member's padding is not in the buffer."""
+        start = self._member_end - self._taken
+        if self._pax_global or start > len(self._buf) or start < self._pos:
+            return [], 0
+        pos, names, content = write(self._buf, start, *args)
+        if names:
+            self._pos = pos
+            self._member_end = self._taken + pos
+        return names, content
 
     def _drain(self) -> None:
         """Read to the end so a damaged frame tail is still noticed."""

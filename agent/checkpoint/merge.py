@@ -139,13 +139,16 @@ class MergeRules:
         k = self._key
         return self._decided.get(path if k is None else k(path))
 
-    def decide(self, path: str, layer: int, kind: int) -> None:
+    def _pair(self, layer: int, kind: int) -> tuple[int, int]:
         pairs = self._pairs
         while len(pairs) <= layer:  # one shared tuple per (layer, kind)
             n = len(pairs)
             pairs.append(((n, 0), (n, DIR), (n, NONDIR), (n, WHITEOUT)))
+        return pairs[layer][kind]
+
+    def decide(self, path: str, layer: int, kind: int) -> None:
         k = self._key
-        self._decided[path if k is None else k(path)] = pairs[layer][kind]
+        self._decided[path if k is None else k(path)] = self._pair(layer, kind)
 
     @property
     def opaque(self) -> dict[str, int]:
@@ -212,6 +215,15 @@ class MergeRules:
             self.note_used(path, layer)
         else:
             self.decide(path, layer, NONDIR)
+
+    def written_files(self, paths: list[str], layer: int) -> None:
+        """``written`` of regular files (non-directories) at each of ``paths``."""
+        pair = self._pair(layer, NONDIR)
+        k = self._key
+        if k is None:
+            self._decided.update(dict.fromkeys(paths, pair))
+        else:
+            self._decided.update((k(path), pair) for path in paths)
 
     def whiteout(self, target: str, layer: int, older: bool) -> Whiteout:
         """A whiteout of ``target`` in ``layer``; a REMOVE is recorded as decided."""

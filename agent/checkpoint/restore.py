@@ -22,6 +22,10 @@ a partly written file under its final name.  System calls that would not change
 anything (``fchown`` to the restoring user, ``fchmod`` to the mode the file was
 created with) are left out: per-file cost is what a restore pays over ``tar -x``.
 
+Runs of plain new files of one directory in the newest layer, most of a
+software install, are written by the compiled ``_untar`` in one call each
+(``_write_run`` says when), which decides nothing and stops at anything else.
+
 Where the disk blocks on every write, the work on a file that is decided and
 opened (its content, metadata and close) goes to writer threads
 (``writers.py``), several files at once; every decision stays here, in order,
@@ -63,8 +67,20 @@ from agent.checkpoint.rootdirs import RootDirs, fd_path, open_dir_at
 from agent.checkpoint.writers import FileJob, WritePolicy, Writers
 from agent.errors import CorruptLayer, UnsafeLayer
 
+_Writer = Callable[..., tuple[int, list[str], int]]
+_write_files: _Writer | None
+try:
+    from agent.checkpoint._untar import write_files as _write_files
+except ImportError:  # not built (a source tree without a compiler): every entry is the pass's
+    _write_files = None
+
 _REG_TYPES = REG_TYPES
 DEFAULT_WRITING = WritePolicy()
+# Our writer's mtime-only PAX header blocks, by record length, for _untar to compare.
+_BY_LENGTH = {n: block for block, n in tf.MTIME_PAX_BLOCKS.items()}
+_PAX_BLOCKS = b"".join(_BY_LENGTH[n] for n in range(min(_BY_LENGTH), max(_BY_LENGTH) + 1))
+# Files one call of _untar writes at most: progress is reported between calls.
+RUN_FILES = 256
 
 # (entries done, entries total, uncompressed bytes done, uncompressed bytes total)
 ApplyProgress = Callable[[int, int, int, int], None]
@@ -241,12 +257,12 @@ def _apply_all(
             with layer.open() as f, LayerReader(f, name, layer.digest, layer.size) as reader:
                 for m in reader.members():
                     try:
-                        _apply_member(merge, reader, m, index, older, pending, skipped_files)
+                        more = _apply_member(merge, reader, m, index, older, pending, skipped_files)
                     except OSError as e:
                         raise _entry_error(merge, e, m.name, name) from e
                     trim()
-                    entries += 1
-                    if progress is not None and not entries & 255:
+                    before, entries = entries, entries + 1 + more
+                    if progress is not None and (before >> 8) != (entries >> 8):
                         progress(entries, totals[0], base_bytes + reader.consumed, totals[1])
                 merge.writers.drain()
                 base_bytes += reader.consumed
@@ -290,18 +306,19 @@ def _apply_member(
     older: bool,
     pending: dict[str, list[_DeferredLink]],
     skipped_files: SkippedFiles,
-) -> None:
+) -> int:
+    """Apply ``m``: how many entries after it were applied with it (``_write_run``)."""
     path = clean_member_name(m.name)
     head, _, base = path.rpartition("/")
     if merge.protected and _protected(merge.protected, path, head, base, m):
         merge.stats.skipped += 1
-        return
+        return 0
     if merge.writers.pending:  # what this entry is at or below is finished first
         merge.writers.settle_path(path)
     rules = merge.rules
     if base.startswith(tf.WHITEOUT_PREFIX):
         _apply_whiteout(merge, head, base, layer, older, m.name)
-        return
+        return 0
     kind = m.type
     verdict = rules.entry(path, kind, layer, older)
     if verdict:
@@ -310,7 +327,7 @@ def _apply_member(
             skipped_files.add(path)  # a hardlink of this layer may still need it
         if verdict is Entry.SKIP_RESET:
             _hide_below(merge, path, layer)
-        return
+        return 0
     merge.space.charge(m.size, path)
     pfd = _parent_fd(merge, path, head, layer) if head else merge.dirs.root_fd
     if kind in _REG_TYPES:
@@ -343,6 +360,46 @@ def _apply_member(
             merge, pfd, base, path, lambda n: os.mkfifo(n, 0o600, dir_fd=pfd), fifo_meta=m
         )
     rules.written(path, kind, layer)
+    if kind in _REG_TYPES and not older and _write_files is not None:
+        return _write_run(merge, reader, pfd, head, layer)
+    return 0
+
+
+def _write_run(merge: _Merge, reader: LayerReader, pfd: int, head: str, layer: int) -> int:
+    """After a file of the newest layer written in ``head`` (the directory fd
+    ``pfd``): the plain new files that follow it there, written by ``_untar``
+    in one call, and how many.
+
+    In the newest layer every regular file is written (``MergeRules.entry``),
+    so a run needs no decision of its own, as long as each file is new in the
+    directory (which ``_untar`` checks with ``O_EXCL``) and written as this
+    pass would write it: not while writer threads hold files, not where the
+    directory hands down its group or an ACL, not where a protected path is
+    at or below the directory, and within the free-space budget."""
+    writers = merge.writers
+    if (
+        writers.active
+        or writers.pending
+        or (merge.inherit and head in merge.inherit)
+        or not head.isascii()
+        or _protected_dir(merge.protected, head)
+    ):
+        return 0
+    assert _write_files is not None
+    budget_bytes, budget_inodes = merge.space.budget()
+    t0 = time.perf_counter() if writers.sampling else 0.0
+    names, content = reader.write_run(
+        _write_files, pfd, f"{head}/".encode() if head else b"", _PAX_BLOCKS,
+        budget_bytes, budget_inodes, *merge.ids, merge.umask, merge.is_root, RUN_FILES,
+    )  # fmt: skip
+    n = len(names)
+    if n:
+        merge.space.charged(content, n)
+        merge.rules.written_files(names, layer)
+        merge.stats.files += n
+        if t0:
+            writers.observe_run(time.perf_counter() - t0, n, content)
+    return n
 
 
 def _apply_whiteout(merge: _Merge, head: str, base: str, layer: int, older: bool, raw: str) -> None:
@@ -862,6 +919,15 @@ def _set_dir_meta(merge: _Merge, target: int | str, rel: str, m: tf.Member) -> N
     os.chmod(target, m.mode & 0o7777)
     set_xattrs(target, m, rel)
     os.utime(target, ns=(m.mtime_ns, m.mtime_ns))
+
+
+def _protected_dir(protected: tuple[str, ...], rel_dir: str) -> bool:
+    """Whether a protected path is ``rel_dir``, above it or below it: whether
+    ``_protected`` may have something to say about an entry in it."""
+    inside = f"{rel_dir}/" if rel_dir else ""
+    return any(
+        rel_dir == p or rel_dir.startswith(p + "/") or p.startswith(inside) for p in protected
+    )
 
 
 def _protected(protected: tuple[str, ...], path: str, head: str, base: str, m: tf.Member) -> bool:
