@@ -9,10 +9,13 @@ import os
 import stat
 import subprocess
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import zstandard
 
 from agent.checkpoint.manifest import LayerDesc, Manifest
@@ -165,3 +168,20 @@ def replace_blob(store: Store, digest: str, data: bytes, s3: S3Endpoint | None) 
         assert isinstance(store, S3Store) and s3 is not None
         key = store.url.removeprefix(f"s3://{store.bucket}/") + f"/blobs/sha256/{hexd}"
         s3.admin.put_object(Bucket=store.bucket, Key=key, Body=data)
+
+
+@contextmanager
+def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``"4m"``): a real filesystem that fills up.  Mounting
+    needs root with CAP_SYS_ADMIN; the test is skipped where it cannot mount."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)])
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

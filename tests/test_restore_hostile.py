@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fsutil import Entry, put_checkpoint, put_layer_blob, settings_for, tar_bytes, zstd
+from fsutil import Entry, put_checkpoint, put_layer_blob, settings_for, small_tmpfs, tar_bytes, zstd
 
 from agent.checkpoint import tarformat as tf
 from agent.checkpoint.manifest import CheckpointState, LayerDesc, Manifest
@@ -330,17 +330,8 @@ def test_free_space_is_asked_rarely(env: dict[str, Path], monkeypatch: pytest.Mo
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs (needs the right to mount: root with CAP_SYS_ADMIN)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=False)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_tmpfs(tmp_path, "8m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_decompression_bomb_through_the_store_stops_on_a_small_disk(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fsutil import Entry, diff_snapshots, snapshot, tar_bytes, zstd
+from fsutil import Entry, diff_snapshots, small_tmpfs, snapshot, tar_bytes, zstd
 from hypothesis import HealthCheck, given, settings
 from test_restore_hostile_random import base_st, build_base, layer_bytes, layers_st, make_sentinel
 
@@ -299,15 +299,8 @@ def test_directory_times_are_set_after_its_files_land(
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs: a real filesystem that fills up."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=False)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_tmpfs(tmp_path, "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @as_root

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fsutil import Entry, diff_snapshots, snapshot, tar_bytes, zstd
+from fsutil import Entry, diff_snapshots, small_tmpfs, snapshot, tar_bytes, zstd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -255,17 +255,8 @@ def test_a_corrupt_header_in_a_run_is_refused(tmp_path: Path, counted: list[str]
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs (needs the right to mount: root with CAP_SYS_ADMIN)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if not ROOT:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=False)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_tmpfs(tmp_path, "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_run_stops_at_the_free_space_budget(
