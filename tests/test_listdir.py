@@ -1,8 +1,8 @@
 """The walk's compiled lister gives what the careful Python listing gives.
 
 ``scan.walk`` lists a directory with nothing excluded through
-``agent.checkpoint._listdir`` (with the next directories on its stack, on
-several threads, after a large directory) and falls back to ``_list_careful``
+``agent.checkpoint._listdir`` (after a large directory, the next ones on its
+stack read ahead on threads of the lister's own, ``list_later``) and falls back to ``_list_careful``
 for what the lister declines; each test walks the same tree both ways, the
 compiled one listing every directory in batches, and compares every
 directory's names and records.
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from agent.checkpoint import scan
-from agent.checkpoint._listdir import list_dirs
+from agent.checkpoint._listdir import list_dirs, list_later
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
 from agent.checkpoint.scan import Excluder, Scan, walk
 
@@ -137,6 +137,64 @@ def test_batches_keep_the_order_and_decline_one_directory_alone(tmp_path: Path) 
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_batch_read_later_is_what_it_would_be_now_and_owns_its_descriptors(
+    tmp_path: Path,
+) -> None:
+    dirs = []
+    for i in range(5):
+        d = tmp_path / f"d{i}"
+        d.mkdir()
+        for j in range(i * 40):
+            (d / f"f{j}").write_bytes(b"x" * j)
+        dirs.append(d)
+    (dirs[2] / f"{RESTORE_TEMP_PREFIX}t").touch()  # declined, the others not
+    skip = os.fsencode(RESTORE_TEMP_PREFIX)
+    dev = os.lstat(tmp_path).st_dev
+
+    def opened() -> list[int]:
+        return [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in dirs]
+
+    fds = opened()
+    try:
+        now = list_dirs(fds, dev, skip, 2)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    before = _open_fds()
+    for threads in (0, 1, 2, 16):
+        later = list_later(opened(), dev, skip, threads)
+        assert later.result() == now
+        with pytest.raises(RuntimeError, match="already taken"):
+            later.result()
+        del later
+        assert _open_fds() == before  # closed by the Later, once read
+        dropped = list_later(opened(), dev, skip, threads)
+        del dropped  # never read: its threads joined, its descriptors closed all the same
+        assert _open_fds() == before
+    assert list_later([], dev, skip, 2).result() == []
+
+
+def test_a_walk_left_midway_leaves_no_descriptor_open(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(40):
+        d = root / f"d{i:02d}"
+        d.mkdir()
+        for k in range(scan.PARALLEL_FROM):
+            (d / f"f{k:03d}").touch()
+    monkeypatch.setattr(scan, "LISTERS", 2)
+    before = _open_fds()
+    walking = walk(root, Excluder(root, [], []), Scan())
+    for _ in range(3):  # the root, then two directories, with more being read ahead
+        next(walking)
+    walking.close()
+    assert _open_fds() == before
 
 
 def test_a_large_tree_walks_alike_with_the_default_batches(

@@ -281,32 +281,18 @@ static void *read_batch(void *arg) {
 
 #define MAX_THREADS 16
 
-PyDoc_STRVAR(list_dirs_doc,
-"list_dirs(fds, dev, skip, threads) -> [(names, records) | None, ...]\n\n"
-"For each directory open at a descriptor in fds, in that order: its entries,\n"
-"sorted by name, and their lstat records (mode, uid, gid, size, mtime_ns,\n"
-"ctime_ns, ino, nlink, symlink target or \"\"), leaving out entries whose\n"
-"st_dev is not dev; None when it needs the careful listing (an entry gone or\n"
-"unreadable, a name starting with skip, a read error).  Read by up to threads\n"
-"threads at once (the caller's included) without the GIL.");
-
-static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *fds;
-    unsigned long long dev;
-    const char *skip;
-    Py_ssize_t skip_len;
-    int threads;
-    if (!PyArg_ParseTuple(args, "OKy#i:list_dirs", &fds, &dev, &skip, &skip_len, &threads))
-        return NULL;
-    PyObject *seq = PySequence_Fast(fds, "list_dirs: fds must be a sequence of descriptors");
+/* The listings of the descriptors in fds, each with its fd set; NULL on error. */
+static listing *listings_of(PyObject *fds, size_t *count) {
+    PyObject *seq = PySequence_Fast(fds, "fds must be a sequence of descriptors");
     if (seq == NULL) return NULL;
-    size_t count = (size_t)PySequence_Fast_GET_SIZE(seq);
-    listing *ls = calloc(count ? count : 1, sizeof(listing));
+    size_t n = (size_t)PySequence_Fast_GET_SIZE(seq);
+    listing *ls = calloc(n ? n : 1, sizeof(listing));
     if (ls == NULL) {
         Py_DECREF(seq);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return NULL;
     }
-    for (size_t i = 0; i < count; i++) {
+    for (size_t i = 0; i < n; i++) {
         long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i));
         if (fd == -1 && PyErr_Occurred()) {
             Py_DECREF(seq);
@@ -316,20 +302,12 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
         ls[i].fd = (int)fd;
     }
     Py_DECREF(seq);
-    batch b = {ls, count, 0, (dev_t)dev, skip, (size_t)skip_len};
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if ((size_t)threads > count) threads = (int)count;
-    pthread_t helpers[MAX_THREADS];
-    int started = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&helpers[started], NULL, read_batch, &b) != 0) break;
-        started++; /* (none started: the caller reads them all) */
-    }
-    read_batch(&b);
-    for (int t = 0; t < started; t++) pthread_join(helpers[t], NULL);
-    Py_END_ALLOW_THREADS
+    *count = n;
+    return ls;
+}
+
+/* The Python list of the listings read, each freed; NULL on error. */
+static PyObject *results(listing *ls, size_t count) {
     PyObject *out = PyList_New((Py_ssize_t)count);
     PyObject *empty = PyUnicode_FromStringAndSize("", 0);
     for (size_t i = 0; i < count && out != NULL; i++) {
@@ -346,17 +324,171 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
     return out;
 }
 
+PyDoc_STRVAR(list_dirs_doc,
+"list_dirs(fds, dev, skip, threads) -> [(names, records) | None, ...]\n\n"
+"For each directory open at a descriptor in fds, in that order: its entries,\n"
+"sorted by name, and their lstat records (mode, uid, gid, size, mtime_ns,\n"
+"ctime_ns, ino, nlink, symlink target or \"\"), leaving out entries whose\n"
+"st_dev is not dev; None when it needs the careful listing (an entry gone or\n"
+"unreadable, a name starting with skip, a read error).  Read by up to threads\n"
+"threads at once (the caller's included) without the GIL.");
+
+static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *fds;
+    unsigned long long dev;
+    const char *skip;
+    Py_ssize_t skip_len;
+    int threads;
+    size_t count;
+    if (!PyArg_ParseTuple(args, "OKy#i:list_dirs", &fds, &dev, &skip, &skip_len, &threads))
+        return NULL;
+    listing *ls = listings_of(fds, &count);
+    if (ls == NULL) return NULL;
+    batch b = {ls, count, 0, (dev_t)dev, skip, (size_t)skip_len};
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((size_t)threads > count) threads = (int)count;
+    pthread_t helpers[MAX_THREADS];
+    int started = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&helpers[started], NULL, read_batch, &b) != 0) break;
+        started++; /* (none started: the caller reads them all) */
+    }
+    read_batch(&b);
+    for (int t = 0; t < started; t++) pthread_join(helpers[t], NULL);
+    Py_END_ALLOW_THREADS
+    return results(ls, count);
+}
+
+/* A batch read by threads of its own while the caller goes on with its work:
+ * the walk hands over the next directories on its stack, joins and writes the
+ * ones it has, and takes these when it reaches them.  The object owns the
+ * descriptors from its creation (closed once they are read) and its threads
+ * (joined by result(), or when it is dropped unread). */
+typedef struct {
+    PyObject_HEAD
+    listing *ls;
+    size_t count;
+    batch b;
+    pthread_t helpers[MAX_THREADS];
+    int started;
+    int joined; /* every directory read, the descriptors closed */
+    int taken;  /* result() has built the listings and freed them */
+    char skip[64]; /* the prefix to decline, kept for the threads */
+} Later;
+
+static void later_join(Later *p) {
+    if (p->joined) return;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < p->started; t++) pthread_join(p->helpers[t], NULL);
+    read_batch(&p->b); /* whatever no thread took (all of it when none started) */
+    Py_END_ALLOW_THREADS
+    for (size_t i = 0; i < p->count; i++) close(p->ls[i].fd);
+    p->joined = 1;
+}
+
+static void later_dealloc(PyObject *self) {
+    Later *p = (Later *)self;
+    later_join(p);
+    if (p->ls != NULL) {
+        for (size_t i = 0; i < p->count; i++) free_listing(&p->ls[i]);
+        free(p->ls);
+    }
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyObject *later_result(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    Later *p = (Later *)self;
+    if (p->taken) {
+        PyErr_SetString(PyExc_RuntimeError, "Later.result: already taken");
+        return NULL;
+    }
+    later_join(p);
+    p->taken = 1;
+    listing *ls = p->ls;
+    p->ls = NULL;
+    return results(ls, p->count);
+}
+
+static PyMethodDef later_methods[] = {
+    {"result", later_result, METH_NOARGS,
+     "result() -> [(names, records) | None, ...]: wait for the reading threads and\n"
+     "return what list_dirs would have (once)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LaterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent.checkpoint._listdir.Later",
+    .tp_basicsize = sizeof(Later),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = later_dealloc,
+    .tp_methods = later_methods,
+    .tp_doc = "Directories being read by list_later's threads.",
+};
+
+PyDoc_STRVAR(list_later_doc,
+"list_later(fds, dev, skip, threads) -> Later\n\n"
+"Start reading the directories open at fds, as list_dirs reads them, on up to\n"
+"threads threads of their own, and return at once; Later.result() waits and\n"
+"returns the listings.  Once it returns, the Later owns the descriptors (it\n"
+"closes them): the caller must not close them, nor use them again; when it\n"
+"raises, they are still the caller's.");
+
+static PyObject *list_later(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *fds;
+    unsigned long long dev;
+    const char *skip;
+    Py_ssize_t skip_len;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OKy#i:list_later", &fds, &dev, &skip, &skip_len, &threads))
+        return NULL;
+    size_t count;
+    listing *ls = listings_of(fds, &count);
+    if (ls == NULL) return NULL;
+    if ((size_t)skip_len >= sizeof(((Later *)NULL)->skip)) {
+        free(ls);
+        PyErr_SetString(PyExc_ValueError, "list_later: skip is too long");
+        return NULL;
+    }
+    Later *p = PyObject_New(Later, &LaterType);
+    if (p == NULL) {
+        free(ls);
+        return NULL;
+    }
+    memcpy(p->skip, skip, (size_t)skip_len);
+    /* From here on the descriptors are the Later's. */
+    p->ls = ls;
+    p->count = count;
+    p->b = (batch){ls, count, 0, (dev_t)dev, p->skip, (size_t)skip_len};
+    p->started = 0;
+    p->joined = 0;
+    p->taken = 0;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((size_t)threads > count) threads = (int)count;
+    for (int t = 0; t < threads; t++) {
+        if (pthread_create(&p->helpers[p->started], NULL, read_batch, &p->b) != 0) break;
+        p->started++; /* (none started: result() reads them all) */
+    }
+    return (PyObject *)p;
+}
+
 static PyMethodDef methods[] = {
     {"list_dirs", list_dirs, METH_VARARGS, list_dirs_doc},
+    {"list_later", list_later, METH_VARARGS, list_later_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "_listdir",
-    .m_doc = "A directory's names and lstat records in one call (see scan.walk).",
+    .m_doc = "Directories' names and lstat records, read without the GIL (see scan.walk).",
     .m_size = -1,
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__listdir(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__listdir(void) {
+    if (PyType_Ready(&LaterType) < 0) return NULL;
+    return PyModule_Create(&module);
+}

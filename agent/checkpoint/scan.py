@@ -20,10 +20,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.checkpoint._listdir import Later
 
 # mode, uid, gid, size, mtime_ns, ctime_ns, ino, nlink, symlink target ("" otherwise)
 Stat = tuple[int, int, int, int, int, int, int, int, str]
@@ -41,17 +44,21 @@ ALWAYS_SKIPPED = ("proc", "sys", "dev", "run", "tmp")
 
 
 _Fast = tuple[list[str], list[Stat]] | None
+_Listed = tuple[list[str], list[Stat]]
 _list_dirs: Callable[[Sequence[int], int, bytes, int], list[_Fast]] | None
+_list_later: Callable[[Sequence[int], int, bytes, int], Later] | None
 try:
     from agent.checkpoint._listdir import list_dirs as _list_dirs
+    from agent.checkpoint._listdir import list_later as _list_later
 except ImportError:  # installed without its compiled part: every directory the careful way
-    _list_dirs = None
+    _list_dirs = _list_later = None
 _SKIP = os.fsencode(RESTORE_TEMP_PREFIX)
-# Directories listed by one call of the compiled lister (the one the walk reached
-# and the next ones on its stack), and the threads it lists them with: listings
-# of different directories run on different cores, without the GIL.  Only after
-# a directory of PARALLEL_FROM entries or more (its siblings are likely alike):
-# for small ones, starting the threads costs more than it saves.
+# After a directory of PARALLEL_FROM entries or more (its siblings are likely
+# alike), the next BATCH directories on the walk's stack are read ahead by the
+# compiled lister on LISTERS threads of its own, without the GIL, while the walk's
+# consumer joins and writes the directories it has: the system calls of a full
+# walk overlap the Python work on what it found.  For small directories starting
+# the threads costs more than it saves.
 BATCH = 8
 LISTERS = min(4, os.cpu_count() or 1)
 PARALLEL_FROM = 64
@@ -200,22 +207,25 @@ def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterato
     it, so parents come before children, and a checkpoint can write its changes
     while the walk goes on.  A directory with nothing excluded is listed by the
     compiled ``_listdir`` (names and records in one call, the system calls
-    without the GIL), together with the next few on the stack, on ``LISTERS``
-    threads; one it declines, or any when it is not built, is listed by
-    ``_list_careful``, with the same result.
+    without the GIL); after a large one, the next few on the stack are read
+    ahead while the consumer works (``BATCH``).  One it declines, or any when
+    it is not built, is listed by ``_list_careful``, with the same result.
     """
     skipped = result.skipped
     root_s = str(root)
     root_dev = root_device(root)
     stack: list[str] = [top]
-    ahead: dict[str, tuple[list[str], list[Stat]]] = {}  # listed with an earlier one
+    ahead: dict[str, _Listed] = {}  # read ahead, taken when the walk reaches them
+    later = _Ahead()
     parallel = False
     while stack:
         rel_dir = stack.pop()
-        listed: tuple[list[str], list[Stat]] | OSError | None = ahead.pop(rel_dir, None)
+        listed: _Listed | OSError | None = ahead.pop(rel_dir, None)
+        if listed is None and rel_dir in later.dirs:
+            later.take(ahead)
+            listed = ahead.pop(rel_dir, None)
         if listed is None:
-            batch = stack if parallel else []
-            listed = _list(root_s, rel_dir, root_dev, excluder, batch, ahead, skipped)
+            listed = _list(root_s, rel_dir, root_dev, excluder, skipped)
         if isinstance(listed, OSError):
             yield _unlisted(rel_dir, listed, result)
             continue
@@ -223,12 +233,68 @@ def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterato
         parallel = LISTERS > 1 and len(names) >= PARALLEL_FROM
         modes = list(map(_MODE, records))
         result.count += len(names)
-        yield Listing(rel_dir, names, records, True)
         if any(map(st.S_ISDIR, modes)):
             prefix = f"{rel_dir}/" if rel_dir else ""
             subdirs = [prefix + n for n, m in zip(names, modes, strict=True) if st.S_ISDIR(m)]
             # Depth-first in name order: push in reverse.
             stack.extend(reversed(subdirs))
+        if parallel and stack:
+            # One batch in flight; a new one once it is taken, or when the next
+            # directory is none of its (a large one's subdirectories, just pushed).
+            nxt = stack[-1]
+            if not later.dirs or (nxt not in ahead and nxt not in later.dirs):
+                later.take(ahead)
+                later.start(root_s, root_dev, stack, ahead, excluder)
+        yield Listing(rel_dir, names, records, True)
+
+
+class _Ahead:
+    """The directories the compiled lister is reading ahead of the walk: the next
+    ones on its stack, each as a walk reaching it a moment later would find it."""
+
+    __slots__ = ("_later", "dirs")
+
+    def __init__(self) -> None:
+        self.dirs: list[str] = []
+        self._later: Later | None = None
+
+    def start(
+        self, root_s: str, root_dev: int, stack: list[str], ahead: dict[str, _Listed],
+        excluder: Excluder,
+    ) -> None:  # fmt: skip
+        if _list_later is None or excluder.glob is not None:
+            return
+        excluded = excluder.names_by_dir
+        fds: list[int] = []
+        try:
+            # The soonest first, past those read already (at most a batch of them).
+            for d in reversed(stack[-2 * BATCH :]):
+                if len(fds) == BATCH:
+                    break
+                if d not in ahead and d not in excluded:
+                    try:
+                        fds.append(open_dir(root_s, d))
+                        self.dirs.append(d)
+                    except OSError:  # listed when the walk reaches it
+                        pass
+            if fds:
+                self._later = _list_later(fds, root_dev, _SKIP, LISTERS)
+        except BaseException:
+            for f in fds:
+                os.close(f)
+            self.dirs = []
+            raise
+
+    def take(self, ahead: dict[str, _Listed]) -> None:
+        """Wait for the directories being read and put those listed into ``ahead``
+        (the ones the lister declined are listed the careful way when reached)."""
+        later, dirs = self._later, self.dirs
+        self._later, self.dirs = None, []
+        if later is None:
+            return
+        for d, got in zip(dirs, later.result(), strict=True):
+            if got is not None:
+                ahead[d] = got
 
 
 def open_dir(root_s: str, rel_dir: str) -> int:
@@ -240,17 +306,9 @@ def open_dir(root_s: str, rel_dir: str) -> int:
 
 
 def _list(
-    root_s: str,
-    rel_dir: str,
-    root_dev: int,
-    excluder: Excluder,
-    stack: list[str],
-    ahead: dict[str, tuple[list[str], list[Stat]]],
-    skipped: list[tuple[str, str]],
-) -> tuple[list[str], list[Stat]] | OSError:
-    """``rel_dir`` listed; with the compiled lister, the next directories on
-    ``stack`` too (into ``ahead``, by ``LISTERS`` threads), each as a walk
-    reaching it a moment later would find it."""
+    root_s: str, rel_dir: str, root_dev: int, excluder: Excluder, skipped: list[tuple[str, str]]
+) -> _Listed | OSError:
+    """``rel_dir`` listed, by the compiled lister when nothing in it is excluded."""
     try:
         fd = open_dir(root_s, rel_dir)
     except FileNotFoundError:  # gone since its parent was listed
@@ -259,23 +317,11 @@ def _list(
         if rel_dir and e.errno in (errno.ENOTDIR, errno.ELOOP):  # replaced meanwhile
             return [], []
         return e
-    names_by_dir, glob = excluder.names_by_dir, excluder.glob
-    excluded = names_by_dir.get(rel_dir)
-    fds = [fd]
+    excluded = excluder.names_by_dir.get(rel_dir)
+    glob = excluder.glob
     try:
         if _list_dirs is not None and excluded is None and glob is None:
-            later = []
-            for d in reversed(stack[-(BATCH - 1) :]):  # the soonest first
-                if d not in ahead and d not in names_by_dir:
-                    try:
-                        fds.append(open_dir(root_s, d))
-                        later.append(d)
-                    except OSError:  # listed when the walk reaches it
-                        pass
-            first, *rest = _list_dirs(fds, root_dev, _SKIP, LISTERS)
-            for d, got in zip(later, rest, strict=True):
-                if got is not None:
-                    ahead[d] = got
+            (first,) = _list_dirs([fd], root_dev, _SKIP, 1)
             if first is not None:
                 return first
         prefix = f"{rel_dir}/" if rel_dir else ""
@@ -283,8 +329,7 @@ def _list(
     except OSError as e:
         return e
     finally:
-        for f in fds:
-            os.close(f)
+        os.close(fd)
 
 
 def root_device(root: Path) -> int:
