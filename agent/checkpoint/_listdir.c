@@ -4,7 +4,10 @@
  * loop around each lstat (a DirEntry, a stat_result, a tuple built from its
  * attributes) cost more than the system calls.  Here the entries are read and
  * stat'ed with the GIL released (the compressor and the state writer run
- * meanwhile), and the records are built straight from struct stat.
+ * meanwhile), and the records are built straight from struct stat.  A batch
+ * of directories can be read now (list_dirs) or on threads of its own while the
+ * caller goes on (list_later): the walk reads the next directories on its stack
+ * that way while the checkpoint works on the ones it has.
  *
  * Only the common case is handled: a directory whose entries all stat cleanly.
  * Anything else (an entry gone or unreadable, a restore temporary, a symlink
