@@ -2,10 +2,10 @@
 
 ``scan.walk`` lists a directory with nothing excluded through
 ``agent.checkpoint._listdir`` (after a large directory, the next ones on its
-stack read ahead on threads of the lister's own, ``list_later``) and falls back to ``_list_careful``
-for what the lister declines; each test walks the same tree both ways, the
-compiled one listing every directory in batches, and compares every
-directory's names and records.
+stack read ahead on threads of the lister's own, ``list_later``) and falls
+back to ``_list_careful`` for what the lister declines; each test walks the
+same tree both ways, the compiled one listing every directory in batches,
+and compares every directory's names and records.
 """
 
 from __future__ import annotations

@@ -216,7 +216,7 @@ def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterato
     root_dev = root_device(root)
     stack: list[str] = [top]
     ahead: dict[str, _Listed] = {}  # read ahead, taken when the walk reaches them
-    later = _Ahead()
+    later = _ReadAhead()
     parallel = False
     while stack:
         rel_dir = stack.pop()
@@ -248,7 +248,7 @@ def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterato
         yield Listing(rel_dir, names, records, True)
 
 
-class _Ahead:
+class _ReadAhead:
     """The directories the compiled lister is reading ahead of the walk: the next
     ones on its stack, each as a walk reaching it a moment later would find it."""
 
