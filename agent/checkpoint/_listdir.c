@@ -284,29 +284,35 @@ static void *read_batch(void *arg) {
 
 #define MAX_THREADS 16
 
-/* The listings of the descriptors in fds, each with its fd set; NULL on error. */
-static listing *listings_of(PyObject *fds, size_t *count) {
+/* The batch that the arguments (fds, dev, skip, threads) ask for, each listing
+ * with its fd set, and the threads asked for; 0 with an exception set. */
+static int batch_of(PyObject *args, const char *format, batch *b, int *threads) {
+    PyObject *fds;
+    unsigned long long dev;
+    const char *skip;
+    Py_ssize_t skip_len;
+    if (!PyArg_ParseTuple(args, format, &fds, &dev, &skip, &skip_len, threads)) return 0;
     PyObject *seq = PySequence_Fast(fds, "fds must be a sequence of descriptors");
-    if (seq == NULL) return NULL;
+    if (seq == NULL) return 0;
     size_t n = (size_t)PySequence_Fast_GET_SIZE(seq);
     listing *ls = calloc(n ? n : 1, sizeof(listing));
     if (ls == NULL) {
         Py_DECREF(seq);
         PyErr_NoMemory();
-        return NULL;
+        return 0;
     }
     for (size_t i = 0; i < n; i++) {
         long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i));
         if (fd == -1 && PyErr_Occurred()) {
             Py_DECREF(seq);
             free(ls);
-            return NULL;
+            return 0;
         }
         ls[i].fd = (int)fd;
     }
     Py_DECREF(seq);
-    *count = n;
-    return ls;
+    *b = (batch){ls, n, 0, (dev_t)dev, skip, (size_t)skip_len};
+    return 1;
 }
 
 /* The Python list of the listings read, each freed; NULL on error. */
@@ -337,20 +343,12 @@ PyDoc_STRVAR(list_dirs_doc,
 "threads at once (the caller's included) without the GIL.");
 
 static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *fds;
-    unsigned long long dev;
-    const char *skip;
-    Py_ssize_t skip_len;
+    batch b;
     int threads;
-    size_t count;
-    if (!PyArg_ParseTuple(args, "OKy#i:list_dirs", &fds, &dev, &skip, &skip_len, &threads))
-        return NULL;
-    listing *ls = listings_of(fds, &count);
-    if (ls == NULL) return NULL;
-    batch b = {ls, count, 0, (dev_t)dev, skip, (size_t)skip_len};
+    if (!batch_of(args, "OKy#i:list_dirs", &b, &threads)) return NULL;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if ((size_t)threads > count) threads = (int)count;
+    if ((size_t)threads > b.count) threads = (int)b.count;
     pthread_t helpers[MAX_THREADS];
     int started = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -361,7 +359,7 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
     read_batch(&b);
     for (int t = 0; t < started; t++) pthread_join(helpers[t], NULL);
     Py_END_ALLOW_THREADS
-    return results(ls, count);
+    return results(b.ls, b.count);
 }
 
 /* A batch read by threads of its own while the caller goes on with its work:
@@ -371,9 +369,7 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
  * (joined by result(), or when it is dropped unread). */
 typedef struct {
     PyObject_HEAD
-    listing *ls;
-    size_t count;
-    batch b;
+    batch b; /* b.ls: NULL once result() has taken the listings */
     pthread_t helpers[MAX_THREADS];
     int started;
     int joined; /* every directory read, the descriptors closed */
@@ -387,16 +383,16 @@ static void later_join(Later *p) {
     for (int t = 0; t < p->started; t++) pthread_join(p->helpers[t], NULL);
     read_batch(&p->b); /* whatever no thread took (all of it when none started) */
     Py_END_ALLOW_THREADS
-    for (size_t i = 0; i < p->count; i++) close(p->ls[i].fd);
+    for (size_t i = 0; i < p->b.count; i++) close(p->b.ls[i].fd);
     p->joined = 1;
 }
 
 static void later_dealloc(PyObject *self) {
     Later *p = (Later *)self;
     later_join(p);
-    if (p->ls != NULL) {
-        for (size_t i = 0; i < p->count; i++) free_listing(&p->ls[i]);
-        free(p->ls);
+    if (p->b.ls != NULL) {
+        for (size_t i = 0; i < p->b.count; i++) free_listing(&p->b.ls[i]);
+        free(p->b.ls);
     }
     Py_TYPE(self)->tp_free(self);
 }
@@ -409,9 +405,9 @@ static PyObject *later_result(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     }
     later_join(p);
     p->taken = 1;
-    listing *ls = p->ls;
-    p->ls = NULL;
-    return results(ls, p->count);
+    listing *ls = p->b.ls;
+    p->b.ls = NULL;
+    return results(ls, p->b.count);
 }
 
 static PyMethodDef later_methods[] = {
@@ -440,36 +436,29 @@ PyDoc_STRVAR(list_later_doc,
 "raises, they are still the caller's.");
 
 static PyObject *list_later(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *fds;
-    unsigned long long dev;
-    const char *skip;
-    Py_ssize_t skip_len;
+    batch b;
     int threads;
-    if (!PyArg_ParseTuple(args, "OKy#i:list_later", &fds, &dev, &skip, &skip_len, &threads))
-        return NULL;
-    size_t count;
-    listing *ls = listings_of(fds, &count);
-    if (ls == NULL) return NULL;
-    if ((size_t)skip_len >= sizeof(((Later *)NULL)->skip)) {
-        free(ls);
+    if (!batch_of(args, "OKy#i:list_later", &b, &threads)) return NULL;
+    Later *p = NULL;
+    if (b.skip_len >= sizeof(p->skip)) {
+        free(b.ls);
         PyErr_SetString(PyExc_ValueError, "list_later: skip is too long");
         return NULL;
     }
-    Later *p = PyObject_New(Later, &LaterType);
+    p = PyObject_New(Later, &LaterType);
     if (p == NULL) {
-        free(ls);
+        free(b.ls);
         return NULL;
     }
-    memcpy(p->skip, skip, (size_t)skip_len);
     /* From here on the descriptors are the Later's. */
-    p->ls = ls;
-    p->count = count;
-    p->b = (batch){ls, count, 0, (dev_t)dev, p->skip, (size_t)skip_len};
+    memcpy(p->skip, b.skip, b.skip_len);
+    b.skip = p->skip; /* the arguments' bytes may go before the threads do */
+    p->b = b;
     p->started = 0;
     p->joined = 0;
     p->taken = 0;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if ((size_t)threads > count) threads = (int)count;
+    if ((size_t)threads > b.count) threads = (int)b.count;
     for (int t = 0; t < threads; t++) {
         if (pthread_create(&p->helpers[p->started], NULL, read_batch, &p->b) != 0) break;
         p->started++; /* (none started: result() reads them all) */
