@@ -267,7 +267,7 @@ class _ReadAhead:
         excluded = excluder.names_by_dir
         fds: list[int] = []
         try:
-            # The soonest first, past those read already (at most a batch of them).
+            # The soonest first, past those read already, within twice a batch.
             for d in reversed(stack[-2 * BATCH :]):
                 if len(fds) == BATCH:
                     break
