@@ -380,8 +380,10 @@ typedef struct {
 static void later_join(Later *p) {
     if (p->joined) return;
     Py_BEGIN_ALLOW_THREADS
+    /* The caller reads what no thread has taken yet (all of it when none
+     * started) rather than wait idle, then waits for the rest. */
+    read_batch(&p->b);
     for (int t = 0; t < p->started; t++) pthread_join(p->helpers[t], NULL);
-    read_batch(&p->b); /* whatever no thread took (all of it when none started) */
     Py_END_ALLOW_THREADS
     for (size_t i = 0; i < p->b.count; i++) close(p->b.ls[i].fd);
     p->joined = 1;
