@@ -28,13 +28,14 @@ from pathlib import Path
 from peak_rss import peak_kb
 
 REPO = Path(__file__).resolve().parent.parent
+_MARKER = "tree.json"  # beside a generated root: the size it was made at
 
 
 def generated_root(where: Path, files: int, dirs: int, max_size: int = 64) -> Path:
     """``where``/root as ``generate`` makes it, made only when the tree there is not
     already of this size (``where``/tree.json says what it holds)."""
     root = where / "root"
-    marker = where / "tree.json"
+    marker = where / _MARKER
     spec = {"files": files, "dirs": dirs, "max_size": max_size}
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
@@ -79,7 +80,12 @@ def file_path(root: Path, index: int, files: int, dirs: int) -> Path:
 
 def change_one_percent(root: Path, files: int, dirs: int, round_no: int, max_size: int) -> int:
     """Rewrite 1% of the files, delete a tenth of those and add as many: the
-    issue's 1% change.  Each round takes other files; returns the paths touched."""
+    issue's 1% change.  Each round takes other files; returns the paths touched.
+
+    The tree is no longer the one ``generated_root`` made: run on it again, a
+    round would find its deletions done and its additions there (rewrites
+    only), so its marker goes and the next run makes the tree anew."""
+    (root.parent / _MARKER).unlink(missing_ok=True)
     payload = _payload(max_size)
     touched = 0
     for k, index in enumerate(range(round_no % 100, files, 100)):

@@ -366,7 +366,8 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
  * the walk hands over the next directories on its stack, joins and writes the
  * ones it has, and takes these when it reaches them.  The object owns the
  * descriptors from its creation (closed once they are read) and its threads
- * (joined by result(), or when it is dropped unread). */
+ * (joined by result(), or when it is dropped unread); the thread that waits for
+ * it reads what no thread has begun yet. */
 typedef struct {
     PyObject_HEAD
     batch b; /* b.ls: NULL once result() has taken the listings */
@@ -414,8 +415,8 @@ static PyObject *later_result(PyObject *self, PyObject *Py_UNUSED(ignored)) {
 
 static PyMethodDef later_methods[] = {
     {"result", later_result, METH_NOARGS,
-     "result() -> [(names, records) | None, ...]: wait for the reading threads and\n"
-     "return what list_dirs would have (once)."},
+     "result() -> [(names, records) | None, ...]: read what no thread has begun,\n"
+     "wait for the rest and return what list_dirs would have (once)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -432,10 +433,11 @@ static PyTypeObject LaterType = {
 PyDoc_STRVAR(list_later_doc,
 "list_later(fds, dev, skip, threads) -> Later\n\n"
 "Start reading the directories open at fds, as list_dirs reads them, on up to\n"
-"threads threads of their own, and return at once; Later.result() waits and\n"
-"returns the listings.  Once it returns, the Later owns the descriptors (it\n"
-"closes them): the caller must not close them, nor use them again; when it\n"
-"raises, they are still the caller's.");
+"threads threads of their own, and return at once; Later.result() reads what\n"
+"no thread has begun, waits for the rest and returns the listings.  Once\n"
+"list_later returns, the Later owns the descriptors (it closes them): the\n"
+"caller must not close them, nor use them again; when it raises, they are\n"
+"still the caller's.");
 
 static PyObject *list_later(PyObject *Py_UNUSED(self), PyObject *args) {
     batch b;
