@@ -315,6 +315,17 @@ static int batch_of(PyObject *args, const char *format, batch *b, int *threads) 
     return 1;
 }
 
+/* Up to threads threads (at most one per directory) reading b, started into
+ * helpers; how many started (none: whoever waits for b reads it all). */
+static int start_readers(batch *b, pthread_t *helpers, int threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > 0 && (size_t)threads > b->count) threads = (int)b->count;
+    int started = 0;
+    while (started < threads && pthread_create(&helpers[started], NULL, read_batch, b) == 0)
+        started++;
+    return started;
+}
+
 /* The Python list of the listings read, each freed; NULL on error. */
 static PyObject *results(listing *ls, size_t count) {
     PyObject *out = PyList_New((Py_ssize_t)count);
@@ -346,16 +357,10 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
     batch b;
     int threads;
     if (!batch_of(args, "OKy#i:list_dirs", &b, &threads)) return NULL;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if ((size_t)threads > b.count) threads = (int)b.count;
     pthread_t helpers[MAX_THREADS];
-    int started = 0;
+    int started;
     Py_BEGIN_ALLOW_THREADS
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&helpers[started], NULL, read_batch, &b) != 0) break;
-        started++; /* (none started: the caller reads them all) */
-    }
+    started = start_readers(&b, helpers, threads - 1); /* the caller is one more */
     read_batch(&b);
     for (int t = 0; t < started; t++) pthread_join(helpers[t], NULL);
     Py_END_ALLOW_THREADS
@@ -458,15 +463,9 @@ static PyObject *list_later(PyObject *Py_UNUSED(self), PyObject *args) {
     memcpy(p->skip, b.skip, b.skip_len);
     b.skip = p->skip; /* the arguments' bytes may go before the threads do */
     p->b = b;
-    p->started = 0;
     p->joined = 0;
     p->taken = 0;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if ((size_t)threads > b.count) threads = (int)b.count;
-    for (int t = 0; t < threads; t++) {
-        if (pthread_create(&p->helpers[p->started], NULL, read_batch, &p->b) != 0) break;
-        p->started++; /* (none started: result() reads them all) */
-    }
+    p->started = start_readers(&p->b, p->helpers, threads);
     return (PyObject *)p;
 }
 
