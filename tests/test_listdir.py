@@ -2,7 +2,7 @@
 
 ``scan.walk`` lists a directory with nothing excluded through
 ``agent.checkpoint._listdir`` (after a large directory, the next ones on its
-stack read ahead on threads of the lister's own, ``list_later``) and falls
+stack read ahead by the lister's pool of threads, ``Lister``) and falls
 back to ``_list_careful`` for what the lister declines; each test walks the
 same tree both ways, the compiled one listing every directory in batches,
 and compares every directory's names and records.
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from agent.checkpoint import scan
-from agent.checkpoint._listdir import list_dirs, list_later
+from agent.checkpoint._listdir import Lister, list_dirs
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
 from agent.checkpoint.scan import Excluder, Scan, walk
 
@@ -143,9 +143,7 @@ def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def test_a_batch_read_later_is_what_it_would_be_now_and_owns_its_descriptors(
-    tmp_path: Path,
-) -> None:
+def _batch_dirs(tmp_path: Path) -> list[Path]:
     dirs = []
     for i in range(5):
         d = tmp_path / f"d{i}"
@@ -154,30 +152,66 @@ def test_a_batch_read_later_is_what_it_would_be_now_and_owns_its_descriptors(
             (d / f"f{j}").write_bytes(b"x" * j)
         dirs.append(d)
     (dirs[2] / f"{RESTORE_TEMP_PREFIX}t").touch()  # declined, the others not
+    return dirs
+
+
+def _opened(dirs: list[Path]) -> list[int]:
+    return [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in dirs]
+
+
+def test_a_directory_read_ahead_is_what_it_would_be_now_and_owns_its_descriptor(
+    tmp_path: Path,
+) -> None:
+    dirs = _batch_dirs(tmp_path)
     skip = os.fsencode(RESTORE_TEMP_PREFIX)
     dev = os.lstat(tmp_path).st_dev
-
-    def opened() -> list[int]:
-        return [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in dirs]
-
-    fds = opened()
+    fds = _opened(dirs)
     try:
         now = list_dirs(fds, dev, skip, 2)
     finally:
         for fd in fds:
             os.close(fd)
+    assert now[2] is None and all(now[i] is not None for i in (0, 1, 3, 4))
     before = _open_fds()
     for threads in (0, 1, 2, 16):
-        later = list_later(opened(), dev, skip, threads)
-        assert later.result() == now
+        lister = Lister(dev, skip, threads)
+        first, second = lister.later(_opened(dirs[:3])), lister.later(_opened(dirs[3:]))
+        # Taken in any order, each once: as it would be read now.
+        assert [second.take(1), first.take(0), second.take(0)] == [now[4], now[0], now[3]]
+        assert [first.take(2), first.take(1)] == [now[2], now[1]]
         with pytest.raises(RuntimeError, match="already taken"):
-            later.result()
-        del later
-        assert _open_fds() == before  # closed by the Later, once read
-        dropped = list_later(opened(), dev, skip, threads)
-        del dropped  # never read: its threads joined, its descriptors closed all the same
+            first.take(1)
+        with pytest.raises(IndexError):
+            first.take(3)
+        del first, second
+        assert _open_fds() == before  # closed, once read
+        dropped = lister.later(_opened(dirs))
+        dropped.take(4)
+        del dropped  # the rest never taken: its descriptors closed all the same
+        del lister  # its threads stopped
         assert _open_fds() == before
-    assert list_later([], dev, skip, 2).result() == []
+    with pytest.raises(IndexError):
+        Lister(dev, skip, 2).later([]).take(0)
+
+
+def test_the_threads_read_ahead_only_within_the_budget(tmp_path: Path) -> None:
+    """The threads take no directory while the listings read and not yet taken
+    hold the budget's entries: with none, each is read when the walk takes it,
+    so a wide tree read ahead cannot fill memory."""
+    dirs = _batch_dirs(tmp_path)
+    del dirs[2]  # (the declined one)
+    skip = os.fsencode(RESTORE_TEMP_PREFIX)
+    dev = os.lstat(tmp_path).st_dev
+    lister = Lister(dev, skip, 2, budget=0)
+    later = lister.later(_opened(dirs))
+    for d in dirs:
+        (d / "late").touch()  # after the hand-over: seen only where read after it
+    for i, d in enumerate(dirs):
+        got = later.take(i)
+        assert got is not None and got[0] == sorted(os.listdir(d))
+        assert "late" in got[0]
+    with pytest.raises(ValueError, match="budget"):
+        Lister(dev, skip, 1, budget=-1)
 
 
 def test_a_walk_left_midway_leaves_no_descriptor_open(

@@ -5,8 +5,8 @@
  * attributes) cost more than the system calls.  Here the entries are read and
  * stat'ed with the GIL released (the compressor and the state writer run
  * meanwhile), and the records are built straight from struct stat.  A batch
- * of directories can be read now (list_dirs) or on threads of its own while the
- * caller goes on (list_later): the walk reads the next directories on its stack
+ * of directories can be read now (list_dirs) or by a pool of threads while the
+ * caller goes on (Lister): the walk reads the next directories on its stack
  * that way while the checkpoint works on the ones it has.
  *
  * Only the common case is handled: a directory whose entries all stat cleanly.
@@ -367,61 +367,176 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
     return results(b.ls, b.count);
 }
 
-/* A batch read by threads of its own while the caller goes on with its work:
- * the walk hands over the next directories on its stack, joins and writes the
- * ones it has, and takes these when it reaches them.  The object owns the
- * descriptors from its creation (closed once they are read) and its threads
- * (joined by result(), or when it is dropped unread); the thread that waits for
- * it reads what no thread has begun yet. */
+/* Directories read ahead of the walk by a pool of threads that lives as long as
+ * the walk: the walk hands over the next directories on its stack
+ * (Lister.later) and goes on with the ones it has; reaching them, it takes each
+ * (Later.take), reading it itself if no thread has begun it, so it never waits
+ * idle while there is reading to do.  The threads read a batch from its end,
+ * the walk takes from its start.  Started anew for every batch, as they were,
+ * threads cost about a tenth of a million-file walk; the pool starts them once
+ * and they wait for the next batch.
+ *
+ * Memory stays bounded: the threads stop taking directories while the listings
+ * read and not yet taken hold ``budget`` entries or more (the walk's own takes
+ * are never held up).  One mutex guards the shared fields; its holders never
+ * wait for the GIL, and the GIL is released before waiting for it. */
+
+enum { UNCLAIMED, READING, READ, TAKEN };
+
+typedef struct later Later;
+
 typedef struct {
     PyObject_HEAD
-    batch b; /* b.ls: NULL once result() has taken the listings */
+    pthread_mutex_t mu;
+    pthread_cond_t work; /* a directory to read (or budget freed), or stop */
+    pthread_cond_t read; /* a directory read */
+    Later *head;         /* batches holding directories no thread has begun, newest first */
+    size_t held;         /* entries read and not yet taken */
+    size_t budget;
+    int stop;
+    int ready; /* the mutex and conditions exist */
+    int threads, started;
     pthread_t helpers[MAX_THREADS];
-    int started;
-    int joined; /* every directory read, the descriptors closed */
-    int taken;  /* result() has built the listings and freed them */
-    char skip[64]; /* the prefix to decline, kept for the threads */
-} Later;
+    dev_t dev;
+    char skip[64];
+    size_t skip_len;
+} Lister;
 
-static void later_join(Later *p) {
-    if (p->joined) return;
+struct later {
+    PyObject_HEAD
+    Lister *owner; /* a strong reference: the pool outlives its batches */
+    listing *ls;
+    unsigned char *state; /* per directory, guarded by owner->mu */
+    size_t count;
+    size_t end;       /* no unclaimed directory at or after it */
+    size_t unclaimed; /* in owner's list while non-zero */
+    Later *prev, *next;
+};
+
+static PyObject *empty_str; /* a record's target where there is none */
+
+/* The rest of this section's helpers run with owner->mu held. */
+static void unlink_later(Later *l) {
+    if (l->prev != NULL)
+        l->prev->next = l->next;
+    else
+        l->owner->head = l->next;
+    if (l->next != NULL) l->next->prev = l->prev;
+    l->prev = l->next = NULL;
+}
+
+static void claim(Later *l, size_t i) {
+    l->state[i] = READING;
+    if (--l->unclaimed == 0) unlink_later(l);
+    while (l->end > 0 && l->state[l->end - 1] != UNCLAIMED) l->end--;
+}
+
+static void release(Lister *o, size_t entries) {
+    size_t before = o->held;
+    o->held -= entries;
+    if (before >= o->budget && o->held < o->budget) pthread_cond_broadcast(&o->work);
+}
+
+/* Without the mutex: a claimed directory read, and its descriptor closed. */
+static void read_claimed(Lister *o, listing *l) {
+    read_listing(l, o->dev, o->skip, o->skip_len);
+    close(l->fd);
+    l->fd = -1;
+}
+
+static void *serve(void *arg) {
+    Lister *o = arg;
+    pthread_mutex_lock(&o->mu);
+    for (;;) {
+        while (!o->stop && (o->head == NULL || o->held >= o->budget))
+            pthread_cond_wait(&o->work, &o->mu);
+        if (o->stop) break;
+        /* From the end of the newest batch: the walk takes from its start. */
+        Later *l = o->head;
+        size_t i = l->end - 1;
+        claim(l, i);
+        pthread_mutex_unlock(&o->mu);
+        read_claimed(o, &l->ls[i]); /* l stays: its dealloc waits for READING */
+        pthread_mutex_lock(&o->mu);
+        l->state[i] = READ;
+        o->held += l->ls[i].n;
+        pthread_cond_broadcast(&o->read);
+    }
+    pthread_mutex_unlock(&o->mu);
+    return NULL;
+}
+
+static PyObject *later_take(PyObject *self, PyObject *arg) {
+    Later *l = (Later *)self;
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    if (i < 0 || (size_t)i >= l->count) {
+        PyErr_SetString(PyExc_IndexError, "Later.take: no such directory");
+        return NULL;
+    }
+    Lister *o = l->owner;
+    int again = 0;
     Py_BEGIN_ALLOW_THREADS
-    /* The caller reads what no thread has taken yet (all of it when none
-     * started) rather than wait idle, then waits for the rest. */
-    read_batch(&p->b);
-    for (int t = 0; t < p->started; t++) pthread_join(p->helpers[t], NULL);
+    pthread_mutex_lock(&o->mu);
+    if (l->state[i] == UNCLAIMED) { /* no thread has begun it: read it here, not wait */
+        claim(l, i);
+        pthread_mutex_unlock(&o->mu);
+        read_claimed(o, &l->ls[i]);
+        pthread_mutex_lock(&o->mu);
+        l->state[i] = TAKEN;
+        pthread_cond_broadcast(&o->read); /* (for another taker of the same one) */
+    } else {
+        while (l->state[i] == READING) pthread_cond_wait(&o->read, &o->mu);
+        if (l->state[i] == TAKEN) {
+            again = 1;
+        } else {
+            release(o, l->ls[i].n);
+            l->state[i] = TAKEN;
+        }
+    }
+    pthread_mutex_unlock(&o->mu);
     Py_END_ALLOW_THREADS
-    for (size_t i = 0; i < p->b.count; i++) close(p->b.ls[i].fd);
-    p->joined = 1;
+    if (again) {
+        PyErr_SetString(PyExc_RuntimeError, "Later.take: already taken");
+        return NULL;
+    }
+    PyObject *got = build(&l->ls[i], empty_str);
+    free_listing(&l->ls[i]);
+    return got;
 }
 
 static void later_dealloc(PyObject *self) {
-    Later *p = (Later *)self;
-    later_join(p);
-    if (p->b.ls != NULL) {
-        for (size_t i = 0; i < p->b.count; i++) free_listing(&p->b.ls[i]);
-        free(p->b.ls);
+    Later *l = (Later *)self;
+    Lister *o = l->owner;
+    if (o != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&o->mu);
+        for (size_t i = 0; i < l->count; i++) {
+            if (l->state[i] == UNCLAIMED) { /* never to be read */
+                claim(l, i);
+                close(l->ls[i].fd);
+                l->state[i] = TAKEN;
+            }
+        }
+        for (size_t i = 0; i < l->count; i++) {
+            while (l->state[i] == READING) pthread_cond_wait(&o->read, &o->mu);
+            if (l->state[i] == READ) release(o, l->ls[i].n);
+        }
+        pthread_mutex_unlock(&o->mu);
+        Py_END_ALLOW_THREADS
     }
+    if (l->ls != NULL)
+        for (size_t i = 0; i < l->count; i++) free_listing(&l->ls[i]);
+    free(l->ls);
+    free(l->state);
+    Py_XDECREF(o);
     Py_TYPE(self)->tp_free(self);
 }
 
-static PyObject *later_result(PyObject *self, PyObject *Py_UNUSED(ignored)) {
-    Later *p = (Later *)self;
-    if (p->taken) {
-        PyErr_SetString(PyExc_RuntimeError, "Later.result: already taken");
-        return NULL;
-    }
-    later_join(p);
-    p->taken = 1;
-    listing *ls = p->b.ls;
-    p->b.ls = NULL;
-    return results(ls, p->b.count);
-}
-
 static PyMethodDef later_methods[] = {
-    {"result", later_result, METH_NOARGS,
-     "result() -> [(names, records) | None, ...]: read what no thread has begun,\n"
-     "wait for the rest and return what list_dirs would have (once)."},
+    {"take", later_take, METH_O,
+     "take(i) -> (names, records) | None: the i-th directory, as list_dirs reads\n"
+     "it, read now if no thread has begun it (once each)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -432,46 +547,144 @@ static PyTypeObject LaterType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_dealloc = later_dealloc,
     .tp_methods = later_methods,
-    .tp_doc = "Directories being read by list_later's threads.",
+    .tp_doc = "Directories handed to a Lister: each taken once, when the walk reaches it.\n"
+              "Dropped, it closes the descriptors of those no thread has begun.",
 };
 
-PyDoc_STRVAR(list_later_doc,
-"list_later(fds, dev, skip, threads) -> Later\n\n"
-"Start reading the directories open at fds, as list_dirs reads them, on up to\n"
-"threads threads of their own, and return at once; Later.result() reads what\n"
-"no thread has begun, waits for the rest and returns the listings.  Once\n"
-"list_later returns, the Later owns the descriptors (it closes them): the\n"
-"caller must not close them, nor use them again; when it raises, they are\n"
-"still the caller's.");
-
-static PyObject *list_later(PyObject *Py_UNUSED(self), PyObject *args) {
-    batch b;
-    int threads;
-    if (!batch_of(args, "OKy#i:list_later", &b, &threads)) return NULL;
-    Later *p = NULL;
-    if (b.skip_len >= sizeof(p->skip)) {
-        free(b.ls);
-        PyErr_SetString(PyExc_ValueError, "list_later: skip is too long");
+static PyObject *lister_later(PyObject *self, PyObject *fds) {
+    Lister *o = (Lister *)self;
+    PyObject *seq = PySequence_Fast(fds, "fds must be a sequence of descriptors");
+    if (seq == NULL) return NULL;
+    size_t n = (size_t)PySequence_Fast_GET_SIZE(seq);
+    Later *l = PyObject_New(Later, &LaterType);
+    if (l == NULL) {
+        Py_DECREF(seq);
         return NULL;
     }
-    p = PyObject_New(Later, &LaterType);
-    if (p == NULL) {
-        free(b.ls);
-        return NULL;
+    l->owner = NULL; /* the descriptors are still the caller's */
+    l->count = n;
+    l->end = n;
+    l->unclaimed = n;
+    l->prev = l->next = NULL;
+    l->ls = calloc(n ? n : 1, sizeof(listing));
+    l->state = calloc(n ? n : 1, 1); /* UNCLAIMED */
+    if (l->ls == NULL || l->state == NULL) {
+        Py_DECREF(seq);
+        l->count = 0;
+        Py_DECREF(l);
+        return PyErr_NoMemory();
     }
+    for (size_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i));
+        if (fd == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            l->count = 0;
+            Py_DECREF(l);
+            return NULL;
+        }
+        l->ls[i].fd = (int)fd;
+    }
+    Py_DECREF(seq);
     /* From here on the descriptors are the Later's. */
-    memcpy(p->skip, b.skip, b.skip_len);
-    b.skip = p->skip; /* the arguments' bytes may go before the threads do */
-    p->b = b;
-    p->joined = 0;
-    p->taken = 0;
-    p->started = start_readers(&p->b, p->helpers, threads);
-    return (PyObject *)p;
+    Py_INCREF(o);
+    l->owner = o;
+    if (n == 0) return (PyObject *)l;
+    while (o->started < o->threads
+           && pthread_create(&o->helpers[o->started], NULL, serve, o) == 0)
+        o->started++;
+    pthread_mutex_lock(&o->mu);
+    l->next = o->head;
+    if (o->head != NULL) o->head->prev = l;
+    o->head = l;
+    pthread_cond_broadcast(&o->work);
+    pthread_mutex_unlock(&o->mu);
+    return (PyObject *)l;
 }
+
+static PyObject *lister_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"dev", "skip", "threads", "budget", NULL};
+    unsigned long long dev;
+    const char *skip;
+    Py_ssize_t skip_len, budget = 1 << 16;
+    int threads;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ky#i|n:Lister", keywords, &dev, &skip,
+                                     &skip_len, &threads, &budget))
+        return NULL;
+    if ((size_t)skip_len >= sizeof(((Lister *)NULL)->skip)) {
+        PyErr_SetString(PyExc_ValueError, "Lister: skip is too long");
+        return NULL;
+    }
+    if (budget < 0) {
+        PyErr_SetString(PyExc_ValueError, "Lister: budget must not be negative");
+        return NULL;
+    }
+    Lister *o = (Lister *)type->tp_alloc(type, 0);
+    if (o == NULL) return NULL;
+    if (pthread_mutex_init(&o->mu, NULL) != 0) {
+        Py_DECREF(o);
+        return PyErr_NoMemory();
+    }
+    if (pthread_cond_init(&o->work, NULL) != 0) {
+        pthread_mutex_destroy(&o->mu);
+        Py_DECREF(o);
+        return PyErr_NoMemory();
+    }
+    if (pthread_cond_init(&o->read, NULL) != 0) {
+        pthread_cond_destroy(&o->work);
+        pthread_mutex_destroy(&o->mu);
+        Py_DECREF(o);
+        return PyErr_NoMemory();
+    }
+    o->ready = 1;
+    o->threads = threads < 0 ? 0 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    o->budget = (size_t)budget;
+    o->dev = (dev_t)dev;
+    memcpy(o->skip, skip, (size_t)skip_len);
+    o->skip_len = (size_t)skip_len;
+    return (PyObject *)o;
+}
+
+static void lister_dealloc(PyObject *self) {
+    Lister *o = (Lister *)self;
+    if (o->ready) { /* no batch is left: each held a reference */
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&o->mu);
+        o->stop = 1;
+        pthread_cond_broadcast(&o->work);
+        pthread_mutex_unlock(&o->mu);
+        for (int t = 0; t < o->started; t++) pthread_join(o->helpers[t], NULL);
+        Py_END_ALLOW_THREADS
+        pthread_cond_destroy(&o->read);
+        pthread_cond_destroy(&o->work);
+        pthread_mutex_destroy(&o->mu);
+    }
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyMethodDef lister_methods[] = {
+    {"later", lister_later, METH_O,
+     "later(fds) -> Later: start reading the directories open at fds, the newest\n"
+     "batch first, and return at once.  Once it returns, the Later owns the\n"
+     "descriptors (it closes them): the caller must not close them, nor use them\n"
+     "again; when it raises, they are still the caller's."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ListerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent.checkpoint._listdir.Lister",
+    .tp_basicsize = sizeof(Lister),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = lister_new,
+    .tp_dealloc = lister_dealloc,
+    .tp_methods = lister_methods,
+    .tp_doc = "Lister(dev, skip, threads, budget=65536): up to threads threads (started\n"
+              "on first use) reading directories as list_dirs reads them, while the\n"
+              "listings read and not yet taken hold fewer than budget entries.",
+};
 
 static PyMethodDef methods[] = {
     {"list_dirs", list_dirs, METH_VARARGS, list_dirs_doc},
-    {"list_later", list_later, METH_VARARGS, list_later_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -484,6 +697,14 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__listdir(void) {
-    if (PyType_Ready(&LaterType) < 0) return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&LaterType) < 0 || PyType_Ready(&ListerType) < 0) return NULL;
+    empty_str = PyUnicode_FromStringAndSize("", 0);
+    if (empty_str == NULL) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Lister", (PyObject *)&ListerType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

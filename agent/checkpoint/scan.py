@@ -26,7 +26,7 @@ from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
-    from agent.checkpoint._listdir import Later
+    from agent.checkpoint._listdir import Later, Lister
 
 # mode, uid, gid, size, mtime_ns, ctime_ns, ino, nlink, symlink target ("" otherwise)
 Stat = tuple[int, int, int, int, int, int, int, int, str]
@@ -46,18 +46,18 @@ ALWAYS_SKIPPED = ("proc", "sys", "dev", "run", "tmp")
 _Fast = tuple[list[str], list[Stat]] | None
 _Listed = tuple[list[str], list[Stat]]
 _list_dirs: Callable[[Sequence[int], int, bytes, int], list[_Fast]] | None
-_list_later: Callable[[Sequence[int], int, bytes, int], Later] | None
+_Lister: type[Lister] | None
 try:
+    from agent.checkpoint._listdir import Lister as _Lister
     from agent.checkpoint._listdir import list_dirs as _list_dirs
-    from agent.checkpoint._listdir import list_later as _list_later
 except ImportError:  # installed without its compiled part: every directory the careful way
-    _list_dirs = _list_later = None
+    _list_dirs = _Lister = None
 _SKIP = os.fsencode(RESTORE_TEMP_PREFIX)
 # After a directory of PARALLEL_FROM entries or more (its siblings are likely
 # alike), the next BATCH directories on the walk's stack are read ahead by the
-# compiled lister on LISTERS threads of its own, without the GIL, while the walk's
+# compiled lister's pool of LISTERS threads, without the GIL, while the walk's
 # consumer joins and writes the directories it has: the system calls of a full
-# walk overlap the Python work on what it found.  For small directories starting
+# walk overlap the Python work on what it found.  For small directories, waking
 # the threads costs more than it saves.
 BATCH = 8
 LISTERS = min(4, os.cpu_count() or 1)
@@ -249,21 +249,25 @@ def walk(root: Path, excluder: Excluder, result: Scan, top: str = "") -> Iterato
 
 
 class _ReadAhead:
-    """The directories the compiled lister is reading ahead of the walk: the next
-    ones on its stack, each as a walk reaching it a moment later would find it."""
+    """The directories the compiled lister's pool is reading ahead of the walk:
+    the next ones on its stack, each as a walk reaching it a moment later would
+    find it.  The pool (its threads started on first use) lasts the walk."""
 
-    __slots__ = ("_later", "dirs")
+    __slots__ = ("_later", "_lister", "dirs")
 
     def __init__(self) -> None:
         self.dirs: list[str] = []
         self._later: Later | None = None
+        self._lister: Lister | None = None
 
     def start(
         self, root_s: str, root_dev: int, stack: list[str], ahead: dict[str, _Listed],
         excluder: Excluder,
     ) -> None:  # fmt: skip
-        if _list_later is None or excluder.glob is not None:
+        if _Lister is None or excluder.glob is not None:
             return
+        if self._lister is None:
+            self._lister = _Lister(root_dev, _SKIP, LISTERS)
         excluded = excluder.names_by_dir
         fds: list[int] = []
         try:
@@ -278,7 +282,7 @@ class _ReadAhead:
                     except OSError:  # listed when the walk reaches it
                         pass
             if fds:
-                self._later = _list_later(fds, root_dev, _SKIP, LISTERS)
+                self._later = self._lister.later(fds)
         except BaseException:
             for f in fds:
                 os.close(f)
@@ -292,7 +296,8 @@ class _ReadAhead:
         self._later, self.dirs = None, []
         if later is None:
             return
-        for d, got in zip(dirs, later.result(), strict=True):
+        for i, d in enumerate(dirs):
+            got = later.take(i)
             if got is not None:
                 ahead[d] = got
 
