@@ -194,6 +194,30 @@ def test_a_directory_read_ahead_is_what_it_would_be_now_and_owns_its_descriptor(
         Lister(dev, skip, 2).later([]).take(0)
 
 
+def test_a_batch_takes_its_descriptors_out_of_the_list_or_none_of_them(
+    tmp_path: Path,
+) -> None:
+    """What the caller still owns is what is left in the list: all of it when the
+    hand-over fails, none once it succeeded (so an exception right after it
+    cannot make the caller close a descriptor twice)."""
+    dirs = _batch_dirs(tmp_path)
+    lister = Lister(os.lstat(tmp_path).st_dev, os.fsencode(RESTORE_TEMP_PREFIX), 2)
+    fds = _opened(dirs[:2])
+    later = lister.later(fds)
+    assert fds == []
+    assert later.take(0) is not None and later.take(1) is not None
+    mine = _opened(dirs[:1])
+    for bad in ([-1], [-100], [2**40], mine * 2):  # (AT_FDCWD; one descriptor twice)
+        given = list(bad)
+        with pytest.raises(ValueError, match="descriptor"):
+            lister.later(given)
+        assert given == bad
+    with pytest.raises(TypeError, match="list"):
+        lister.later(tuple(mine))
+    os.fstat(mine[0])  # still open: still the caller's
+    os.close(mine[0])
+
+
 def test_the_threads_read_ahead_only_within_the_budget(tmp_path: Path) -> None:
     """The threads take no directory while the listings read and not yet taken
     hold the budget's entries: with none, each is read when the walk takes it,

@@ -25,6 +25,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -220,6 +221,10 @@ static void read_listing(listing *l, dev_t dev, const char *skip, size_t skip_le
     l->names = (arena){NULL, 0, 0};
     l->ascii = 1;
     l->got = read_dir(l->fd, dev, skip, skip_len, &l->es, &l->n, &l->names, &l->ascii);
+    if (l->got != LISTED) { /* nothing of it is used: hold no names until it is taken */
+        free(l->names.bytes);
+        l->names = (arena){NULL, 0, 0};
+    }
 }
 
 static void free_listing(listing *l) {
@@ -284,6 +289,28 @@ static void *read_batch(void *arg) {
 
 #define MAX_THREADS 16
 
+/* A descriptor from the caller's sequence; -1 with an exception set. */
+static int fd_of(PyObject *item) {
+    long fd = PyLong_AsLong(item);
+    if (fd == -1 && PyErr_Occurred()) return -1;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "not a descriptor: %ld", fd);
+        return -1;
+    }
+    return (int)fd;
+}
+
+/* A thread with every signal blocked: they go to the interpreter's threads, and
+ * none interrupts a system call of the lister's (which would decline it). */
+static int spawn(pthread_t *thread, void *(*run)(void *), void *arg) {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int failed = pthread_create(thread, NULL, run, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return failed;
+}
+
 /* The batch that the arguments (fds, dev, skip, threads) ask for, each listing
  * with its fd set, and the threads asked for; 0 with an exception set. */
 static int batch_of(PyObject *args, const char *format, batch *b, int *threads) {
@@ -302,13 +329,13 @@ static int batch_of(PyObject *args, const char *format, batch *b, int *threads) 
         return 0;
     }
     for (size_t i = 0; i < n; i++) {
-        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i));
-        if (fd == -1 && PyErr_Occurred()) {
+        int fd = fd_of(PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i));
+        if (fd < 0) {
             Py_DECREF(seq);
             free(ls);
             return 0;
         }
-        ls[i].fd = (int)fd;
+        ls[i].fd = fd;
     }
     Py_DECREF(seq);
     *b = (batch){ls, n, 0, (dev_t)dev, skip, (size_t)skip_len};
@@ -321,8 +348,7 @@ static int start_readers(batch *b, pthread_t *helpers, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > 0 && (size_t)threads > b->count) threads = (int)b->count;
     int started = 0;
-    while (started < threads && pthread_create(&helpers[started], NULL, read_batch, b) == 0)
-        started++;
+    while (started < threads && spawn(&helpers[started], read_batch, b) == 0) started++;
     return started;
 }
 
@@ -378,8 +404,9 @@ static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
  *
  * Memory stays bounded: the threads stop taking directories while the listings
  * read and not yet taken hold ``budget`` entries or more (the walk's own takes
- * are never held up).  One mutex guards the shared fields; its holders never
- * wait for the GIL, and the GIL is released before waiting for it. */
+ * are never held up).  One mutex guards the shared fields.  Its holders never
+ * take the GIL, so a thread holding the GIL may lock it; one that waits on a
+ * condition or reads a directory releases the GIL first. */
 
 enum { UNCLAIMED, READING, READ, TAKEN };
 
@@ -553,6 +580,10 @@ static PyTypeObject LaterType = {
 
 static PyObject *lister_later(PyObject *self, PyObject *fds) {
     Lister *o = (Lister *)self;
+    if (!PyList_Check(fds)) {
+        PyErr_SetString(PyExc_TypeError, "Lister.later: fds must be a list of descriptors");
+        return NULL;
+    }
     PyObject *seq = PySequence_Fast(fds, "fds must be a sequence of descriptors");
     if (seq == NULL) return NULL;
     size_t n = (size_t)PySequence_Fast_GET_SIZE(seq);
@@ -575,22 +606,33 @@ static PyObject *lister_later(PyObject *self, PyObject *fds) {
         return PyErr_NoMemory();
     }
     for (size_t i = 0; i < n; i++) {
-        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i));
-        if (fd == -1 && PyErr_Occurred()) {
+        int fd = fd_of(PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i));
+        for (size_t j = 0; j < i && fd >= 0; j++) {
+            if (l->ls[j].fd == fd) { /* it would be closed twice */
+                PyErr_Format(PyExc_ValueError, "descriptor %d given twice", fd);
+                fd = -1;
+            }
+        }
+        if (fd < 0) {
             Py_DECREF(seq);
             l->count = 0;
             Py_DECREF(l);
             return NULL;
         }
-        l->ls[i].fd = (int)fd;
+        l->ls[i].fd = fd;
     }
     Py_DECREF(seq);
-    /* From here on the descriptors are the Later's. */
+    /* From here on the descriptors are the Later's, and no longer in the list:
+     * a caller cleaning up after an exception closes only what is left in it. */
+    if (PyList_SetSlice(fds, 0, (Py_ssize_t)n, NULL) < 0) {
+        l->count = 0;
+        Py_DECREF(l);
+        return NULL;
+    }
     Py_INCREF(o);
     l->owner = o;
     if (n == 0) return (PyObject *)l;
-    while (o->started < o->threads
-           && pthread_create(&o->helpers[o->started], NULL, serve, o) == 0)
+    while (o->started < o->threads && spawn(&o->helpers[o->started], serve, o) == 0)
         o->started++;
     pthread_mutex_lock(&o->mu);
     l->next = o->head;
@@ -663,10 +705,10 @@ static void lister_dealloc(PyObject *self) {
 
 static PyMethodDef lister_methods[] = {
     {"later", lister_later, METH_O,
-     "later(fds) -> Later: start reading the directories open at fds, the newest\n"
-     "batch first, and return at once.  Once it returns, the Later owns the\n"
-     "descriptors (it closes them): the caller must not close them, nor use them\n"
-     "again; when it raises, they are still the caller's."},
+     "later(fds) -> Later: start reading the directories open at the list fds,\n"
+     "the newest batch first, and return at once.  The Later owns the descriptors\n"
+     "it took out of fds (it closes them): the caller must not close them, nor use\n"
+     "them again; those left in fds (all of them when it raises) are the caller's."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -282,9 +282,9 @@ class _ReadAhead:
                     except OSError:  # listed when the walk reaches it
                         pass
             if fds:
-                self._later = self._lister.later(fds)
+                self._later = self._lister.later(fds)  # (which takes them out of fds)
         except BaseException:
-            for f in fds:
+            for f in fds:  # those the lister has not taken
                 os.close(f)
             self.dirs = []
             raise
