@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from agent.checkpoint import scan
-from agent.checkpoint._listdir import Lister, list_dirs
+from agent.checkpoint._listdir import Lister, list_dir
 from agent.checkpoint.paths import RESTORE_TEMP_PREFIX
 from agent.checkpoint.scan import Excluder, Scan, walk
 
@@ -33,7 +33,7 @@ def _walk(root: Path, *, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> tup
             m.setattr(scan, "PARALLEL_FROM", 0)
             m.setattr(scan, "LISTERS", 2)
         else:
-            m.setattr(scan, "_list_dirs", None)
+            m.setattr(scan, "_list_dir", None)
         result = Scan()
         excluder = Excluder(root, [], [])
         listed = [(d, names, records) for d, names, records, _ in walk(root, excluder, result)]
@@ -46,10 +46,6 @@ def _both(root: Path, monkeypatch: pytest.MonkeyPatch) -> Listed:
     assert fast == careful
     assert (fast_scan.count, fast_scan.skipped) == (careful_scan.count, careful_scan.skipped)
     return fast
-
-
-def list_dir(fd: int, dev: int, skip: bytes) -> tuple[list[str], list[scan.Stat]] | None:
-    return list_dirs([fd], dev, skip, 1)[0]
 
 
 def _listing(d: Path) -> tuple[list[str], list[scan.Stat]] | None:
@@ -70,7 +66,7 @@ def root(tmp_path: Path) -> Iterator[Path]:
 def test_the_compiled_lister_is_what_the_walk_uses() -> None:
     # Installed from source, the module is built; the walk must not silently
     # fall back to the careful listing everywhere.
-    assert scan._list_dirs is list_dirs
+    assert scan._list_dir is list_dir
 
 
 def test_every_kind_of_entry_is_listed_as_the_careful_walk_lists_it(
@@ -125,15 +121,13 @@ def test_batches_keep_the_order_and_decline_one_directory_alone(tmp_path: Path) 
     try:
         skip = os.fsencode(RESTORE_TEMP_PREFIX)
         dev = os.lstat(tmp_path).st_dev
-        for threads in (1, 2, 16):
-            got = list_dirs(fds, dev, skip, threads)
-            assert [g is None for g in got] == [False, False, False, True, False, False]
-            for fd, g in zip(fds, got, strict=True):
-                assert g == list_dir(fd, dev, skip)
-        assert list_dirs([], dev, skip, 2) == []
-        assert list_dirs(fds * 10, dev, skip, -1) == list_dirs(fds * 10, dev, skip, 99)
+        now = [list_dir(fd, dev, skip) for fd in fds]
+        assert [g is None for g in now] == [False, False, False, True, False, False]
+        for threads in (-1, 1, 2, 16, 99):  # (none, and as many as it allows)
+            later = Lister(dev, skip, threads).later(_opened(dirs))
+            assert [later.take(i) for i in range(len(dirs))] == now
         with pytest.raises(TypeError):
-            list_dirs([fds[0], "x"], dev, skip, 2)  # type: ignore[list-item]
+            list_dir("x", dev, skip)  # type: ignore[arg-type]
     finally:
         for fd in fds:
             os.close(fd)
@@ -167,7 +161,7 @@ def test_a_directory_read_ahead_is_what_it_would_be_now_and_owns_its_descriptor(
     dev = os.lstat(tmp_path).st_dev
     fds = _opened(dirs)
     try:
-        now = list_dirs(fds, dev, skip, 2)
+        now = [list_dir(fd, dev, skip) for fd in fds]
     finally:
         for fd in fds:
             os.close(fd)
@@ -327,7 +321,9 @@ def test_a_descriptor_that_is_no_directory_is_declined(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     with pytest.raises(TypeError):
-        list_dirs(["not a descriptor"], 0, b"", 1)  # type: ignore[list-item]
+        list_dir("not a descriptor", 0, b"")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="descriptor"):
+        list_dir(-100, 0, b"")  # (AT_FDCWD: never the working directory)
 
 
 _name = hs.one_of(

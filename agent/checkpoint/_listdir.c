@@ -4,10 +4,10 @@
  * loop around each lstat (a DirEntry, a stat_result, a tuple built from its
  * attributes) cost more than the system calls.  Here the entries are read and
  * stat'ed with the GIL released (the compressor and the state writer run
- * meanwhile), and the records are built straight from struct stat.  A batch
- * of directories can be read now (list_dirs) or by a pool of threads while the
- * caller goes on (Lister): the walk reads the next directories on its stack
- * that way while the checkpoint works on the ones it has.
+ * meanwhile), and the records are built straight from struct stat.  A
+ * directory can be read now (list_dir), or directories by a pool of threads
+ * while the caller goes on (Lister): the walk reads the next directories on
+ * its stack that way while the checkpoint works on the ones it has.
  *
  * Only the common case is handled: a directory whose entries all stat cleanly.
  * Anything else (an entry gone or unreadable, a restore temporary, a symlink
@@ -268,25 +268,6 @@ done:
     return result;
 }
 
-/* Several directories read at once: each thread takes the next one not taken. */
-typedef struct {
-    listing *ls;
-    size_t count;
-    size_t next; /* taken with an atomic add */
-    dev_t dev;
-    const char *skip;
-    size_t skip_len;
-} batch;
-
-static void *read_batch(void *arg) {
-    batch *b = arg;
-    for (;;) {
-        size_t i = __atomic_fetch_add(&b->next, 1, __ATOMIC_RELAXED);
-        if (i >= b->count) return NULL;
-        read_listing(&b->ls[i], b->dev, b->skip, b->skip_len);
-    }
-}
-
 #define MAX_THREADS 16
 
 /* A descriptor from the caller's sequence; -1 with an exception set. */
@@ -311,86 +292,35 @@ static int spawn(pthread_t *thread, void *(*run)(void *), void *arg) {
     return failed;
 }
 
-/* The batch that the arguments (fds, dev, skip, threads) ask for, each listing
- * with its fd set, and the threads asked for; 0 with an exception set. */
-static int batch_of(PyObject *args, const char *format, batch *b, int *threads) {
-    PyObject *fds;
+static PyObject *empty_str; /* a record's target where there is none */
+
+PyDoc_STRVAR(list_dir_doc,
+"list_dir(fd, dev, skip) -> (names, records) | None\n\n"
+"The directory open at fd: its entries, sorted by name, and their lstat\n"
+"records (mode, uid, gid, size, mtime_ns, ctime_ns, ino, nlink, symlink target\n"
+"or \"\"), leaving out entries whose st_dev is not dev; None when it needs the\n"
+"careful listing (an entry gone or unreadable, a name starting with skip, a\n"
+"read error).  Read without the GIL; fd stays the caller's.");
+
+static PyObject *list_dir(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *fd_arg;
     unsigned long long dev;
     const char *skip;
     Py_ssize_t skip_len;
-    if (!PyArg_ParseTuple(args, format, &fds, &dev, &skip, &skip_len, threads)) return 0;
-    PyObject *seq = PySequence_Fast(fds, "fds must be a sequence of descriptors");
-    if (seq == NULL) return 0;
-    size_t n = (size_t)PySequence_Fast_GET_SIZE(seq);
-    listing *ls = calloc(n ? n : 1, sizeof(listing));
-    if (ls == NULL) {
-        Py_DECREF(seq);
-        PyErr_NoMemory();
-        return 0;
+    if (!PyArg_ParseTuple(args, "OKy#:list_dir", &fd_arg, &dev, &skip, &skip_len)) return NULL;
+    if (!PyLong_Check(fd_arg)) {
+        PyErr_SetString(PyExc_TypeError, "list_dir: fd must be a descriptor");
+        return NULL;
     }
-    for (size_t i = 0; i < n; i++) {
-        int fd = fd_of(PySequence_Fast_GET_ITEM(seq, (Py_ssize_t)i));
-        if (fd < 0) {
-            Py_DECREF(seq);
-            free(ls);
-            return 0;
-        }
-        ls[i].fd = fd;
-    }
-    Py_DECREF(seq);
-    *b = (batch){ls, n, 0, (dev_t)dev, skip, (size_t)skip_len};
-    return 1;
-}
-
-/* Up to threads threads (at most one per directory) reading b, started into
- * helpers; how many started (none: whoever waits for b reads it all). */
-static int start_readers(batch *b, pthread_t *helpers, int threads) {
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > 0 && (size_t)threads > b->count) threads = (int)b->count;
-    int started = 0;
-    while (started < threads && spawn(&helpers[started], read_batch, b) == 0) started++;
-    return started;
-}
-
-/* The Python list of the listings read, each freed; NULL on error. */
-static PyObject *results(listing *ls, size_t count) {
-    PyObject *out = PyList_New((Py_ssize_t)count);
-    PyObject *empty = PyUnicode_FromStringAndSize("", 0);
-    for (size_t i = 0; i < count && out != NULL; i++) {
-        PyObject *one = empty != NULL ? build(&ls[i], empty) : NULL;
-        if (one == NULL) {
-            Py_CLEAR(out);
-            break;
-        }
-        PyList_SET_ITEM(out, (Py_ssize_t)i, one);
-    }
-    for (size_t i = 0; i < count; i++) free_listing(&ls[i]);
-    free(ls);
-    Py_XDECREF(empty);
-    return out;
-}
-
-PyDoc_STRVAR(list_dirs_doc,
-"list_dirs(fds, dev, skip, threads) -> [(names, records) | None, ...]\n\n"
-"For each directory open at a descriptor in fds, in that order: its entries,\n"
-"sorted by name, and their lstat records (mode, uid, gid, size, mtime_ns,\n"
-"ctime_ns, ino, nlink, symlink target or \"\"), leaving out entries whose\n"
-"st_dev is not dev; None when it needs the careful listing (an entry gone or\n"
-"unreadable, a name starting with skip, a read error).  Read by up to threads\n"
-"threads at once (the caller's included) without the GIL.");
-
-static PyObject *list_dirs(PyObject *Py_UNUSED(self), PyObject *args) {
-    batch b;
-    int threads;
-    if (!batch_of(args, "OKy#i:list_dirs", &b, &threads)) return NULL;
-    pthread_t helpers[MAX_THREADS];
-    int started;
+    int fd = fd_of(fd_arg);
+    if (fd < 0) return NULL;
+    listing l = {.fd = fd};
     Py_BEGIN_ALLOW_THREADS
-    started = start_readers(&b, helpers, threads - 1); /* the caller is one more */
-    read_batch(&b);
-    for (int t = 0; t < started; t++) pthread_join(helpers[t], NULL);
+    read_listing(&l, (dev_t)dev, skip, (size_t)skip_len);
     Py_END_ALLOW_THREADS
-    return results(b.ls, b.count);
+    PyObject *got = build(&l, empty_str);
+    free_listing(&l);
+    return got;
 }
 
 /* Directories read ahead of the walk by a pool of threads that lives as long as
@@ -439,8 +369,6 @@ struct later {
     size_t unclaimed; /* in owner's list while non-zero */
     Later *prev, *next;
 };
-
-static PyObject *empty_str; /* a record's target where there is none */
 
 /* The rest of this section's helpers run with owner->mu held. */
 static void unlink_later(Later *l) {
@@ -562,7 +490,7 @@ static void later_dealloc(PyObject *self) {
 
 static PyMethodDef later_methods[] = {
     {"take", later_take, METH_O,
-     "take(i) -> (names, records) | None: the i-th directory, as list_dirs reads\n"
+     "take(i) -> (names, records) | None: the i-th directory, as list_dir reads\n"
      "it, read now if no thread has begun it (once each)."},
     {NULL, NULL, 0, NULL},
 };
@@ -721,12 +649,12 @@ static PyTypeObject ListerType = {
     .tp_dealloc = lister_dealloc,
     .tp_methods = lister_methods,
     .tp_doc = "Lister(dev, skip, threads, budget=65536): up to threads threads (started\n"
-              "on first use) reading directories as list_dirs reads them, while the\n"
+              "on first use) reading directories as list_dir reads them, while the\n"
               "listings read and not yet taken hold fewer than budget entries.",
 };
 
 static PyMethodDef methods[] = {
-    {"list_dirs", list_dirs, METH_VARARGS, list_dirs_doc},
+    {"list_dir", list_dir, METH_VARARGS, list_dir_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,12 +1,8 @@
 # The compiled lister (_listdir.c); see scan.walk.
-from collections.abc import Sequence
-
 _Record = tuple[int, int, int, int, int, int, int, int, str]
 _Listing = tuple[list[str], list[_Record]]
 
-def list_dirs(
-    fds: Sequence[int], dev: int, skip: bytes, threads: int, /
-) -> list[_Listing | None]: ...
+def list_dir(fd: int, dev: int, skip: bytes, /) -> _Listing | None: ...
 
 class Later:
     def take(self, i: int, /) -> _Listing | None: ...

@@ -16,7 +16,7 @@ import operator
 import os
 import re
 import stat as st
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -45,13 +45,13 @@ ALWAYS_SKIPPED = ("proc", "sys", "dev", "run", "tmp")
 
 _Fast = tuple[list[str], list[Stat]] | None
 _Listed = tuple[list[str], list[Stat]]
-_list_dirs: Callable[[Sequence[int], int, bytes, int], list[_Fast]] | None
+_list_dir: Callable[[int, int, bytes], _Fast] | None
 _Lister: type[Lister] | None
 try:
     from agent.checkpoint._listdir import Lister as _Lister
-    from agent.checkpoint._listdir import list_dirs as _list_dirs
+    from agent.checkpoint._listdir import list_dir as _list_dir
 except ImportError:  # installed without its compiled part: every directory the careful way
-    _list_dirs = _Lister = None
+    _list_dir = _Lister = None
 _SKIP = os.fsencode(RESTORE_TEMP_PREFIX)
 # After a directory of PARALLEL_FROM entries or more (its siblings are likely
 # alike), the next BATCH directories on the walk's stack are read ahead by the
@@ -325,10 +325,10 @@ def _list(
     excluded = excluder.names_by_dir.get(rel_dir)
     glob = excluder.glob
     try:
-        if _list_dirs is not None and excluded is None and glob is None:
-            (first,) = _list_dirs([fd], root_dev, _SKIP, 1)
-            if first is not None:
-                return first
+        if _list_dir is not None and excluded is None and glob is None:
+            listed = _list_dir(fd, root_dev, _SKIP)
+            if listed is not None:
+                return listed
         prefix = f"{rel_dir}/" if rel_dir else ""
         return _list_careful(fd, prefix, excluded, glob, root_dev, skipped)
     except OSError as e:

@@ -89,7 +89,7 @@ def test_agent_survives_the_session_breaking_python(buildah: Buildah, container:
         {PREFIX}/bin/python3 -I -c 'import ssl, ctypes, sqlite3, lzma, bz2, zlib, pyexpat
 import zstandard, pydantic_core, aiohttp, psutil
 from agent.checkpoint import layer_writer, scan
-assert scan._list_dirs is not None, "the compiled lister is missing"
+assert scan._list_dir is not None, "the compiled lister is missing"
 assert layer_writer._frame_files is not None, "the compiled framer is missing"
 print(ssl.OPENSSL_VERSION)'
         studio-agent --version
